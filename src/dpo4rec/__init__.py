@@ -1,0 +1,3 @@
+"""dpo4rec: LLM-enhanced recommendation aligned by Direct Preference Optimization."""
+
+__version__ = "0.1.0"

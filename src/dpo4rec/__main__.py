@@ -1,0 +1,3 @@
+from dpo4rec.cli import main
+
+raise SystemExit(main())

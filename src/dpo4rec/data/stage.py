@@ -1,0 +1,78 @@
+"""The data stage: load a data set, apply the protocol, write ``RUN_DIR/data/``.
+
+Files written (all parquet except the JSON):
+* ``users.parquet``: user_index, user_id, split, n_interactions, n_prompt, n_lists, side info
+* ``items.parquet``: item_index (1-based, 0 pads), item_id, title, text attributes
+* ``interactions.parquet``: the selected users' interactions with position, label, in_prompt
+* ``lists.parquet``: list_index, user_index, split, chunk, items, labels, history
+* ``summary.json`` and ``manifest.json``
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from dpo4rec.artifacts import StageFolder, existing_output, fingerprint_file, make_manifest, read_json, write_json, write_parquet
+from dpo4rec.config import DataConfig, to_dict
+from dpo4rec.data import load_dataset
+from dpo4rec.data.protocol import ProtocolData, build_protocol
+
+log = logging.getLogger(__name__)
+STAGE = "data"
+
+
+@dataclass
+class DataStageResult:
+    folder: Path
+    summary: dict
+    reused: bool
+
+
+def run_data_stage(config: DataConfig, run_dir: str | Path) -> DataStageResult:
+    """Write the protocol artifacts to ``run_dir/data``, or reuse them if they match."""
+    folder = Path(run_dir) / STAGE
+    dataset = load_dataset(config.dataset, config.path)
+    inputs = {p.name: fingerprint_file(p) for p in dataset.source_files}
+    manifest = make_manifest(STAGE, to_dict(config), inputs)
+    if existing_output(folder, manifest):
+        log.info("data stage: reusing %s", folder)
+        return DataStageResult(folder, read_json(folder / "summary.json"), reused=True)
+    protocol = build_protocol(dataset, config)
+    with StageFolder(folder, manifest) as tmp:
+        write_protocol(protocol, tmp)
+    return DataStageResult(folder, protocol.summary, reused=False)
+
+
+def write_protocol(protocol: ProtocolData, folder: Path) -> None:
+    write_parquet(folder / "users.parquet", _text_safe(protocol.users))
+    write_parquet(folder / "items.parquet", _text_safe(protocol.items))
+    write_parquet(folder / "interactions.parquet", protocol.interactions)
+    write_parquet(folder / "lists.parquet", protocol.lists)
+    write_json(folder / "summary.json", protocol.summary)
+
+
+def _text_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """Object columns mixing types (ids from different sources) become strings for parquet."""
+    frame = frame.copy()
+    for column in frame.columns:
+        if frame[column].dtype == object:
+            kinds = {type(v) for v in frame[column].dropna()}
+            if len(kinds) > 1:
+                frame[column] = frame[column].astype("string")
+    return frame
+
+
+def read_protocol(folder: str | Path) -> ProtocolData:
+    """Load what ``run_data_stage`` wrote (for later stages and tests)."""
+    folder = Path(folder)
+    return ProtocolData(
+        users=pd.read_parquet(folder / "users.parquet"),
+        items=pd.read_parquet(folder / "items.parquet"),
+        interactions=pd.read_parquet(folder / "interactions.parquet"),
+        lists=pd.read_parquet(folder / "lists.parquet"),
+        summary=read_json(folder / "summary.json"),
+    )

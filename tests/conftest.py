@@ -1,0 +1,23 @@
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+BEAUTY = SHARED / "data" / "amazon-beauty"
+
+
+@pytest.fixture(scope="session")
+def beauty_dir() -> Path:
+    if not (BEAUTY / "sequences.txt").is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"Amazon-Beauty not found at {BEAUTY}; CI must have ../shared beside the clone")
+        pytest.skip(f"Amazon-Beauty not found at {BEAUTY}")
+    return BEAUTY
+
+
+@pytest.fixture(scope="session")
+def ml1m():
+    from dpo4rec.data import load_dataset
+
+    return load_dataset("ml-1m")
