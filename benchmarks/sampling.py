@@ -1,0 +1,147 @@
+"""Sampling throughput: N answers per ML-1M prompt, four ways, same prompts.
+
+  (a) naive    one ``model.generate`` call per sample
+  (b) batched  ``model.generate`` with ``num_return_sequences`` over a batch of prompts
+  (c) ours     the shared-prefix sampler that ``dpo4rec generate`` uses
+  (d) llama.cpp  ``llama-cpp-python`` on the same GGUF file, if installed
+
+All use the same model (bf16 where the CPU has it; llama.cpp runs the Q4_1 GGUF),
+top-p 0.9, temperature 1.0, and count new tokens (EOS excluded) per wall second.
+
+    python benchmarks/sampling.py                 # 64 prompts, N = 10, 64 new tokens
+    python benchmarks/sampling.py --quick         # a smaller version, about a minute
+    python benchmarks/sampling.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from dpo4rec.config import DataConfig, ModelConfig, PromptConfig  # noqa: E402
+from dpo4rec.data.stage import run_data_stage  # noqa: E402
+from dpo4rec.generate.model import best_dtype, load_model, load_tokenizer, packaged_gguf  # noqa: E402
+from dpo4rec.generate.sampler import FastSampler, HFSampler, SamplerSettings, batch_generator, plan_batches  # noqa: E402
+from dpo4rec.prompts.stage import run_prompt_stage  # noqa: E402
+
+
+def ml1m_prompts(n_prompts: int, tokenizer) -> list[list[int]]:
+    """Real ML-1M prompts: the first ``n_prompts`` users of a seeded subset."""
+    run = Path(tempfile.gettempdir()) / "dpo4rec-bench-sampling"
+    run_data_stage(DataConfig(dataset="ml-1m", n_users=256, seed=0), run)
+    folder = run_prompt_stage(run, PromptConfig(), ModelConfig()).folder
+    import pandas as pd
+
+    texts = pd.read_parquet(folder / "prompts.parquet")["text"].tolist()[:n_prompts]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def count(results) -> int:
+    return sum(len(c.token_ids) for per_prompt in results for c in per_prompt)
+
+
+def run_naive(model, tokenizer, prompts, settings) -> tuple[int, float]:
+    sampler = HFSampler(model, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    one = SamplerSettings(n_samples=1, temperature=settings.temperature, top_p=settings.top_p,
+                          max_new_tokens=settings.max_new_tokens, greedy=False)
+    start, tokens = time.perf_counter(), 0
+    for i, prompt in enumerate(prompts):
+        for s in range(settings.n_samples):
+            tokens += count(sampler.sample([prompt], one, batch_generator(0, i * 1000 + s)))
+    return tokens, time.perf_counter() - start
+
+
+def run_batched(sampler_cls, model, tokenizer, prompts, settings, batch_rows) -> tuple[int, float]:
+    sampler = sampler_cls(model, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    batches = plan_batches([len(p) for p in prompts], settings.rows_per_prompt, batch_rows, 1 << 30)
+    start, tokens = time.perf_counter(), 0
+    for number, batch in enumerate(batches):
+        tokens += count(sampler.sample([prompts[i] for i in batch], settings, batch_generator(0, number)))
+    return tokens, time.perf_counter() - start
+
+
+def run_llama_cpp(tokenizer, prompts, settings) -> tuple[int, float] | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=str(packaged_gguf("smollm2-135m")), n_ctx=2048, n_threads=os.cpu_count(), verbose=False, seed=0)
+    start, tokens = time.perf_counter(), 0
+    for prompt in prompts:
+        for _ in range(settings.n_samples):
+            out = llm.create_completion(tokenizer.decode(prompt), max_tokens=settings.max_new_tokens,
+                                        temperature=settings.temperature, top_p=settings.top_p, top_k=0)
+            tokens += out["usage"]["completion_tokens"]
+    return tokens, time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer prompts, about a minute")
+    parser.add_argument("--prompts", type=int, help="prompts for (b), (c), (d) (default 64; 16 with --quick)")
+    parser.add_argument("--naive-prompts", type=int, help="prompts for the naive loop (default 4; 1 with --quick)")
+    parser.add_argument("--n", type=int, default=10, help="samples per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-rows", type=int, default=256, help="rows per batch for ours")
+    parser.add_argument("--hf-batch-rows", type=int, default=40, help="rows per batch for model.generate")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["naive", "batched", "ours", "llama_cpp"])
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    n_prompts = args.prompts or (16 if args.quick else 64)
+    n_naive = args.naive_prompts or (1 if args.quick else 4)
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    dtype = best_dtype()
+    model = load_model("smollm2-135m", dtype=dtype)
+    prompts = ml1m_prompts(n_prompts, tokenizer)
+    settings = SamplerSettings(n_samples=args.n, temperature=1.0, top_p=0.9, max_new_tokens=args.max_new_tokens, greedy=False)
+
+    results: dict[str, tuple[int, float] | None] = {}
+    if "ours" not in args.skip:
+        results["ours"] = run_batched(FastSampler, model, tokenizer, prompts, settings, args.batch_rows)
+    if "batched" not in args.skip:
+        results["batched"] = run_batched(HFSampler, model, tokenizer, prompts, settings, args.hf_batch_rows)
+    if "naive" not in args.skip:
+        results["naive"] = run_naive(model, tokenizer, prompts[:n_naive], settings)
+    results["llama_cpp"] = None if "llama_cpp" in args.skip else run_llama_cpp(tokenizer, prompts, settings)
+
+    rate = {k: (v[0] / v[1] if v else None) for k, v in results.items()}
+    ours = rate.get("ours")
+    print(f"\nsampling {n_prompts} ML-1M prompts (mean {sum(map(len, prompts)) / len(prompts):.0f} tokens), "
+          f"N = {args.n}, {args.max_new_tokens} new tokens, {dtype}, {torch.get_num_threads()} threads\n")
+    print(f"{'method':<12}{'new tokens':>12}{'seconds':>10}{'tokens/s':>10}{'ours is':>10}")
+    for name in ("naive", "batched", "ours", "llama_cpp"):
+        if results.get(name) is None:
+            print(f"{name:<12}{'-':>12}{'-':>10}{'-':>10}{'-':>10}")
+            continue
+        tokens, seconds = results[name]
+        ratio = f"{ours / rate[name]:.1f}x" if ours and name != "ours" else ""
+        print(f"{name:<12}{tokens:>12,}{seconds:>10.1f}{rate[name]:>10.1f}{ratio:>10}")
+    if args.json:
+        payload = {
+            "tokens_per_s": rate,
+            "tokens": {k: (v[0] if v else None) for k, v in results.items()},
+            "seconds": {k: (v[1] if v else None) for k, v in results.items()},
+            "ratios": {f"ours_vs_{k}": (ours / r if ours and r else None) for k, r in rate.items() if k != "ours"},
+            "settings": {"prompts": n_prompts, "naive_prompts": n_naive, "n": args.n, "max_new_tokens": args.max_new_tokens,
+                         "dtype": str(dtype), "threads": torch.get_num_threads(), "batch_rows": args.batch_rows,
+                         "hf_batch_rows": args.hf_batch_rows},
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
+                        "torch": torch.__version__},
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

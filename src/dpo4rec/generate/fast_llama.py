@@ -1,0 +1,174 @@
+"""N samples per prompt for Llama-family models, with the prompt evaluated once.
+
+Why not ``model.generate``: a user's prompt (~500 tokens) is 5-10x longer
+than each answer, and ``num_return_sequences`` copies the prompt's KV cache to
+every sample, so each decoding step reads N copies of the same prefix. Here
+each user's prompt is prefilled once (by the Hugging Face model itself), and
+the decode step attends to that one shared prefix from all of the user's N
+rows, plus each row's own short suffix cache, which is preallocated so that
+nothing grows by concatenation. Top-p sampling looks at the top-k logits
+first and sorts the whole vocabulary only for rows whose top-k mass falls
+short of p, so it stays exact.
+
+Layout: a batch holds U users with n rows each (``(U, n)``); rows that hit EOS
+keep their slot until their whole user is done, then finished users are
+dropped from every tensor at once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED = {"llama", "mistral", "qwen2"}
+
+
+def supports(model) -> bool:
+    """True for decoder-only models whose layers this module knows how to run."""
+    config = model.config
+    if config.model_type not in SUPPORTED or getattr(config, "hidden_act", "silu") != "silu":
+        return False
+    if getattr(config, "mlp_bias", False):
+        return False
+    # a sliding window would hide part of a long prefix; leave those to model.generate
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    return window in (None, 0)
+
+
+@dataclass
+class _Layer:
+    norm_in: torch.Tensor
+    qkv: torch.Tensor  # (H*d + 2*kvh*d, D): q, k and v projections fused
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    norm_post: torch.Tensor
+    gate_up: torch.Tensor  # (2*I, D)
+    down: torch.Tensor
+
+
+class FastLlama:
+    """Decode-only view of a Hugging Face Llama-family model (weights shared, not copied)."""
+
+    def __init__(self, model):
+        self.model = model
+        config = model.config
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
+        self.eps = config.rms_norm_eps
+        inner = model.model
+        self.embed = inner.embed_tokens.weight
+        self.final_norm = inner.norm.weight
+        self.lm_head = model.lm_head.weight
+        self.rotary = inner.rotary_emb
+        self.layers = []
+        for layer in inner.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            bias = None
+            if attn.q_proj.bias is not None:
+                bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]).detach()
+            self.layers.append(_Layer(
+                norm_in=layer.input_layernorm.weight.detach(),
+                qkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach(),
+                qkv_bias=bias,
+                o=attn.o_proj.weight.detach(),
+                norm_post=layer.post_attention_layernorm.weight.detach(),
+                gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
+                down=mlp.down_proj.weight.detach(),
+            ))
+
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # as in LlamaRMSNorm: normalize in fp32, scale in the model's dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * x32.to(x.dtype)
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor):
+        """Run right-padded prompts ``(U, P)`` once; return the KV cache and each prompt's last logits.
+
+        Right padding needs no attention mask: under causal attention a real
+        token never sees the pads after it, so SDPA can take its faster
+        ``is_causal`` path. The pads' own keys are masked out in decoding.
+        """
+        out = self.model.model(input_ids=input_ids, use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values  # renamed in transformers 5
+        keys = [layer.keys for layer in cache.layers]  # each (U, kvh, P, d), rotary applied
+        values = [layer.values for layer in cache.layers]
+        last = out.last_hidden_state[torch.arange(len(lengths)), lengths - 1]  # (U, D), final norm applied
+        return keys, values, F.linear(last, self.lm_head).float()
+
+    @torch.inference_mode()
+    def decode_step(self, tokens, positions, state: "DecodeState") -> torch.Tensor:
+        """One new token for every row. tokens, positions: (U, n). Returns logits (U, n, V)."""
+        U, n = tokens.shape
+        H, kvh, d = self.n_heads, self.n_kv, self.head_dim
+        g = H // kvh
+        t = state.step
+        x = self.embed[tokens.reshape(-1)]  # (R, D)
+        cos, sin = self.rotary(x, positions.reshape(1, -1))  # (1, R, d)
+        cos, sin = cos[0].to(x.dtype), sin[0].to(x.dtype)
+        scale = 1.0 / math.sqrt(d)
+        for i, layer in enumerate(self.layers):
+            h = self._rms(x, layer.norm_in)
+            qkv = F.linear(h, layer.qkv, layer.qkv_bias)  # (R, (H + 2 kvh) d)
+            q, k, v = qkv.split([H * d, kvh * d, kvh * d], dim=-1)
+            q = _rotate(q.view(-1, H, d), cos, sin)  # (R, H, d)
+            k = _rotate(k.view(-1, kvh, d), cos, sin)  # (R, kvh, d)
+            state.suffix_k[i][:, :, :, t] = k.view(U, n, kvh, d)
+            state.suffix_v[i][:, :, :, t] = v.view(U, n, kvh, d)
+            q = q.view(U, n, kvh, g, d)
+            # shared prefix: all n*g query heads of a KV group meet the user's prefix once
+            qp = q.permute(0, 2, 1, 3, 4).reshape(U, kvh, n * g, d)
+            s_pre = torch.matmul(qp, state.prefix_k[i].transpose(-1, -2)).float()  # (U, kvh, n*g, P)
+            s_pre.mul_(scale).add_(state.prefix_bias)  # -inf on padding
+            # each row's own suffix; small, so it is moved into the prefix's layout
+            s_suf = torch.matmul(q, state.suffix_k[i][:, :, :, : t + 1].transpose(-1, -2)).float()  # (U, n, kvh, g, t+1)
+            s_suf = s_suf.mul_(scale).permute(0, 2, 1, 3, 4).reshape(U, kvh, n * g, t + 1)
+            # one softmax over [prefix, suffix] without concatenating them
+            m = torch.maximum(s_pre.amax(-1, keepdim=True), s_suf.amax(-1, keepdim=True))
+            s_pre.sub_(m).exp_()
+            s_suf.sub_(m).exp_()
+            inv = 1.0 / (s_pre.sum(-1, keepdim=True) + s_suf.sum(-1, keepdim=True))
+            o_pre = torch.matmul(s_pre.mul_(inv).to(x.dtype), state.prefix_v[i])  # (U, kvh, n*g, d)
+            p_suf = s_suf.mul_(inv).to(x.dtype).view(U, kvh, n, g, t + 1).permute(0, 2, 1, 3, 4)
+            o_suf = torch.matmul(p_suf, state.suffix_v[i][:, :, :, : t + 1])  # (U, n, kvh, g, d)
+            attn = (o_pre.view(U, kvh, n, g, d).permute(0, 2, 1, 3, 4) + o_suf).reshape(U * n, H * d)
+            x = x + F.linear(attn, layer.o)
+            h = self._rms(x, layer.norm_post)
+            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.down)
+        x = self._rms(x, self.final_norm)
+        return F.linear(x, self.lm_head).view(U, n, -1)  # model dtype: sampling reads it as is
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, HF's rotate-half convention. x: (R, heads, d); cos/sin: (R, d)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class DecodeState:
+    """Shared prefix caches per user and preallocated suffix caches per row."""
+
+    def __init__(self, keys, values, lengths: torch.Tensor, n_rows: int, max_new_tokens: int):
+        U, kvh, P, d = keys[0].shape
+        dtype = keys[0].dtype
+        self.prefix_k, self.prefix_v = keys, values
+        padding = torch.arange(P)[None, :] >= lengths[:, None]  # (U, P): right padding
+        self.prefix_bias = torch.zeros(U, 1, 1, P).masked_fill_(padding[:, None, None, :], float("-inf"))
+        self.suffix_k = [torch.zeros(U, n_rows, kvh, max_new_tokens, d, dtype=dtype) for _ in keys]
+        self.suffix_v = [torch.zeros(U, n_rows, kvh, max_new_tokens, d, dtype=dtype) for _ in keys]
+        self.step = 0
+
+    def keep(self, users: torch.Tensor) -> None:
+        """Drop every user not in ``users`` (indices), from every tensor."""
+        self.prefix_k = [k.index_select(0, users) for k in self.prefix_k]
+        self.prefix_v = [v.index_select(0, users) for v in self.prefix_v]
+        self.prefix_bias = self.prefix_bias.index_select(0, users)
+        self.suffix_k = [k.index_select(0, users) for k in self.suffix_k]
+        self.suffix_v = [v.index_select(0, users) for v in self.suffix_v]

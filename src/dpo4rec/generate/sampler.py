@@ -1,0 +1,223 @@
+"""Greedy + N sampled answers per prompt, batched, behind one interface.
+
+Backends:
+* ``fast``: our shared-prefix decoder for Llama-family models (fast_llama.py);
+* ``hf``: ``model.generate`` with ``num_return_sequences`` (any causal LM);
+* ``auto``: ``fast`` where the architecture allows, else ``hf``.
+(vLLM lives in vllm_backend.py and is loaded only when asked for.)
+
+Reproducibility: batches are planned from the prompt lengths alone and each
+batch draws from a generator seeded by (seed, batch number), so a rerun, or a
+resumed run that skips finished batches, produces the same texts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dpo4rec.generate.fast_llama import DecodeState, FastLlama, supports
+
+TOP_K_FIRST = 64  # top-p looks here first; rows whose top-64 mass < p get a full sort
+
+
+@dataclass
+class SamplerSettings:
+    n_samples: int = 10
+    temperature: float = 1.0
+    top_p: float = 0.9
+    max_new_tokens: int = 64
+    greedy: bool = True
+    """Also write one greedy answer per prompt (sample 0): test-time knowledge."""
+    seed: int = 0
+
+    @property
+    def rows_per_prompt(self) -> int:
+        return self.n_samples + int(self.greedy)
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens)
+
+
+def plan_batches(lengths: list[int], rows_per_prompt: int, max_rows: int, max_prefill_tokens: int) -> list[list[int]]:
+    """Group prompt indices into batches, longest prompts first.
+
+    Sorting by length keeps left padding small; the caps bound the decode
+    batch (rows) and the prefill's memory (users x longest prompt).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches, current = [], []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]
+        if current and ((len(current) + 1) * rows_per_prompt > max_rows or (len(current) + 1) * longest > max_prefill_tokens):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def batch_generator(seed: int, batch_number: int) -> torch.Generator:
+    generator = torch.Generator()
+    generator.manual_seed(int(np.random.SeedSequence([seed, batch_number]).generate_state(1)[0]))
+    return generator
+
+
+def pad(prompts: list[list[int]], pad_id: int, left: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids ``(U, P)`` and attention mask, padded on the left (for generate) or right."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        span = slice(width - len(prompt), width) if left else slice(0, len(prompt))
+        ids[row, span] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
+
+
+def top_p_sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of ``logits (R, V)`` by nucleus sampling, mostly without a full sort.
+
+    Works on the logits' own dtype (bf16 halves the memory traffic of the two
+    passes over the vocabulary); probabilities of the candidates are fp32.
+    """
+    scaled = logits if temperature == 1.0 else logits / temperature
+    log_norm = torch.logsumexp(scaled, dim=-1, keepdim=True).float()  # (R, 1)
+    top_v, top_i = scaled.topk(min(TOP_K_FIRST, scaled.shape[-1]), dim=-1)
+    top_p_mass = torch.exp(top_v.float() - log_norm)
+    tokens = _nucleus(top_p_mass, top_i, top_p, generator)
+    short = top_p_mass.sum(-1) < top_p  # the nucleus reaches past the top k: sort those rows fully
+    if short.any():
+        full_v, full_i = scaled[short].float().sort(dim=-1, descending=True)
+        tokens[short] = _nucleus(torch.exp(full_v - log_norm[short]), full_i, top_p, generator)
+    return tokens
+
+
+def _nucleus(probs: torch.Tensor, index: torch.Tensor, top_p: float, generator) -> torch.Tensor:
+    """Sample from the smallest head of descending ``probs`` whose mass reaches ``top_p``."""
+    before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each token
+    kept = torch.where(before < top_p, probs, torch.zeros_like(probs))
+    choice = torch.multinomial(kept, 1, generator=generator)
+    return index.gather(-1, choice).squeeze(-1)
+
+
+def _pick(logits: torch.Tensor, settings: SamplerSettings, generator) -> torch.Tensor:
+    """Next tokens for logits (U, n, V): row 0 greedy if asked, the rest sampled."""
+    U, n, V = logits.shape
+    tokens = torch.empty((U, n), dtype=torch.long)
+    first = 0
+    if settings.greedy:
+        tokens[:, 0] = logits[:, 0].argmax(-1)
+        first = 1
+    if n > first:
+        sampled = top_p_sample(logits[:, first:].reshape(-1, V), settings.temperature, settings.top_p, generator)
+        tokens[:, first:] = sampled.view(U, n - first)
+    return tokens
+
+
+class FastSampler:
+    """Shared-prefix sampling for Llama-family models."""
+
+    name = "fast"
+
+    def __init__(self, model, eos_ids: list[int], pad_id: int):
+        self.fast = FastLlama(model)
+        self.eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long)
+        self.pad_id = pad_id
+
+    def sample(self, prompts: list[list[int]], settings: SamplerSettings, generator) -> list[list[Completion]]:
+        U, n, T = len(prompts), settings.rows_per_prompt, settings.max_new_tokens
+        ids, mask = pad(prompts, self.pad_id, left=False)
+        lengths = mask.sum(-1)  # (U,) real prompt lengths: the next position
+        keys, values, first_logits = self.fast.prefill(ids, lengths)
+        state = DecodeState(keys, values, lengths, n, T)
+        out = torch.full((U, n, T), self.pad_id, dtype=torch.long)
+        produced = torch.full((U, n), T, dtype=torch.long)  # tokens before EOS
+        stopped = torch.zeros((U, n), dtype=torch.bool)
+        alive = torch.arange(U)  # original user of each batch slot
+        logits = first_logits[:, None, :].expand(U, n, -1)
+        for t in range(T):
+            tokens = _pick(logits, settings, generator)
+            done = stopped[alive]
+            tokens = torch.where(done, torch.full_like(tokens, self.pad_id), tokens)
+            out[alive, :, t] = tokens
+            hit = torch.isin(tokens, self.eos) & ~done
+            if hit.any():
+                users, rows = hit.nonzero(as_tuple=True)
+                produced[alive[users], rows] = t
+                stopped[alive[users], rows] = True
+            if t == T - 1 or bool(stopped[alive].all()):
+                break
+            finished_users = stopped[alive].all(-1)
+            if int(finished_users.sum()) >= max(1, len(alive) // 4):
+                keep = (~finished_users).nonzero(as_tuple=True)[0]
+                state.keep(keep)
+                alive, tokens = alive[keep], tokens[keep]
+            state.step = t
+            positions = (lengths[alive] + t)[:, None].expand(-1, n)
+            logits = self.fast.decode_step(tokens, positions, state)
+        return [
+            [Completion(out[u, r, : produced[u, r]].tolist(), "stop" if stopped[u, r] else "length") for r in range(n)]
+            for u in range(U)
+        ]
+
+
+class HFSampler:
+    """``model.generate`` with ``num_return_sequences``: any causal LM, prompt copied per sample."""
+
+    name = "hf"
+
+    def __init__(self, model, eos_ids: list[int], pad_id: int):
+        self.model = model
+        self.eos_ids = sorted(set(eos_ids))
+        self.pad_id = pad_id
+
+    @torch.inference_mode()
+    def sample(self, prompts: list[list[int]], settings: SamplerSettings, generator) -> list[list[Completion]]:
+        ids, mask = pad(prompts, self.pad_id, left=True)
+        common = dict(attention_mask=mask, max_new_tokens=settings.max_new_tokens, eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
+        results: list[list[Completion]] = [[] for _ in prompts]
+        if settings.greedy:
+            greedy = self.model.generate(ids, do_sample=False, **common)
+            for u in range(len(prompts)):
+                results[u].append(self._completion(greedy[u, ids.shape[1]:], settings))
+        if settings.n_samples:
+            # generate() draws from the global RNG: seed it from this batch's generator
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+            sampled = self.model.generate(
+                ids, do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0,
+                num_return_sequences=settings.n_samples, **common,
+            )
+            for row in range(sampled.shape[0]):
+                results[row // settings.n_samples].append(self._completion(sampled[row, ids.shape[1]:], settings))
+        return results
+
+    def _completion(self, new_tokens: torch.Tensor, settings: SamplerSettings) -> Completion:
+        tokens = new_tokens.tolist()
+        for position, token in enumerate(tokens):
+            if token in self.eos_ids:
+                return Completion(tokens[:position], "stop")
+        return Completion(tokens, "length")
+
+
+def make_sampler(backend: str, model, eos_ids: list[int], pad_id: int):
+    """The sampler for ``backend`` (auto, fast, hf, vllm)."""
+    from dpo4rec.errors import InputError
+
+    if backend == "vllm":
+        from dpo4rec.generate.vllm_backend import VLLMSampler
+
+        return VLLMSampler(model, eos_ids, pad_id)
+    if backend == "fast" and not supports(model):
+        raise InputError(f"generate.backend=fast does not support model type {model.config.model_type!r}; use auto or hf")
+    if backend in ("auto", "fast") and supports(model):
+        return FastSampler(model, eos_ids, pad_id)
+    if backend in ("auto", "hf"):
+        return HFSampler(model, eos_ids, pad_id)
+    raise InputError(f"generate.backend must be auto, fast, hf or vllm, got {backend!r}")

@@ -1,0 +1,175 @@
+"""The generate stage: greedy + N sampled knowledge texts per user, resumable.
+
+Writes ``RUN/round_<t>/knowledge/``:
+* ``plan.json``: the config, the inputs' fingerprints and the batch plan,
+  written first; a folder whose plan differs is refused, never overwritten;
+* ``parts/part-NNNNN.parquet``: one file per finished batch, each written
+  atomically, so a crash or ``kill -9`` loses at most the batch in flight and
+  a rerun continues with the next batch (same plan, same seeds, same texts);
+* ``knowledge.parquet`` and ``manifest.json`` once every batch is done:
+  user_index, sample (0 = greedy, 1..N = sampled), text, n_tokens,
+  finish_reason ("stop" at EOS, "length" at max_new_tokens), empty.
+
+Validation and test users get the greedy text only (test-time knowledge is
+one greedy text; they never feed rewards), unless ``samples_for = "all"``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from dpo4rec.artifacts import (
+    MANIFEST, existing_output, fingerprint_file, make_manifest, read_json, write_json, write_parquet,
+)
+from dpo4rec.config import GenerateConfig, ModelConfig, to_dict
+from dpo4rec.errors import InputError
+from dpo4rec.generate.model import load_model, load_tokenizer, parse_dtype
+from dpo4rec.generate.sampler import SamplerSettings, batch_generator, make_sampler, plan_batches
+
+log = logging.getLogger(__name__)
+STAGE = "knowledge"
+
+
+@dataclass
+class GenerateResult:
+    folder: Path
+    summary: dict
+    reused: bool
+
+
+def round_dir(run_dir: str | Path, round_index: int) -> Path:
+    return Path(run_dir) / f"round_{round_index}"
+
+
+def _settings(gen: GenerateConfig, sampled: bool) -> SamplerSettings:
+    return SamplerSettings(
+        n_samples=gen.n_samples if sampled else 0, temperature=gen.temperature, top_p=gen.top_p,
+        max_new_tokens=gen.max_new_tokens, greedy=True, seed=gen.seed,
+    )
+
+
+def make_plan(prompts: pd.DataFrame, users: pd.DataFrame, gen: GenerateConfig) -> list[dict]:
+    """Batches of users, each with whether its users get N samples or only the greedy text."""
+    sampled = users.set_index("user_index")["split"].astype(str).eq("train") if gen.samples_for == "train" else None
+    plan = []
+    for wants_samples in (True, False):
+        chosen = prompts if sampled is None else prompts[sampled.reindex(prompts["user_index"]).to_numpy() == wants_samples]
+        if sampled is None and not wants_samples:
+            continue
+        if chosen.empty:
+            continue
+        rows = _settings(gen, wants_samples).rows_per_prompt
+        batches = plan_batches(chosen["n_tokens"].tolist(), rows, gen.batch_rows, gen.max_prefill_tokens)
+        users_in_order = chosen["user_index"].to_numpy()
+        plan += [{"users": [int(users_in_order[i]) for i in batch], "sampled": wants_samples} for batch in batches]
+    return plan
+
+
+def run_generate_stage(
+    run_dir: str | Path, round_index: int, model_cfg: ModelConfig, gen: GenerateConfig,
+    adapter: str | Path | None = None, stop_after_batches: int | None = None,
+) -> GenerateResult:
+    """Generate (or reuse, or resume) the round's knowledge texts.
+
+    ``adapter``: LoRA folder from the previous round's DPO stage, applied on
+    top of the base model. ``stop_after_batches`` exists for tests of resume.
+    """
+    run_dir = Path(run_dir)
+    prompt_dir = run_dir / "prompts"
+    if not (prompt_dir / MANIFEST).is_file():
+        raise InputError(f"{prompt_dir}: no prompts stage output; run `dpo4rec prompts --out {run_dir}` first")
+    folder = round_dir(run_dir, round_index) / STAGE
+    inputs = {"prompts/manifest.json": fingerprint_file(prompt_dir / MANIFEST)}
+    if adapter is not None:
+        adapter = Path(adapter)
+        if not (adapter / "adapter_config.json").is_file():
+            raise InputError(f"adapter not found: {adapter} (no adapter_config.json)")
+        inputs["adapter"] = fingerprint_file(adapter / "adapter_model.safetensors")
+    config = {"generate": to_dict(gen), "model": {"name": model_cfg.name, "dtype": model_cfg.dtype}}
+    manifest = make_manifest(STAGE, config, inputs)
+    if (folder / MANIFEST).is_file() and existing_output(folder, manifest):
+        return GenerateResult(folder, read_json(folder / "summary.json"), reused=True)
+
+    prompts = pd.read_parquet(prompt_dir / "prompts.parquet")
+    users = pd.read_parquet(run_dir / "data" / "users.parquet")
+    plan = {"config": config, "inputs": inputs, "batches": make_plan(prompts, users, gen)}
+    parts = folder / "parts"
+    if (folder / "plan.json").is_file():
+        old = read_json(folder / "plan.json")
+        if old != plan:
+            raise InputError(f"{folder} holds an unfinished generation with another config or inputs; remove it or use another --out")
+        for stale in parts.glob(".*.tmp"):  # a batch that was being written when the process died
+            stale.unlink()
+    else:
+        parts.mkdir(parents=True, exist_ok=True)
+        write_json(folder / "plan.json", plan)
+
+    todo = [i for i in range(len(plan["batches"])) if not (parts / f"part-{i:05d}.parquet").is_file()]
+    if todo:
+        _generate(run_dir, prompts, plan["batches"], todo, parts, model_cfg, gen, adapter, stop_after_batches)
+        if stop_after_batches is not None and len(todo) > stop_after_batches:
+            return GenerateResult(folder, {}, reused=False)
+
+    frame = pd.concat([pd.read_parquet(parts / f"part-{i:05d}.parquet") for i in range(len(plan["batches"]))])
+    frame = frame.sort_values(["user_index", "sample"]).reset_index(drop=True)
+    summary = summarize(frame)
+    write_parquet(folder / "knowledge.parquet", frame)
+    write_json(folder / "summary.json", summary)
+    write_json(folder / MANIFEST, manifest)  # last: marks the stage complete
+    return GenerateResult(folder, summary, reused=False)
+
+
+def _generate(run_dir, prompts, batches, todo, parts, model_cfg, gen, adapter, stop_after_batches) -> None:
+    tokenizer = load_tokenizer(model_cfg.name)
+    dtype = parse_dtype(model_cfg.dtype, model_cfg.device)
+    model = load_model(model_cfg.name, adapter=adapter, dtype=dtype, device=model_cfg.device)
+    eos = [tokenizer.eos_token_id] + list(_as_list(getattr(model.generation_config, "eos_token_id", None)))
+    sampler = make_sampler(gen.backend, model, eos, tokenizer.pad_token_id)
+    text_of = prompts.set_index("user_index")["text"]
+    total_users = sum(len(batches[i]["users"]) for i in todo)
+    log.info("generating for %d users in %d batches with the %s sampler (%s)", total_users, len(todo), sampler.name, dtype)
+    start, new_tokens = time.perf_counter(), 0
+    with tqdm(total=total_users, unit="user", desc="generate") as bar:
+        for done, number in enumerate(todo):
+            if stop_after_batches is not None and done >= stop_after_batches:
+                break
+            batch = batches[number]
+            ids = [tokenizer(text_of[u], add_special_tokens=False)["input_ids"] for u in batch["users"]]
+            settings = _settings(gen, batch["sampled"])
+            completions = sampler.sample(ids, settings, batch_generator(gen.seed, number))
+            rows = []
+            for user, per_user in zip(batch["users"], completions):
+                for sample, completion in enumerate(per_user):
+                    text = tokenizer.decode(completion.token_ids, skip_special_tokens=True).strip()
+                    rows.append({"user_index": user, "sample": sample, "text": text, "n_tokens": len(completion.token_ids),
+                                 "finish_reason": completion.finish_reason, "empty": not text})
+                    new_tokens += len(completion.token_ids)
+            write_parquet(parts / f"part-{number:05d}.parquet", pd.DataFrame(rows))
+            bar.update(len(batch["users"]))
+            bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - start):.0f}")
+
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else list(value)
+
+
+def summarize(frame: pd.DataFrame) -> dict:
+    sampled = frame[frame["sample"] > 0]
+    return {
+        "users": int(frame["user_index"].nunique()),
+        "texts": len(frame),
+        "sampled_texts": len(sampled),
+        "mean_tokens": float(frame["n_tokens"].mean()),
+        "stopped_at_eos": float((frame["finish_reason"] == "stop").mean()),
+        "empty_texts": int(frame["empty"].sum()),
+        "distinct_sampled_texts_per_user": float(sampled.groupby("user_index")["text"].nunique().mean()) if len(sampled) else 0.0,
+    }
