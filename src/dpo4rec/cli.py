@@ -41,7 +41,48 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the pipeline (for now: the data stage) and print a summary")
     _add_data_options(run)
     run.add_argument("--out", default=DEFAULT_RUN_DIR, help=f"run folder (default {DEFAULT_RUN_DIR})")
+    _add_generate_parsers(commands)
+    _add_encode_parser(commands)
+    _add_recommend_parser(commands)
     return parser
+
+
+def _add_generate_parsers(commands) -> None:
+    prompts = commands.add_parser("prompts", help="write one LLM prompt per user from the prompt history")
+    generate = commands.add_parser("generate", help="sample greedy + N knowledge texts per user (runs data and prompts first if needed)")
+    for parser in (prompts, generate):
+        _add_data_options(parser)
+        parser.add_argument("--out", default=DEFAULT_RUN_DIR, help=f"run folder (default {DEFAULT_RUN_DIR})")
+        parser.add_argument("--model", help="smollm2-135m (default), a .gguf file, a Hugging Face folder or hub name")
+    generate.add_argument("--round", type=int, default=0, help="round number (0 = base LLM)")
+    generate.add_argument("--adapter", help="LoRA adapter folder to apply (a DPO round's adapter/)")
+    generate.add_argument("--n", type=int, dest="n_samples", help="sampled texts per train user (default 10)")
+    generate.add_argument("--max-new-tokens", type=int, dest="max_new_tokens")
+    generate.add_argument("--temperature", type=float)
+    generate.add_argument("--top-p", type=float, dest="top_p")
+    generate.add_argument("--backend", choices=("auto", "fast", "hf", "vllm"))
+
+
+def _add_encode_parser(commands) -> None:
+    encode = commands.add_parser("encode", help="encode a round's knowledge texts and the item texts to vectors")
+    encode.add_argument("--config", help="TOML config file (sections per stage)")
+    encode.add_argument("--out", default=DEFAULT_RUN_DIR, help=f"run folder (default {DEFAULT_RUN_DIR})")
+    encode.add_argument("--round", type=int, default=0, help="round whose knowledge to encode (0 = base LLM)")
+    encode.add_argument("--encoder", help="sentence-transformers model (default all-MiniLM-L6-v2, offline)")
+    encode.add_argument("--batch-size", type=int, dest="batch_size", help="texts per encoder pass")
+    encode.add_argument("--long-texts", dest="long_texts", choices=("chunk", "truncate", "error"), help="texts past the encoder's limit")
+
+
+def _add_recommend_parser(commands) -> None:
+    recommend = commands.add_parser("recommend", help="train and evaluate a (knowledge-augmented) re-ranker")
+    recommend.add_argument("--config", help="TOML config file (sections per stage)")
+    recommend.add_argument("--out", default=DEFAULT_RUN_DIR, help=f"run folder (default {DEFAULT_RUN_DIR})")
+    recommend.add_argument("--round", type=int, default=0, help="round whose embeddings to use")
+    recommend.add_argument("--backbone", help="dlcm, prm or setrank")
+    recommend.add_argument("--no-knowledge", dest="knowledge", action="store_const", const=False, help="the ID-only baseline")
+    recommend.add_argument("--epochs", type=int, dest="max_epochs", help="most training epochs")
+    recommend.add_argument("--seed", type=int, help="seed for initialization and batch order")
+    recommend.add_argument("--device", help="auto, cpu or cuda")
 
 
 def _data_stage(args: argparse.Namespace) -> int:
@@ -54,6 +95,74 @@ def _data_stage(args: argparse.Namespace) -> int:
     print(format_summary(result.summary))
     print(f"{'reused' if result.reused else 'wrote'} {result.folder}")
     return 0
+
+
+def _generate_stages(args: argparse.Namespace) -> int:
+    """data -> prompts (-> generate): each reused when its output is already there."""
+    from dpo4rec.config import load_config
+    from dpo4rec.data.stage import run_data_stage
+    from dpo4rec.prompts.stage import run_prompt_stage
+
+    overrides = {
+        "data": {k: getattr(args, k) for k in ("dataset", "path", "n_users", "seed")},
+        "model": {"name": args.model},
+    }
+    if args.command == "generate":
+        overrides["generate"] = {k: getattr(args, k) for k in ("n_samples", "max_new_tokens", "temperature", "top_p", "backend")}
+    config = load_config(args.config, overrides)
+    run_data_stage(config.data, args.out)
+    prompts = run_prompt_stage(args.out, config.prompts, config.model)
+    s = prompts.summary
+    print(f"prompts: {s['users']:,} users, {s['prompt_tokens_mean']:.0f} tokens on average (max {s['prompt_tokens_max']}), "
+          f"{s['users_truncated']:,} shortened to fit")
+    if args.command == "prompts":
+        print(f"{'reused' if prompts.reused else 'wrote'} {prompts.folder}")
+        return 0
+    from dpo4rec.generate.stage import run_generate_stage
+
+    result = run_generate_stage(args.out, args.round, config.model, config.generate, adapter=args.adapter)
+    s = result.summary
+    print(f"knowledge: {s['texts']:,} texts for {s['users']:,} users ({s['sampled_texts']:,} sampled), "
+          f"{s['mean_tokens']:.0f} tokens on average, {s['stopped_at_eos']:.0%} ended at EOS, {s['empty_texts']} empty")
+    print(f"{'reused' if result.reused else 'wrote'} {result.folder}")
+    return 0
+
+
+def _encode_stage(args: argparse.Namespace) -> int:
+    from dpo4rec.config import load_config
+    from dpo4rec.encode.stage import run_encode_stage
+
+    config = load_config(args.config, {"encode": {k: getattr(args, k) for k in ("encoder", "batch_size", "long_texts")}})
+    result = run_encode_stage(config.encode, args.out, args.round)
+    s = result.summary
+    print(f"{s['user_texts']:,} knowledge texts of {s['users']:,} users and {s['items']:,} items -> {s['dim']}-d vectors ({s['encoder']})")
+    long = s["long_texts"]
+    print(f"texts longer than {s['max_seq_length']} tokens: {long['user_texts']:,} knowledge, {long['item_texts']:,} item ({long['policy']})")
+    print(f"{'reused' if result.reused else 'wrote'} {result.folder}")
+    return 0
+
+
+def _recommend_stage(args: argparse.Namespace) -> int:
+    from dpo4rec.config import load_config
+    from dpo4rec.recommend.stage import run_recommend_stage
+
+    keys = ("backbone", "knowledge", "max_epochs", "seed", "device")
+    config = load_config(args.config, {"recommend": {k: getattr(args, k) for k in keys}})
+    result = run_recommend_stage(config.recommend, args.out, args.round)
+    print(format_rerank_table(result.metrics))
+    print(f"{'reused' if result.reused else 'wrote'} {result.folder}")
+    return 0
+
+
+def format_rerank_table(metrics: dict) -> str:
+    """Test MAP/NDCG@K of a trained re-ranker beside the random and popularity rankings."""
+    rows = [(f"{metrics['model']}{'' if metrics['knowledge'] else ' (no knowledge)'}", metrics["test"])]
+    rows += [(name, values) for name, values in metrics["baselines"].items()]
+    names = [k for k in metrics["test"] if k.endswith(("@1", "@3", "@5", "@7"))]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'test lists':<{width}}  " + "  ".join(f"{n:>7}" for n in names)]
+    lines += [f"{label:<{width}}  " + "  ".join(f"{values[n]:7.4f}" for n in names) for label, values in rows]
+    return "\n".join(lines)
 
 
 def _download(args: argparse.Namespace) -> int:
@@ -89,6 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "data" and args.data_command == "download":
             return _download(args)
+        if args.command in ("prompts", "generate"):
+            return _generate_stages(args)
+        if args.command == "encode":
+            return _encode_stage(args)
+        if args.command == "recommend":
+            return _recommend_stage(args)
         return _data_stage(args)
     except InputError as exc:
         print(f"dpo4rec: error: {exc}", file=sys.stderr)

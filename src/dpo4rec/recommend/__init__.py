@@ -1,0 +1,11 @@
+"""Knowledge-augmented re-rankers (DLCM, PRM, SetRank), their training, and the reward API."""
+
+from dpo4rec.recommend.checkpoint import load_recommender, save_recommender
+from dpo4rec.recommend.models import MODELS, ModelSpec, Reranker, build_model, register
+from dpo4rec.recommend.reward import RewardScorer
+from dpo4rec.recommend.stage import model_name, run_recommend_stage
+
+__all__ = [
+    "MODELS", "ModelSpec", "Reranker", "RewardScorer", "build_model", "load_recommender",
+    "model_name", "register", "run_recommend_stage", "save_recommender",
+]

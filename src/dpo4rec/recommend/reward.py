@@ -1,0 +1,133 @@
+"""The reward API the DPO stage calls.
+
+A knowledge text's reward is the trained recommender's mean NDCG@5 over the
+user's lists (default: the train lists) with that text's vector plugged in as
+the user's knowledge. Scoring is batched over users and samples together:
+the sample-independent part of each list (ids, attributes, item-knowledge
+tower, personal vector) is computed once per list, and only the user tower
+and the ranking layers run per (list, sample) pair.
+
+    scorer = RewardScorer.from_run("runs/x", round_index=0, name="prm")
+    rewards = scorer.score(user_index, vectors)          # (M,) one per row
+    table = scorer.score_embeddings(read_embeddings(...))  # user_index, sample, reward
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dpo4rec.errors import InputError
+from dpo4rec.metrics import rerank_metrics
+from dpo4rec.recommend.checkpoint import load_recommender
+from dpo4rec.recommend.features import ListTensors, list_tensors
+from dpo4rec.recommend.models import Reranker
+
+
+class RewardScorer:
+    """Per-sample rewards from a trained, knowledge-augmented re-ranker."""
+
+    def __init__(self, model: Reranker, lists: ListTensors, max_pairs: int = 16384):
+        if not model.knowledge:
+            raise InputError("the reward needs a recommender trained with knowledge (recommend.knowledge = true)")
+        self.model = model.eval()
+        self.lists = lists
+        self.max_pairs = max_pairs  # (list, sample) pairs per forward pass: bounds memory
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def from_folders(cls, recommender_folder: str | Path, data_folder: str | Path, device: str = "cpu") -> RewardScorer:
+        """Load a recommend-stage folder and the data stage's lists."""
+        lists_path = Path(data_folder) / "lists.parquet"
+        if not lists_path.is_file():
+            raise InputError(f"{lists_path} not found; run the data stage first")
+        return cls(load_recommender(recommender_folder, device), list_tensors(pd.read_parquet(lists_path)))
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, round_index: int = 0, name: str = "prm", device: str = "cpu") -> RewardScorer:
+        """The recommender ``name`` (its folder under round_<t>/recommender/) of a run."""
+        run_dir = Path(run_dir)
+        return cls.from_folders(run_dir / f"round_{round_index}" / "recommender" / name, run_dir / "data", device)
+
+    @torch.inference_mode()
+    def score(self, user_index: np.ndarray, vectors: np.ndarray, split: str | None = "train", k: int = 5) -> np.ndarray:
+        """Mean NDCG@k over each row's user's lists (of ``split``; None = all), row ``i`` using ``vectors[i]``.
+
+        ``user_index`` (M,) may repeat a user (one row per sample); ``vectors`` (M, dim).
+        """
+        user_index = np.asarray(user_index, dtype=np.int64)
+        vectors = np.asarray(vectors, dtype=np.float32)
+        self._check(user_index, vectors)
+        rows_by_user = np.argsort(user_index, kind="stable")
+        users, first_row, n_rows = np.unique(user_index[rows_by_user], return_index=True, return_counts=True)
+        list_rows, list_start, n_lists = self._lists_of(users, split)
+        rewards = np.zeros(len(user_index), np.float64)
+        for group in self._groups(n_lists * n_rows):
+            rows = np.concatenate([rows_by_user[first_row[g] : first_row[g] + n_rows[g]] for g in group])
+            lists = np.concatenate([list_rows[list_start[g] : list_start[g] + n_lists[g]] for g in group])
+            # pair (row r, list l) for every sample row and every list of the same user
+            local = np.concatenate([[0], np.cumsum(n_lists[group])])
+            pair_row, pair_list, at = [], [], 0
+            for j, g in enumerate(group):
+                span = np.arange(local[j], local[j + 1])
+                pair_row.append(np.repeat(np.arange(at, at + n_rows[g]), n_lists[g]))
+                pair_list.append(np.tile(span, n_rows[g]))
+                at += n_rows[g]
+            pair_row, pair_list = np.concatenate(pair_row), np.concatenate(pair_list)
+            ndcg = self._pair_ndcg(lists, vectors[rows], pair_row, pair_list, k)
+            rewards[rows] = np.bincount(pair_row, weights=ndcg, minlength=len(rows)) / np.bincount(pair_row, minlength=len(rows))
+        return rewards
+
+    def score_embeddings(self, embeddings, split: str | None = "train", users: np.ndarray | None = None, k: int = 5) -> pd.DataFrame:
+        """Rewards for an encode-stage ``Embeddings`` (optionally only ``users``): user_index, sample, reward."""
+        keep = np.ones(len(embeddings.user_index), bool) if users is None else np.isin(embeddings.user_index, users)
+        rewards = self.score(embeddings.user_index[keep], embeddings.user_vectors[keep], split, k)
+        return pd.DataFrame({"user_index": embeddings.user_index[keep], "sample": embeddings.sample[keep], "reward": rewards})
+
+    def _check(self, user_index: np.ndarray, vectors: np.ndarray) -> None:
+        dim = self.model.spec.knowledge_dim
+        if vectors.ndim != 2 or vectors.shape[1] != dim:
+            raise InputError(f"knowledge vectors have shape {vectors.shape}, the recommender expects (n, {dim}) (encoder {self.model.spec.encoder})")
+        if len(user_index) != len(vectors):
+            raise InputError(f"{len(user_index)} user indices but {len(vectors)} vectors")
+        if not np.isfinite(vectors).all():
+            raise InputError("knowledge vectors contain NaN or infinity")
+
+    def _lists_of(self, users: np.ndarray, split: str | None):
+        """Rows of each user's lists: (rows grouped by user, start per user, count per user)."""
+        owner = self.lists.user_index.numpy()
+        selected = np.isin(owner, users) if split is None else np.isin(owner, users) & (self.lists.split == split)
+        rows = np.flatnonzero(selected)
+        rows = rows[np.argsort(owner[rows], kind="stable")]
+        start = np.searchsorted(owner[rows], users, side="left")
+        count = np.searchsorted(owner[rows], users, side="right") - start
+        if (count == 0).any():
+            empty = users[count == 0]
+            raise InputError(f"{len(empty)} users have no {split or ''} lists to score (first: user_index {empty[0]}); "
+                             f"rewards come from {split or 'any'} lists" + (", so use train users" if split == "train" else ""))
+        return rows, start, count
+
+    def _groups(self, pairs_per_user: np.ndarray):
+        """Consecutive users whose (list, sample) pairs fit in ``max_pairs`` (a big user goes alone)."""
+        group, total = [], 0
+        for g, pairs in enumerate(pairs_per_user):
+            if group and total + pairs > self.max_pairs:
+                yield np.asarray(group)
+                group, total = [], 0
+            group.append(g)
+            total += pairs
+        if group:
+            yield np.asarray(group)
+
+    def _pair_ndcg(self, lists: np.ndarray, vectors: np.ndarray, pair_row: np.ndarray, pair_list: np.ndarray, k: int) -> np.ndarray:
+        model, dev = self.model, self.device
+        idx = torch.as_tensor(lists)
+        candidates, personal = model.list_context(self.lists.items[idx].to(dev), self.lists.history[idx].to(dev))  # once per list
+        user_out = model.user_tower(torch.as_tensor(vectors, device=dev))  # (R, adapter_dim), once per sample
+        pl, pr = torch.as_tensor(pair_list, device=dev), torch.as_tensor(pair_row, device=dev)
+        scores = model.rank(model.join(candidates[pl], user_out[pr]), personal[pl])  # (P, L)
+        labels = self.lists.labels[idx].numpy()[pair_list]
+        return rerank_metrics(labels, scores.float().cpu().numpy(), ks=(k,))[f"ndcg@{k}"]

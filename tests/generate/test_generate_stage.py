@@ -1,0 +1,78 @@
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from dpo4rec.config import GenerateConfig, ModelConfig
+from dpo4rec.errors import InputError
+from dpo4rec.generate.stage import run_generate_stage
+
+# small enough for CI: 8 users, 4 batches, 8 new tokens
+GEN = GenerateConfig(n_samples=3, max_new_tokens=8, batch_rows=8, max_prefill_tokens=400)
+
+
+def _copy_run(tiny_run, tmp_path):
+    target = tmp_path / "run"
+    shutil.copytree(tiny_run, target)
+    return target
+
+
+def test_greedy_for_everyone_samples_for_train_users(tiny_run, tmp_path):
+    run = _copy_run(tiny_run, tmp_path)
+    result = run_generate_stage(run, 0, ModelConfig(), GEN)
+    frame = pd.read_parquet(result.folder / "knowledge.parquet")
+    users = pd.read_parquet(run / "data" / "users.parquet").set_index("user_index")
+    per_user = frame.groupby("user_index")["sample"].apply(sorted)
+    for user, samples in per_user.items():
+        expected = [0, 1, 2, 3] if users.loc[user, "split"] == "train" else [0]
+        assert samples == expected
+    assert set(frame["finish_reason"]) <= {"stop", "length"}
+    assert (frame["n_tokens"] <= 8).all()
+    assert frame["empty"].equals(frame["text"].str.strip() == "")
+    assert result.summary["users"] == 8
+    again = run_generate_stage(run, 0, ModelConfig(), GEN)
+    assert again.reused
+    with pytest.raises(InputError, match="another run"):
+        run_generate_stage(run, 0, ModelConfig(), GenerateConfig(n_samples=2, max_new_tokens=8, batch_rows=8))
+
+
+def test_resume_after_a_stop_gives_the_same_texts(tiny_run, tmp_path):
+    whole = run_generate_stage(_copy_run(tiny_run, tmp_path / "a"), 0, ModelConfig(), GEN)
+    run = _copy_run(tiny_run, tmp_path / "b")
+    partial = run_generate_stage(run, 0, ModelConfig(), GEN, stop_after_batches=1)
+    assert not (partial.folder / "knowledge.parquet").exists()
+    assert len(list((partial.folder / "parts").glob("part-*.parquet"))) == 1
+    resumed = run_generate_stage(run, 0, ModelConfig(), GEN)
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(whole.folder / "knowledge.parquet"), pd.read_parquet(resumed.folder / "knowledge.parquet")
+    )
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_loses_nothing_and_duplicates_nothing(tiny_run, tmp_path):
+    reference = run_generate_stage(_copy_run(tiny_run, tmp_path / "ref"), 0, ModelConfig(), GEN)
+    run = _copy_run(tiny_run, tmp_path / "killed")
+    args = [sys.executable, "-m", "dpo4rec", "generate", "--out", str(run), "--dataset", "ml-100k", "--users", "8",
+            "--n", "3", "--max-new-tokens", "8"]
+    config = tmp_path / "gen.toml"
+    config.write_text("[generate]\nbatch_rows = 8\nmax_prefill_tokens = 400\n[prompts]\nmax_prompt_tokens = 160\n[data]\nseed = 0\n")
+    args += ["--config", str(config)]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    parts = run / "round_0" / "knowledge" / "parts"
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(parts.glob("part-*.parquet")):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_before = len(list(parts.glob("part-*.parquet")))
+    assert 1 <= done_before < 4, "the kill should land mid-run"
+    result = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    resumed = pd.read_parquet(run / "round_0" / "knowledge" / "knowledge.parquet")
+    pd.testing.assert_frame_equal(pd.read_parquet(reference.folder / "knowledge.parquet"), resumed)
+    assert not resumed.duplicated(["user_index", "sample"]).any()

@@ -1,0 +1,84 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dpo4rec.cli import main
+from dpo4rec.config import RecommendConfig
+from dpo4rec.errors import InputError
+from dpo4rec.recommend.checkpoint import load_recommender
+from dpo4rec.recommend.features import list_tensors, user_knowledge
+from dpo4rec.recommend.stage import run_recommend_stage
+from dpo4rec.recommend.train import predict
+
+MISSING_USERS = 5  # as in conftest.py
+
+
+def test_stage_with_and_without_knowledge(ml100k_run, ml100k):
+    protocol, emb = ml100k
+    config = RecommendConfig(backbone="prm", max_epochs=2, device="cpu")
+    on = run_recommend_stage(config, ml100k_run, 0, progress=False)
+    off = run_recommend_stage(RecommendConfig(backbone="prm", knowledge=False, max_epochs=2, device="cpu"), ml100k_run, 0, progress=False)
+    assert on.folder.name == "prm" and off.folder.name == "prm-no-knowledge"
+    for result in (on, off):
+        names = {p.name for p in result.folder.iterdir()}
+        assert names == {"model.safetensors", "model.json", "curve.json", "metrics.json", "test_lists.parquet", "manifest.json"}
+        metrics = json.loads((result.folder / "metrics.json").read_text())
+        assert metrics["test"]["map@5"] > metrics["baselines"]["random"]["map@5"]
+        assert len(json.loads((result.folder / "curve.json").read_text())) == metrics["epochs"]
+    # the documented policy: users without knowledge use the learned vector, and are counted
+    assert on.metrics["users_without_knowledge"]["train"] >= MISSING_USERS
+    assert off.metrics["users_without_knowledge"] is None
+
+    # the saved model rebuilds to the same scores; the stage reuses its folder
+    model = load_recommender(on.folder)
+    lists = list_tensors(protocol.lists).of_split("test")
+    users, vectors = emb.for_sample(0)
+    knowledge = user_knowledge(len(protocol.users), users, vectors)
+    scores = predict(model, lists, knowledge)
+    from dpo4rec.metrics import mean_metrics, rerank_metrics
+    assert mean_metrics(rerank_metrics(lists.labels.numpy(), scores))["map@5"] == pytest.approx(on.metrics["test"]["map@5"], abs=1e-6)
+    assert run_recommend_stage(config, ml100k_run, 0, progress=False).reused
+
+
+def test_knowledge_vectors_of_another_dimension_are_refused(ml100k):
+    from dpo4rec.recommend.train import build_recommender
+
+    protocol, emb = ml100k
+    lists = list_tensors(protocol.lists).subset(np.arange(2))
+    model = build_recommender(RecommendConfig(device="cpu"), protocol.items, lists, emb.dim, (emb.item_index, emb.item_vectors), emb.encoder)
+    with pytest.raises(InputError, match="dimension 100, the model expects 384"):
+        model(lists.items, lists.history, torch.zeros(2, 100))
+
+
+def test_embeddings_that_cover_no_train_user_are_refused(ml100k_run, ml100k, tmp_path):
+    from dpo4rec.recommend.stage import fit_and_evaluate
+    from dpo4rec.recommend.train import build_recommender
+
+    protocol, emb = ml100k
+    lists = list_tensors(protocol.lists)
+    test_users = protocol.users.loc[protocol.users["split"] == "test", "user_index"].to_numpy()
+    knowledge = user_knowledge(len(protocol.users), test_users, np.zeros((len(test_users), emb.dim), np.float32))
+    model = build_recommender(RecommendConfig(device="cpu"), protocol.items, lists, emb.dim, (emb.item_index, emb.item_vectors))
+    with pytest.raises(InputError, match="cover no train user"):
+        fit_and_evaluate(model, lists, knowledge, RecommendConfig(max_epochs=1), {}, progress=False)
+
+
+def test_cli_recommend_errors_are_one_line(tmp_path):
+    assert main(["data", "--dataset", "ml-100k", "--users", "30", "--out", str(tmp_path)]) == 0
+    for argv in (["recommend", "--out", str(tmp_path)], ["recommend", "--out", str(tmp_path / "none"), "--no-knowledge"],
+                 ["recommend", "--out", str(tmp_path), "--backbone", "nope", "--no-knowledge"]):
+        result = subprocess.run([sys.executable, "-m", "dpo4rec", *argv], capture_output=True, text=True)
+        assert result.returncode == 2, (argv, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
+
+
+def test_cli_recommend_no_knowledge_prints_the_table(tmp_path, capsys):
+    assert main(["data", "--dataset", "ml-100k", "--users", "60", "--out", str(tmp_path)]) == 0
+    assert main(["recommend", "--out", str(tmp_path), "--backbone", "dlcm", "--no-knowledge", "--epochs", "1", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "dlcm (no knowledge)" in out and "popularity" in out and "random" in out
+    assert (tmp_path / "round_0" / "recommender" / "dlcm-no-knowledge" / "model.safetensors").is_file()

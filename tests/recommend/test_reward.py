@@ -1,0 +1,106 @@
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from dpo4rec.config import RecommendConfig
+from dpo4rec.errors import InputError
+from dpo4rec.metrics import rerank_metrics
+from dpo4rec.recommend.features import list_tensors, user_knowledge
+from dpo4rec.recommend.reward import RewardScorer
+from dpo4rec.recommend.train import build_recommender, predict, train_recommender
+
+
+def informative_vectors(protocol, emb) -> np.ndarray:
+    """Per user: the centered mean text vector of the items the user labelled positive in the lists.
+
+    That carries real signal about each user's positives (on purpose: labels leak).
+    """
+    item_vectors = np.zeros((int(protocol.items["item_index"].max()) + 1, emb.dim), np.float32)
+    item_vectors[emb.item_index] = emb.item_vectors
+    items, labels = np.stack(protocol.lists["items"]), np.stack(protocol.lists["labels"])
+    vectors = np.zeros((len(protocol.users), emb.dim), np.float32)
+    np.add.at(vectors, protocol.lists["user_index"].to_numpy(), (item_vectors[items] * labels[..., None]).sum(1))
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-9)
+    vectors -= vectors.mean(0)  # the shared "average movie" direction says nothing about a user
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-9)
+
+
+@pytest.fixture(scope="module")
+def informed(ml100k):
+    """PRM trained with informative knowledge vectors."""
+    protocol, emb = ml100k
+    lists = list_tensors(protocol.lists)
+    vectors = informative_vectors(protocol, emb)
+    knowledge = user_knowledge(len(protocol.users), np.arange(len(protocol.users)), vectors)
+    config = RecommendConfig(backbone="prm", max_epochs=8, patience=8, device="cpu")
+    model = build_recommender(config, protocol.items, lists, emb.dim, (emb.item_index, emb.item_vectors), emb.encoder)
+    train_recommender(model, lists, knowledge, config, progress=False)
+    return model, lists, vectors, knowledge
+
+
+@pytest.mark.slow
+def test_reward_ranks_an_informative_vector_above_noise(informed, ml100k):
+    protocol, _ = ml100k
+    model, lists, vectors, _ = informed
+    scorer = RewardScorer(model, lists)
+    train_users = protocol.users.loc[protocol.users["split"] == "train", "user_index"].to_numpy()
+    noise = np.random.default_rng(1).standard_normal((len(train_users), vectors.shape[1])).astype(np.float32)
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    # one batch: every user twice (sample 0 informative, sample 1 noise), interleaved
+    users = np.repeat(train_users, 2)
+    batch = np.empty((len(users), vectors.shape[1]), np.float32)
+    batch[0::2], batch[1::2] = vectors[train_users], noise
+    rewards = scorer.score(users, batch)
+    better = rewards[0::2] > rewards[1::2]
+    assert better.mean() > 0.7, better.mean()
+    assert rewards[0::2].mean() > rewards[1::2].mean() + 0.02
+
+
+@pytest.mark.slow
+def test_batched_rewards_equal_the_per_list_metric(informed, ml100k):
+    """Independent path: predict() over the user's lists, then rerank_metrics, mean per user."""
+    protocol, _ = ml100k
+    model, lists, vectors, knowledge = informed
+    train_users = protocol.users.loc[protocol.users["split"] == "train", "user_index"].to_numpy()[:40]
+    rewards = RewardScorer(model, lists, max_pairs=300).score(train_users, vectors[train_users])  # many small groups
+    mine = lists.subset(np.flatnonzero(np.isin(lists.user_index.numpy(), train_users)))
+    ndcg = rerank_metrics(mine.labels.numpy(), predict(model, mine, knowledge))["ndcg@5"]
+    owner = mine.user_index.numpy()
+    expected = np.array([ndcg[owner == u].mean() for u in train_users])
+    np.testing.assert_allclose(rewards, expected, atol=1e-5)
+
+
+def test_reward_scoring_is_fast_and_refuses_bad_input(ml100k):
+    protocol, emb = ml100k
+    lists = list_tensors(protocol.lists)
+    model = build_recommender(RecommendConfig(device="cpu"), protocol.items, lists, emb.dim, (emb.item_index, emb.item_vectors), emb.encoder)
+    scorer = RewardScorer(model, lists)
+    train_users = protocol.users.loc[protocol.users["split"] == "train", "user_index"].to_numpy()[:200]
+    users = np.repeat(train_users, 10)  # 200 users x 10 samples
+    vectors = np.random.default_rng(0).standard_normal((len(users), emb.dim)).astype(np.float32)
+    start = time.perf_counter()
+    rewards = scorer.score(users, vectors)
+    assert time.perf_counter() - start < 20  # ~1-2 s on one core
+    assert rewards.shape == (2000,) and ((rewards >= 0) & (rewards <= 1)).all()
+
+    with pytest.raises(InputError, match=r"expects \(n, 384\)"):
+        scorer.score(users[:3], vectors[:3, :100])
+    test_user = protocol.users.loc[protocol.users["split"] == "test", "user_index"].iloc[0]
+    with pytest.raises(InputError, match="no train lists"):
+        scorer.score(np.array([test_user]), vectors[:1])
+    assert scorer.score(np.array([test_user]), vectors[:1], split="test").shape == (1,)
+    with pytest.raises(InputError, match="trained with knowledge"):
+        RewardScorer(build_recommender(RecommendConfig(knowledge=False), protocol.items, lists), lists)
+
+
+def test_rewards_from_encoded_samples(ml100k):
+    protocol, emb = ml100k
+    lists = list_tensors(protocol.lists)
+    torch.manual_seed(0)
+    model = build_recommender(RecommendConfig(device="cpu"), protocol.items, lists, emb.dim, (emb.item_index, emb.item_vectors), emb.encoder)
+    train_users = protocol.users.loc[protocol.users["split"] == "train", "user_index"].to_numpy()[:30]
+    table = RewardScorer(model, lists).score_embeddings(emb, users=train_users)
+    assert set(table.columns) == {"user_index", "sample", "reward"}
+    assert set(table["sample"]) == {0, 1, 2} and table["user_index"].isin(train_users).all()
