@@ -55,7 +55,7 @@ def _add_generate_parsers(commands) -> None:
         parser.add_argument("--out", default=DEFAULT_RUN_DIR, help=f"run folder (default {DEFAULT_RUN_DIR})")
         parser.add_argument("--model", help="smollm2-135m (default), a .gguf file, a Hugging Face folder or hub name")
     generate.add_argument("--round", type=int, default=0, help="round number (0 = base LLM)")
-    generate.add_argument("--adapter", help="LoRA adapter folder to apply (a DPO round's adapter/)")
+    generate.add_argument("--adapter", action="append", default=[], help="LoRA adapter folder to merge in (a DPO round's adapter/); repeat for a chain")
     generate.add_argument("--n", type=int, dest="n_samples", help="sampled texts per train user (default 10)")
     generate.add_argument("--max-new-tokens", type=int, dest="max_new_tokens")
     generate.add_argument("--temperature", type=float)
@@ -120,7 +120,7 @@ def _generate_stages(args: argparse.Namespace) -> int:
         return 0
     from dpo4rec.generate.stage import run_generate_stage
 
-    result = run_generate_stage(args.out, args.round, config.model, config.generate, adapter=args.adapter)
+    result = run_generate_stage(args.out, args.round, config.model, config.generate, adapters=args.adapter)
     s = result.summary
     print(f"knowledge: {s['texts']:,} texts for {s['users']:,} users ({s['sampled_texts']:,} sampled), "
           f"{s['mean_tokens']:.0f} tokens on average, {s['stopped_at_eos']:.0%} ended at EOS, {s['empty_texts']} empty")

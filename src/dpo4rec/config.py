@@ -205,6 +205,35 @@ class RecommendConfig:
 
 
 @dataclass
+class AlignConfig:
+    """Preference pairs from rewards, and DPO with LoRA (TRL DPOTrainer)."""
+
+    beta: float = 0.01
+    """DPO's beta (the paper's 0.01): how far the policy may move from the reference."""
+    min_reward_gap: float = 1e-6
+    """Users whose best and worst sample differ by no more than this give no pair."""
+    learning_rate: float = 5e-5
+    epochs: int = 1
+    batch_size: int = 4
+    grad_accumulation: int = 2
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    max_length: int = 1024
+    """Prompt + answer tokens per example (longer ones are cut)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.beta > 0, "align.beta", "> 0", self.beta)
+        _check(self.min_reward_gap >= 0, "align.min_reward_gap", ">= 0", self.min_reward_gap)
+        _check(self.learning_rate > 0, "align.learning_rate", "> 0", self.learning_rate)
+        for name in ("epochs", "batch_size", "grad_accumulation", "lora_r", "lora_alpha"):
+            _check(getattr(self, name) >= 1, f"align.{name}", ">= 1", getattr(self, name))
+        _check(0 <= self.lora_dropout < 1, "align.lora_dropout", "in [0, 1)", self.lora_dropout)
+        _check(self.max_length >= 64, "align.max_length", ">= 64", self.max_length)
+
+
+@dataclass
 class PipelineConfig:
     """Everything one run needs; each stage reads its own section."""
 
@@ -212,6 +241,7 @@ class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     recommend: RecommendConfig = field(default_factory=RecommendConfig)
 

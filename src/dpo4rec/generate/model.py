@@ -124,27 +124,26 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
-def load_model(name: str, adapter: str | Path | None = None, dtype: torch.dtype | None = None, device: str = "cpu", merge: bool = True):
-    """Load the causal LM (and a LoRA adapter from the DPO stage on top).
+def load_model(name: str, adapters=(), dtype: torch.dtype | None = None, device: str = "cpu"):
+    """Load the causal LM with LoRA adapters from the DPO stage merged in, in order.
 
-    With ``merge`` the adapter is folded into the weights, which is what
-    sampling wants: the result is a plain model, as fast as the base.
+    Merging makes the result a plain model, as fast as the base, and is how a
+    later round's model is rebuilt: base + round 0's adapter + round 1's ...
     """
     from transformers import AutoModelForCausalLM
 
     folder = resolve_model(name)
     dtype = dtype or best_dtype(device)
+    for adapter in adapters:
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise InputError(f"adapter not found: {adapter} (no adapter_config.json)")
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load model {name!r} ({' '.join(str(exc).split())[:200]})") from None
-    if adapter is not None:
-        adapter = Path(adapter)
-        if not (adapter / "adapter_config.json").is_file():
-            raise InputError(f"adapter not found: {adapter} (no adapter_config.json)")
+    if adapters:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter))
-        if merge:
-            model = model.merge_and_unload()
+        for adapter in adapters:
+            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     return model.to(device).eval()

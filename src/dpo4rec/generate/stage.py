@@ -74,12 +74,12 @@ def make_plan(prompts: pd.DataFrame, users: pd.DataFrame, gen: GenerateConfig) -
 
 def run_generate_stage(
     run_dir: str | Path, round_index: int, model_cfg: ModelConfig, gen: GenerateConfig,
-    adapter: str | Path | None = None, stop_after_batches: int | None = None,
+    adapters=(), stop_after_batches: int | None = None,
 ) -> GenerateResult:
     """Generate (or reuse, or resume) the round's knowledge texts.
 
-    ``adapter``: LoRA folder from the previous round's DPO stage, applied on
-    top of the base model. ``stop_after_batches`` exists for tests of resume.
+    ``adapters``: LoRA folders from earlier rounds' DPO stages, merged in order
+    into the base model. ``stop_after_batches`` exists for tests of resume.
     """
     run_dir = Path(run_dir)
     prompt_dir = run_dir / "prompts"
@@ -87,11 +87,10 @@ def run_generate_stage(
         raise InputError(f"{prompt_dir}: no prompts stage output; run `dpo4rec prompts --out {run_dir}` first")
     folder = round_dir(run_dir, round_index) / STAGE
     inputs = {"prompts/manifest.json": fingerprint_file(prompt_dir / MANIFEST)}
-    if adapter is not None:
-        adapter = Path(adapter)
-        if not (adapter / "adapter_config.json").is_file():
-            raise InputError(f"adapter not found: {adapter} (no adapter_config.json)")
-        inputs["adapter"] = fingerprint_file(adapter / "adapter_model.safetensors")
+    for number, adapter in enumerate(map(Path, adapters)):
+        if not (adapter / "adapter_model.safetensors").is_file():
+            raise InputError(f"adapter not found: {adapter} (no adapter_model.safetensors)")
+        inputs[f"adapter_{number}"] = fingerprint_file(adapter / "adapter_model.safetensors")
     config = {"generate": to_dict(gen), "model": {"name": model_cfg.name, "dtype": model_cfg.dtype}}
     manifest = make_manifest(STAGE, config, inputs)
     if (folder / MANIFEST).is_file() and existing_output(folder, manifest):
@@ -113,7 +112,7 @@ def run_generate_stage(
 
     todo = [i for i in range(len(plan["batches"])) if not (parts / f"part-{i:05d}.parquet").is_file()]
     if todo:
-        _generate(run_dir, prompts, plan["batches"], todo, parts, model_cfg, gen, adapter, stop_after_batches)
+        _generate(prompts, plan["batches"], todo, parts, model_cfg, gen, adapters, stop_after_batches)
         if stop_after_batches is not None and len(todo) > stop_after_batches:
             return GenerateResult(folder, {}, reused=False)
 
@@ -126,10 +125,10 @@ def run_generate_stage(
     return GenerateResult(folder, summary, reused=False)
 
 
-def _generate(run_dir, prompts, batches, todo, parts, model_cfg, gen, adapter, stop_after_batches) -> None:
+def _generate(prompts, batches, todo, parts, model_cfg, gen, adapters, stop_after_batches) -> None:
     tokenizer = load_tokenizer(model_cfg.name)
     dtype = parse_dtype(model_cfg.dtype, model_cfg.device)
-    model = load_model(model_cfg.name, adapter=adapter, dtype=dtype, device=model_cfg.device)
+    model = load_model(model_cfg.name, adapters=adapters, dtype=dtype, device=model_cfg.device)
     eos = [tokenizer.eos_token_id] + list(_as_list(getattr(model.generation_config, "eos_token_id", None)))
     sampler = make_sampler(gen.backend, model, eos, tokenizer.pad_token_id)
     text_of = prompts.set_index("user_index")["text"]

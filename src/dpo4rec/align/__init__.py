@@ -1,0 +1,1 @@
+"""Preference pairs from recommender rewards, and DPO on the LLM."""

@@ -1,0 +1,119 @@
+"""DPO on the knowledge-writing LLM: TRL's DPOTrainer with a LoRA adapter.
+
+References across rounds: round t trains a fresh LoRA adapter on top of the
+model that wrote round t's texts, i.e. the base model with the adapters of
+rounds 0..t-1 merged into it. TRL uses that merged model with the new adapter
+switched off as the reference, so round t's reference is round t-1's policy,
+not the base. The adapters are saved one per round; ``adapter_chain`` lists
+the folders to merge, in order, to rebuild a round's model.
+
+Reference log-probabilities are computed once per round, before training
+(``precompute_ref_log_probs``), not at every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from dpo4rec.artifacts import MANIFEST, StageFolder, existing_output, fingerprint_file, make_manifest, read_json, write_json
+from dpo4rec.config import AlignConfig, ModelConfig, to_dict
+from dpo4rec.errors import InputError
+
+log = logging.getLogger(__name__)
+STAGE = "adapter"
+
+
+def adapter_chain(run_dir: str | Path, round_index: int) -> list[Path]:
+    """Adapters that turn the base model into round ``round_index``'s model (rounds 0..t-1)."""
+    chain = [Path(run_dir) / f"round_{t}" / STAGE for t in range(round_index)]
+    missing = [p for p in chain if not (p / MANIFEST).is_file()]
+    if missing:
+        raise InputError(f"{missing[0]}: no finished DPO adapter; round {round_index} needs rounds 0..{round_index - 1} aligned first")
+    return chain
+
+
+def run_align_stage(run_dir: str | Path, round_index: int, model_cfg: ModelConfig, align: AlignConfig) -> tuple[Path, dict, bool]:
+    """Train round ``round_index``'s LoRA adapter on its preference pairs; returns (folder, log, reused)."""
+    run_dir = Path(run_dir)
+    round_folder = run_dir / f"round_{round_index}"
+    pairs_file = round_folder / "preferences" / "pairs.parquet"
+    if not pairs_file.is_file():
+        raise InputError(f"{pairs_file} not found; run the reward stage for round {round_index} first")
+    chain = adapter_chain(run_dir, round_index)
+    inputs = {"pairs.parquet": fingerprint_file(pairs_file)}
+    inputs.update({f"chain/{p.parent.name}": fingerprint_file(p / "adapter_model.safetensors") for p in chain})
+    manifest = make_manifest(STAGE, {"align": to_dict(align), "model": model_cfg.name}, inputs)
+    folder = round_folder / STAGE
+    if existing_output(folder, manifest):
+        return folder, read_json(folder / "training_log.json"), True
+    pairs = pd.read_parquet(pairs_file)
+    if len(pairs) == 0:
+        raise InputError(f"{pairs_file}: no preference pairs (every user's samples tied); nothing for DPO to learn")
+    with StageFolder(folder, manifest) as tmp:
+        history = train_dpo(pairs, model_cfg, align, chain, tmp)
+    return folder, history, False
+
+
+def train_dpo(pairs: pd.DataFrame, model_cfg: ModelConfig, align: AlignConfig, chain: list[Path], out: Path) -> dict:
+    """Fit the adapter; write it (adapter_model.safetensors, adapter_config.json) and training_log.json to ``out``."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    from dpo4rec.generate.model import load_model, load_tokenizer, parse_dtype
+
+    os.environ.setdefault("WANDB_DISABLED", "true")
+    tokenizer = load_tokenizer(model_cfg.name)
+    dtype = parse_dtype(model_cfg.dtype, model_cfg.device)
+    model = load_model(model_cfg.name, adapters=chain, dtype=dtype, device=model_cfg.device).train()
+    # conversational rows: TRL applies the same chat template the sampler used
+    dataset = Dataset.from_dict({
+        "prompt": [[{"role": "user", "content": p}] for p in pairs["prompt"]],
+        "chosen": [[{"role": "assistant", "content": c}] for c in pairs["chosen"]],
+        "rejected": [[{"role": "assistant", "content": r}] for r in pairs["rejected"]],
+    })
+    args = DPOConfig(
+        output_dir=str(out / "trainer"),
+        beta=align.beta,
+        learning_rate=align.learning_rate,
+        num_train_epochs=align.epochs,
+        per_device_train_batch_size=align.batch_size,
+        gradient_accumulation_steps=align.grad_accumulation,
+        max_length=align.max_length,
+        precompute_ref_log_probs=True,
+        precompute_ref_batch_size=max(8, align.batch_size * 2),
+        bf16=dtype == torch.bfloat16,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=align.seed,
+        data_seed=align.seed,
+        use_cpu=model_cfg.device == "cpu",
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+    lora = LoraConfig(r=align.lora_r, lora_alpha=align.lora_alpha, lora_dropout=align.lora_dropout,
+                      target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+    result = trainer.train()
+    trainer.model.save_pretrained(out)
+    import shutil
+
+    shutil.rmtree(out / "trainer", ignore_errors=True)
+    steps = [entry for entry in trainer.state.log_history if "loss" in entry]
+    history = {
+        "pairs": len(pairs),
+        "train_runtime_s": result.metrics.get("train_runtime"),
+        "steps": [{k: entry.get(k) for k in ("step", "epoch", "loss", "rewards/accuracies", "rewards/margins",
+                                             "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")}
+                  for entry in steps],
+        "reference": "base model" if not chain else f"base + {', '.join(p.parent.name for p in chain)} adapters (the previous round's policy)",
+        "chain": [str(p) for p in chain],
+    }
+    write_json(out / "training_log.json", history)
+    return history

@@ -1,0 +1,85 @@
+import os
+
+import pandas as pd
+import pytest
+import torch
+
+from dpo4rec.align.dpo import adapter_chain, run_align_stage
+from dpo4rec.align.pairs import make_pairs, reward_spread
+from dpo4rec.config import AlignConfig, ModelConfig
+from dpo4rec.errors import InputError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+LIKES = "This user loves old musicals and family dramas with warm, hopeful endings."
+DISLIKES = "asdf qwer zxcv lorem ipsum random words here."
+
+
+def test_pairs_take_best_and_worst_and_skip_ties():
+    rewards = pd.DataFrame({
+        "user_index": [0, 0, 0, 0, 1, 1, 1],
+        "sample": [0, 1, 2, 3, 0, 1, 2],
+        "reward": [0.9, 0.2, 0.8, 0.5, 0.1, 0.4, 0.4],
+    })
+    knowledge = rewards[["user_index", "sample"]].assign(text=[f"t{u}{s}" for u, s in zip(rewards["user_index"], rewards["sample"])])
+    prompts = pd.DataFrame({"user_index": [0, 1], "message": ["p0", "p1"]})
+    pairs = make_pairs(rewards, knowledge, prompts, min_gap=1e-6)
+    assert len(pairs) == 1  # user 1's samples tie
+    row = pairs.iloc[0]
+    assert (row["chosen"], row["rejected"], row["prompt"]) == ("t02", "t01", "p0")  # greedy (0.9) never competes
+    assert row["reward_chosen"] == 0.8 and row["reward_rejected"] == 0.2
+    spread = reward_spread(rewards)
+    assert spread["users_with_tied_samples"] == 1 and spread["best_minus_worst_mean"] == pytest.approx(0.3)
+
+
+def _write_pairs(run, round_index, n=4):
+    folder = run / f"round_{round_index}" / "preferences"
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({
+        "user_index": range(n), "prompt": [f"Describe the taste of user {i} who watched musicals." for i in range(n)],
+        "chosen": [LIKES] * n, "rejected": [DISLIKES] * n,
+        "reward_chosen": [0.8] * n, "reward_rejected": [0.2] * n,
+    }).to_parquet(folder / "pairs.parquet")
+
+
+def _logp(model, tokenizer, prompt, answer):
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], tokenize=False)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        logits = model(ids).logits.float()
+    return torch.log_softmax(logits[0, :-1], -1).gather(-1, ids[0, 1:, None]).sum().item()
+
+
+@pytest.mark.slow
+def test_dpo_moves_the_policy_and_round_1_references_round_0(tmp_path):
+    from dpo4rec.generate.model import load_model, load_tokenizer
+
+    model_cfg = ModelConfig(dtype="fp32")
+    align = AlignConfig(learning_rate=2e-3, batch_size=2, grad_accumulation=1, epochs=2, max_length=128, lora_r=8)
+    _write_pairs(tmp_path, 0)
+    folder, log, reused = run_align_stage(tmp_path, 0, model_cfg, align)
+    assert not reused and (folder / "adapter_model.safetensors").is_file() and (folder / "manifest.json").is_file()
+    assert log["reference"] == "base model" and len(log["steps"]) == 4
+    assert log["steps"][-1]["loss"] < log["steps"][0]["loss"]
+    assert log["steps"][-1]["rewards/margins"] > log["steps"][0]["rewards/margins"]
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    base = load_model("smollm2-135m", dtype=torch.float32)
+    policy = load_model("smollm2-135m", adapters=[folder], dtype=torch.float32)
+    prompt = "Describe the taste of user 0 who watched musicals."
+    moved = (_logp(policy, tokenizer, prompt, LIKES) - _logp(policy, tokenizer, prompt, DISLIKES)) - (
+        _logp(base, tokenizer, prompt, LIKES) - _logp(base, tokenizer, prompt, DISLIKES))
+    assert moved > 1.0  # DPO raised the chosen text's likelihood relative to the rejected one
+
+    # round 1 starts from round 0's policy: its fresh adapter is zero, so if the
+    # reference is that same policy the first step's implicit rewards are ~0
+    _write_pairs(tmp_path, 1)
+    assert adapter_chain(tmp_path, 1) == [folder]
+    _, log1, _ = run_align_stage(tmp_path, 1, model_cfg, align)
+    first = log1["steps"][0]
+    assert abs(first["rewards/chosen"]) < 1e-3 and abs(first["rewards/rejected"]) < 1e-3
+    assert "round_0" in log1["reference"]
+    assert run_align_stage(tmp_path, 1, model_cfg, align)[2]  # reused
+
+    with pytest.raises(InputError, match="rounds 0..2 aligned first"):
+        adapter_chain(tmp_path, 3)
