@@ -61,6 +61,11 @@ def write_parquet(path: Path, frame: pd.DataFrame) -> None:
     _atomic_replace(path, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
+def round_dir(run_dir: str | Path, round_index: int) -> Path:
+    """``RUN/round_<t>``: where round t's knowledge, embeddings, recommender, preferences and adapter live."""
+    return Path(run_dir) / f"round_{round_index}"
+
+
 def read_json(path: Path) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)

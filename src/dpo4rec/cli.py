@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--md5", help="expected MD5 of the archive ('' skips the check)")
     download.add_argument("--force", action="store_true", help="download again even if cached")
 
-    run = commands.add_parser("run", help="run the pipeline (for now: the data stage) and print a summary")
+    run = commands.add_parser("run", help="run (or resume) every stage and every round, then write the report")
     _add_data_options(run)
     run.add_argument("--out", default=DEFAULT_RUN_DIR, help=f"run folder (default {DEFAULT_RUN_DIR})")
     _add_generate_parsers(commands)
@@ -165,6 +165,16 @@ def format_rerank_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def _run(args: argparse.Namespace) -> int:
+    from dpo4rec.config import load_config
+    from dpo4rec.run import run_pipeline
+
+    config = load_config(args.config, {"data": {k: getattr(args, k) for k in ("dataset", "path", "n_users", "seed")}})
+    report = run_pipeline(config, args.out)
+    print(f"report: {report / 'report.md'}")
+    return 0
+
+
 def _download(args: argparse.Namespace) -> int:
     from dpo4rec.data.download import download_dataset
 
@@ -204,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             return _encode_stage(args)
         if args.command == "recommend":
             return _recommend_stage(args)
+        if args.command == "run":
+            return _run(args)
         return _data_stage(args)
     except InputError as exc:
         print(f"dpo4rec: error: {exc}", file=sys.stderr)

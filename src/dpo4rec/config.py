@@ -234,9 +234,23 @@ class AlignConfig:
 
 
 @dataclass
+class RunConfig:
+    """The rounds loop."""
+
+    rounds: int = 2
+    """DPO rounds T (the paper's 2); round 0 is the base LLM (KAR)."""
+    baselines: bool = True
+    """Also train the no-knowledge recommender (the ID-only arm)."""
+
+    def __post_init__(self) -> None:
+        _check(self.rounds >= 1, "run.rounds", ">= 1", self.rounds)
+
+
+@dataclass
 class PipelineConfig:
     """Everything one run needs; each stage reads its own section."""
 
+    run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dpo4rec.artifacts import MANIFEST, StageFolder, existing_output, fingerprint_file, make_manifest, read_json, write_json
+from dpo4rec.artifacts import MANIFEST, StageFolder, existing_output, fingerprint_file, make_manifest, read_json, round_dir, write_json
 from dpo4rec.config import AlignConfig, ModelConfig, to_dict
 from dpo4rec.errors import InputError
 
@@ -29,7 +29,7 @@ STAGE = "adapter"
 
 def adapter_chain(run_dir: str | Path, round_index: int) -> list[Path]:
     """Adapters that turn the base model into round ``round_index``'s model (rounds 0..t-1)."""
-    chain = [Path(run_dir) / f"round_{t}" / STAGE for t in range(round_index)]
+    chain = [round_dir(run_dir, t) / STAGE for t in range(round_index)]
     missing = [p for p in chain if not (p / MANIFEST).is_file()]
     if missing:
         raise InputError(f"{missing[0]}: no finished DPO adapter; round {round_index} needs rounds 0..{round_index - 1} aligned first")
@@ -39,7 +39,7 @@ def adapter_chain(run_dir: str | Path, round_index: int) -> list[Path]:
 def run_align_stage(run_dir: str | Path, round_index: int, model_cfg: ModelConfig, align: AlignConfig) -> tuple[Path, dict, bool]:
     """Train round ``round_index``'s LoRA adapter on its preference pairs; returns (folder, log, reused)."""
     run_dir = Path(run_dir)
-    round_folder = run_dir / f"round_{round_index}"
+    round_folder = round_dir(run_dir, round_index)
     pairs_file = round_folder / "preferences" / "pairs.parquet"
     if not pairs_file.is_file():
         raise InputError(f"{pairs_file} not found; run the reward stage for round {round_index} first")

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from safetensors.numpy import load_file, save
 
-from dpo4rec.artifacts import StageFolder, existing_output, fingerprint_file, make_manifest, read_json, write_bytes_atomic, write_json
+from dpo4rec.artifacts import StageFolder, existing_output, round_dir, fingerprint_file, make_manifest, read_json, write_bytes_atomic, write_json
 from dpo4rec.config import EncodeConfig, to_dict
 from dpo4rec.encode.cache import EmbeddingCache, cache_key, text_hash
 from dpo4rec.encode.encoder import TextEncoder
@@ -36,9 +36,6 @@ log = logging.getLogger(__name__)
 STAGE = "encode"
 _FLUSH = 2048  # texts per cache shard: the most a crash can lose
 
-
-def round_dir(run_dir: str | Path, round_index: int) -> Path:
-    return Path(run_dir) / f"round_{round_index}"
 
 
 @dataclass

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dpo4rec.artifacts import (
-    MANIFEST, existing_output, fingerprint_file, make_manifest, read_json, write_json, write_parquet,
+    MANIFEST, existing_output, fingerprint_file, make_manifest, read_json, round_dir, write_json, write_parquet,
 )
 from dpo4rec.config import GenerateConfig, ModelConfig, to_dict
 from dpo4rec.errors import InputError
@@ -43,9 +43,6 @@ class GenerateResult:
     summary: dict
     reused: bool
 
-
-def round_dir(run_dir: str | Path, round_index: int) -> Path:
-    return Path(run_dir) / f"round_{round_index}"
 
 
 def _settings(gen: GenerateConfig, sampled: bool) -> SamplerSettings:

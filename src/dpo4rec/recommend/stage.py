@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dpo4rec.artifacts import StageFolder, existing_output, fingerprint_file, make_manifest, read_json, write_json, write_parquet
+from dpo4rec.artifacts import StageFolder, existing_output, fingerprint_file, round_dir, make_manifest, read_json, write_json, write_parquet
 from dpo4rec.config import RecommendConfig, to_dict
-from dpo4rec.encode.stage import read_embeddings, round_dir
+from dpo4rec.encode.stage import read_embeddings
 from dpo4rec.errors import InputError
 from dpo4rec.metrics import mean_metrics
 from dpo4rec.recommend.baselines import baseline_metrics

@@ -1,0 +1,173 @@
+"""The report stage: every arm on the test users, with paired bootstrap intervals.
+
+Arms: ``no_knowledge`` (the ID-only backbone), ``base_llm`` (knowledge from
+the base LLM: KAR), ``dpo_round_t`` (knowledge from the LLM after t DPO
+rounds: DPO4Rec). Test-time knowledge is each user's greedy text. The round
+to report is picked by validation MAP@5 only; test users decide nothing.
+Writes ``RUN/report/``: metrics.json, report.md, tables, PNG plots.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dpo4rec.artifacts import read_json, round_dir, write_json, write_text_atomic
+from dpo4rec.config import PipelineConfig, to_dict
+from dpo4rec.report.bootstrap import paired_bootstrap
+
+METRICS = [f"{m}@{k}" for k in (1, 3, 5, 7) for m in ("map", "ndcg")]
+
+
+def arm_folders(run_dir: Path, config: PipelineConfig) -> dict[str, Path]:
+    backbone = config.recommend.backbone
+    arms = {}
+    if config.run.baselines:
+        arms["no_knowledge"] = round_dir(run_dir, 0) / "recommender" / f"{backbone}-no-knowledge"
+    arms["base_llm"] = round_dir(run_dir, 0) / "recommender" / backbone
+    for t in range(1, config.run.rounds + 1):
+        arms[f"dpo_round_{t}"] = round_dir(run_dir, t) / "recommender" / backbone
+    return arms
+
+
+def write_report(run_dir: str | Path, config: PipelineConfig) -> Path:
+    run_dir = Path(run_dir)
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    folders = arm_folders(run_dir, config)
+    lists = {arm: pd.read_parquet(folder / "test_lists.parquet") for arm, folder in folders.items()}
+    info = {arm: read_json(folder / "metrics.json") for arm, folder in folders.items()}
+    arms = {arm: {m: float(frame[m].mean()) for m in METRICS} for arm, frame in lists.items()}
+    validation = {arm: info[arm]["validation"]["map@5"] for arm in folders if arm.startswith("dpo_round_")}
+    selected = max(validation, key=validation.get)
+    pairs = [("base_llm", "no_knowledge"), *[(arm, "base_llm") for arm in validation]]
+    pairs += [(arm, "no_knowledge") for arm in validation]
+    comparisons = []
+    for a, b in pairs:
+        if a not in lists or b not in lists:
+            continue
+        assert (lists[a]["user_index"].to_numpy() == lists[b]["user_index"].to_numpy()).all(), "arms must share test lists"
+        for metric in METRICS:
+            diff, ci = paired_bootstrap(lists[a]["user_index"].to_numpy(), lists[a][metric].to_numpy(), lists[b][metric].to_numpy(),
+                                        seed=config.data.seed)
+            comparisons.append({"a": a, "b": b, "metric": metric, "diff": diff, "ci95": list(ci)})
+    rounds = _round_details(run_dir, config)
+    metrics = {
+        "arms": arms,
+        "comparisons": comparisons,
+        "selected_round": int(selected.rsplit("_", 1)[1]),
+        "validation_map@5": validation,
+        "baselines": info["base_llm"]["baselines"],
+        "test_users": int(lists["base_llm"]["user_index"].nunique()),
+        "test_lists": len(lists["base_llm"]),
+        "rounds": rounds,
+        "config": to_dict(config),
+        "timings": read_json(run_dir / "timings.json") if (run_dir / "timings.json").is_file() else {},
+    }
+    write_json(out / "metrics.json", metrics)
+    _plots(out, metrics)
+    write_text_atomic(out / "report.md", _markdown(metrics, _examples(run_dir, config)))
+    return out
+
+
+def _round_details(run_dir: Path, config: PipelineConfig) -> list[dict]:
+    details = []
+    for t in range(config.run.rounds + 1):
+        here = round_dir(run_dir, t)
+        entry = {"round": t, "knowledge": read_json(here / "knowledge" / "summary.json")}
+        if (here / "preferences" / "summary.json").is_file():
+            entry["preferences"] = read_json(here / "preferences" / "summary.json")
+        if (here / "adapter" / "training_log.json").is_file():
+            entry["dpo"] = read_json(here / "adapter" / "training_log.json")
+        details.append(entry)
+    return details
+
+
+def _examples(run_dir: Path, config: PipelineConfig, n: int = 2) -> list[dict]:
+    """A few texts per round for one train user, to see what DPO changed."""
+    users = pd.read_parquet(run_dir / "data" / "users.parquet")
+    user = int(users.loc[users["split"].astype(str) == "train", "user_index"].iloc[0])
+    shown = []
+    for t in range(config.run.rounds + 1):
+        frame = pd.read_parquet(round_dir(run_dir, t) / "knowledge" / "knowledge.parquet")
+        texts = frame[frame["user_index"] == user].sort_values("sample")
+        shown += [{"round": t, "sample": int(r.sample), "text": r.text} for r in texts.head(n + 1).itertuples()]
+    return [{"user_index": user, **e} for e in shown]
+
+
+def _plots(out: Path, metrics: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(metrics["arms"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, metric in zip(axes, ("map@5", "ndcg@5")):
+        values = [metrics["arms"][a][metric] for a in arms]
+        errors = [[0, 0] for _ in arms]
+        for c in metrics["comparisons"]:
+            if c["metric"] == metric and c["b"] == "no_knowledge" and c["a"] in arms:
+                i = arms.index(c["a"])
+                errors[i] = [c["diff"] - c["ci95"][0], c["ci95"][1] - c["diff"]]
+        ax.bar(range(len(arms)), values, yerr=np.array(errors).T, capsize=4, color="#4C72B0")
+        ax.set_xticks(range(len(arms)), arms, rotation=20)
+        low = min(values)
+        ax.set_ylim(low - 0.05, max(values) + 0.03)
+        ax.set_title(f"test {metric} (bars: 95% CI of the gain over no_knowledge)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "metrics_by_arm.png", dpi=110)
+    plt.close(fig)
+
+    rounds = [r for r in metrics["rounds"] if "preferences" in r]
+    if rounds:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        spread = [r["preferences"]["spread"]["best_minus_worst_mean"] for r in rounds]
+        axes[0].bar([r["round"] for r in rounds], spread, color="#55A868")
+        axes[0].set_title("reward spread: best - worst sample, mean over users", fontsize=9)
+        axes[0].set_xlabel("round")
+        for r in rounds:
+            steps = r.get("dpo", {}).get("steps", [])
+            if steps:
+                axes[1].plot([s["step"] for s in steps], [s["loss"] for s in steps], label=f"round {r['round']} loss")
+                axes[1].plot([s["step"] for s in steps], [s["rewards/accuracies"] for s in steps], "--", label=f"round {r['round']} reward acc.")
+        axes[1].set_title("DPO training", fontsize=9)
+        axes[1].set_xlabel("step")
+        axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "rewards_and_dpo.png", dpi=110)
+        plt.close(fig)
+
+
+def _markdown(metrics: dict, examples: list[dict]) -> str:
+    lines = ["# dpo4rec report", ""]
+    cfg = metrics["config"]
+    lines += [f"Data: {cfg['data']['dataset']}, {metrics['test_users']} test users, {metrics['test_lists']} test lists. "
+              f"Backbone: {cfg['recommend']['backbone']}. LLM: {cfg['model']['name']}. N = {cfg['generate']['n_samples']}, "
+              f"beta = {cfg['align']['beta']}, T = {cfg['run']['rounds']}. Round picked by validation MAP@5: "
+              f"**{metrics['selected_round']}**.", ""]
+    lines += ["## Test metrics (mean over lists)", "", "| arm | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    for arm, values in {**metrics["arms"], **{f"({k} ranking)": v for k, v in metrics["baselines"].items()}}.items():
+        lines.append(f"| {arm} | " + " | ".join(f"{values[m]:.4f}" for m in METRICS) + " |")
+    lines += ["", "## Differences with 95% paired bootstrap intervals over test users", "", "| a - b | metric | diff | 95% CI |", "|---|---|---|---|"]
+    for c in metrics["comparisons"]:
+        if c["metric"] in ("map@5", "ndcg@5"):
+            lines.append(f"| {c['a']} - {c['b']} | {c['metric']} | {c['diff']:+.4f} | [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] |")
+    lines += ["", "(all K in metrics.json)", "", "![metrics](metrics_by_arm.png)", ""]
+    lines += ["## Rounds", "", "| round | mean tokens | ended at EOS | pairs | reward spread (best - worst) | DPO final loss | reward accuracy |", "|---|---|---|---|---|---|---|"]
+    for r in metrics["rounds"]:
+        pref, steps = r.get("preferences"), r.get("dpo", {}).get("steps", [])
+        lines.append(
+            f"| {r['round']} | {r['knowledge']['mean_tokens']:.1f} | {r['knowledge']['stopped_at_eos']:.0%} | "
+            + (f"{pref['pairs']} | {pref['spread']['best_minus_worst_mean']:.4f} | " if pref else "- | - | ")
+            + (f"{steps[-1]['loss']:.4f} | {steps[-1]['rewards/accuracies']:.2f} |" if steps else "- | - |")
+        )
+    lines += ["", "![rewards and DPO](rewards_and_dpo.png)", "", "## Example texts (one train user)", ""]
+    for e in examples:
+        kind = "greedy" if e["sample"] == 0 else f"sample {e['sample']}"
+        lines.append(f"- round {e['round']}, {kind}: {e['text'][:400]!r}")
+    lines += ["", "## Time per stage (seconds)", ""]
+    lines += [f"- {k}: {v}" for k, v in metrics["timings"].items()]
+    return "\n".join(lines) + "\n"

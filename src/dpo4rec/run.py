@@ -1,0 +1,65 @@
+"""The rounds loop: orchestration only; every stage reads and writes files.
+
+    data -> prompts -> round 0: generate (base LLM) -> encode -> recommend -> reward -> align
+                    -> round 1: generate (base + adapter 0) -> ... -> align
+                    -> round T: generate (base + adapters 0..T-1) -> encode -> recommend
+                    -> report
+
+Round 0's recommender is the KAR baseline (base-LLM knowledge); round t's is
+DPO4Rec after t DPO rounds. Every stage reuses finished output, so a rerun
+after a crash, or with a larger T, continues instead of starting over.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from dpo4rec.artifacts import read_json, write_json
+from dpo4rec.config import PipelineConfig, to_dict
+
+log = logging.getLogger(__name__)
+
+
+def run_pipeline(config: PipelineConfig, run_dir: str | Path) -> Path:
+    """Run (or resume) every stage; returns the report folder."""
+    from dpo4rec.align.dpo import adapter_chain, run_align_stage
+    from dpo4rec.align.reward_stage import run_reward_stage
+    from dpo4rec.data.stage import run_data_stage
+    from dpo4rec.encode import run_encode_stage
+    from dpo4rec.generate.stage import run_generate_stage
+    from dpo4rec.prompts.stage import run_prompt_stage
+    from dpo4rec.recommend import run_recommend_stage
+    from dpo4rec.report import write_report
+
+    run_dir = Path(run_dir)
+    timings_file = run_dir / "timings.json"
+    timings: dict[str, float] = read_json(timings_file) if timings_file.is_file() else {}
+
+    def timed(name: str, stage, *args, **kwargs):
+        start = time.perf_counter()
+        result = stage(*args, **kwargs)
+        reused = getattr(result, "reused", None)
+        if reused is None and isinstance(result, tuple):
+            reused = result[-1]
+        if not reused:  # keep the time of the run that did the work
+            timings[name] = round(time.perf_counter() - start, 2)
+            write_json(timings_file, timings)
+        log.info("%s: %s", name, "reused" if reused else f"{timings[name]:.1f} s")
+        return result
+
+    timed("data", run_data_stage, config.data, run_dir)
+    timed("prompts", run_prompt_stage, run_dir, config.prompts, config.model)
+    if config.run.baselines:
+        timed("recommend_no_knowledge", run_recommend_stage, replace(config.recommend, knowledge=False), run_dir, 0)
+    for t in range(config.run.rounds + 1):
+        timed(f"round_{t}/generate", run_generate_stage, run_dir, t, config.model, config.generate, adapters=adapter_chain(run_dir, t))
+        timed(f"round_{t}/encode", run_encode_stage, config.encode, run_dir, t)
+        timed(f"round_{t}/recommend", run_recommend_stage, replace(config.recommend, knowledge=True), run_dir, t)
+        if t < config.run.rounds:
+            timed(f"round_{t}/reward", run_reward_stage, run_dir, t, config.recommend, config.align)
+            timed(f"round_{t}/align", run_align_stage, run_dir, t, config.model, config.align)
+    write_json(run_dir / "config.json", to_dict(config))
+    return timed("report", write_report, run_dir, config)
