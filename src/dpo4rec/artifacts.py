@@ -79,9 +79,9 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
-def fingerprint_file(path: Path) -> str:
-    """sha256 of a file's bytes: what decides whether an input changed."""
-    digest = hashlib.sha256()
+def fingerprint_file(path: Path, algorithm: str = "sha256") -> str:
+    """Hash of a file's bytes (sha256: what decides whether an input changed)."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
@@ -151,7 +151,8 @@ class StageFolder:
 
     def __enter__(self) -> Path:
         self.final.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        for stale in self.final.parent.glob(f".{self.final.name}.tmp-*"):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
         self.tmp.mkdir()
         return self.tmp
 

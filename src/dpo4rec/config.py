@@ -310,12 +310,25 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict] | Non
             raise InputError(f"config file not found: {path}") from None
         except tomllib.TOMLDecodeError as exc:
             raise InputError(f"{path}: not valid TOML ({exc})") from None
+    if path is not None:
+        _resolve_paths(values, path.parent)
     for section, entries in (overrides or {}).items():
         values.setdefault(section, {}).update({k: v for k, v in entries.items() if v is not None})
     try:
         return from_dict(PipelineConfig, values, "config")
     except InputError as exc:
         raise InputError(f"{where}: {exc}" if path is not None else str(exc)) from None
+
+
+def _resolve_paths(values: dict, base: Path) -> None:
+    """Relative data paths in a config file are relative to that file, not to the working directory."""
+    data = values.get("data")
+    if not isinstance(data, dict):
+        return
+    for key in ("path", "dataset"):
+        value = data.get(key)
+        if isinstance(value, str) and (key == "path" or "/" in value) and not Path(value).is_absolute():
+            data[key] = str((base / value).resolve())
 
 
 def to_dict(config: Any) -> dict:

@@ -7,7 +7,6 @@ interrupted or corrupted download never leaves a folder the loaders would read.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import urllib.error
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from dpo4rec.artifacts import fingerprint_file
 from dpo4rec.errors import InputError
 
 # GroupLens publishes an MD5 beside each zip (ml-1m.zip.md5).
@@ -58,7 +58,7 @@ def download_dataset(name: str, url: str | None = None, md5: str | None = None, 
     try:
         _fetch(url, archive)
         if md5:
-            got = _md5(archive)
+            got = fingerprint_file(archive, "md5")  # GroupLens publishes MD5s
             if got != md5.lower():
                 raise InputError(f"{url}: checksum mismatch (md5 {got}, expected {md5}); the download was discarded")
         staging = final.parent / f".{name}.unpack-{os.getpid()}"
@@ -92,10 +92,3 @@ def _fetch(url: str, target: Path) -> None:
     except (urllib.error.URLError, OSError) as exc:
         raise InputError(f"{url}: download failed ({getattr(exc, 'reason', exc)})") from None
 
-
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -1,0 +1,76 @@
+"""The whole pipeline on configs/tiny.toml: end to end, and killed then resumed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dpo4rec.config import load_config
+from dpo4rec.run import run_pipeline
+
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.toml"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run = tmp_path_factory.mktemp("tiny")
+    report = run_pipeline(load_config(TINY), run)
+    return run, json.loads((report / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_tiny_run_reports_every_arm_with_intervals(uninterrupted):
+    run, metrics = uninterrupted
+    assert set(metrics["arms"]) == {"no_knowledge", "base_llm", "dpo_round_1", "dpo_round_2"}
+    for values in metrics["arms"].values():
+        assert set(values) == {f"{m}@{k}" for m in ("map", "ndcg") for k in (1, 3, 5, 7)}
+        assert all(0 <= v <= 1 for v in values.values())
+    compared = {(c["a"], c["b"]) for c in metrics["comparisons"]}
+    assert ("dpo_round_1", "base_llm") in compared and ("base_llm", "no_knowledge") in compared
+    for c in metrics["comparisons"]:
+        assert c["ci95"][0] <= c["diff"] <= c["ci95"][1]
+    assert metrics["selected_round"] in (1, 2)
+    assert {"config", "timings"} <= set(metrics) and metrics["timings"]["round_0/generate"] > 0
+    assert (run / "report" / "report.md").read_text().count("|") > 50
+    assert (run / "report" / "metrics_by_arm.png").stat().st_size > 1000
+    assert (run / "round_1" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def _wait_for(predicate, process, timeout=600):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if process.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.slow
+def test_killed_during_dpo_and_generation_then_resumed_gives_the_same_metrics(uninterrupted, tmp_path):
+    _, expected = uninterrupted
+    run = tmp_path / "killed"
+    command = [sys.executable, "-m", "dpo4rec", "run", "--config", str(TINY), "--out", str(run)]
+    kill_points = [
+        lambda: any((run / "round_0").glob(".adapter.tmp-*")),  # DPO of round 0 under way
+        lambda: (run / "round_1" / "knowledge" / "parts" / "part-00000.parquet").is_file(),  # mid-generation
+    ]
+    for point in kill_points:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+        reached = _wait_for(point, process)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        assert reached, "the run ended before the kill point"
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "report:" in result.stdout
+    metrics = json.loads((run / "report" / "metrics.json").read_text())
+    assert metrics["arms"] == expected["arms"]
+    assert metrics["comparisons"] == expected["comparisons"]
