@@ -20,7 +20,7 @@ import torch
 
 from dpo4rec.generate.fast_llama import DecodeState, FastLlama, supports
 
-TOP_K_FIRST = 64  # top-p looks here first; rows whose top-64 mass < p get a full sort
+TOP_K_STAGES = (64, 512, 4096)  # top-p looks at the top 64, 512, 4,096 logits, then sorts the whole row
 
 
 @dataclass
@@ -82,20 +82,32 @@ def pad(prompts: list[list[int]], pad_id: int, left: bool = True) -> tuple[torch
 
 
 def top_p_sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    """One token per row of ``logits (R, V)`` by nucleus sampling, mostly without a full sort.
+    """One token per row of ``logits (R, V)`` by nucleus sampling, exact, mostly without a full sort.
 
-    Works on the logits' own dtype (bf16 halves the memory traffic of the two
-    passes over the vocabulary); probabilities of the candidates are fp32.
+    Each row is tried on its top 64 logits, then 512, then 4,096, and sorted in
+    full only if the nucleus reaches past those: at temperature 1 a 135M
+    model's next-token distribution is often flat enough that 64 do not hold
+    90% of the mass, and a full sort of 49k logits per row costs more than
+    the decode step itself. Works on the logits' own dtype (bf16 halves the
+    memory traffic); candidate probabilities are fp32.
     """
     scaled = logits if temperature == 1.0 else logits / temperature
     log_norm = torch.logsumexp(scaled, dim=-1, keepdim=True).float()  # (R, 1)
-    top_v, top_i = scaled.topk(min(TOP_K_FIRST, scaled.shape[-1]), dim=-1)
-    top_p_mass = torch.exp(top_v.float() - log_norm)
-    tokens = _nucleus(top_p_mass, top_i, top_p, generator)
-    short = top_p_mass.sum(-1) < top_p  # the nucleus reaches past the top k: sort those rows fully
-    if short.any():
-        full_v, full_i = scaled[short].float().sort(dim=-1, descending=True)
-        tokens[short] = _nucleus(torch.exp(full_v - log_norm[short]), full_i, top_p, generator)
+    tokens = torch.empty(scaled.shape[0], dtype=torch.long)
+    rows = torch.arange(scaled.shape[0])
+    for k in (*TOP_K_STAGES, scaled.shape[-1]):
+        part = scaled if len(rows) == scaled.shape[0] else scaled[rows]
+        if k >= scaled.shape[-1]:
+            values, index = part.float().sort(dim=-1, descending=True)
+        else:
+            values, index = part.topk(k, dim=-1)
+        probs = torch.exp(values.float() - log_norm[rows])
+        done = probs.sum(-1) >= top_p if k < scaled.shape[-1] else torch.ones(len(rows), dtype=torch.bool)
+        if done.any():
+            tokens[rows[done]] = _nucleus(probs[done], index[done], top_p, generator)
+        rows = rows[~done]
+        if len(rows) == 0:
+            break
     return tokens
 
 
