@@ -169,7 +169,8 @@ def _run(args: argparse.Namespace) -> int:
     from dpo4rec.config import load_config
     from dpo4rec.run import run_pipeline
 
-    config = load_config(args.config, {"data": {k: getattr(args, k) for k in ("dataset", "path", "n_users", "seed")}})
+    config_file = args.config or Path(__file__).parent / "configs" / "default.toml"
+    config = load_config(config_file, {"data": {k: getattr(args, k) for k in ("dataset", "path", "n_users", "seed")}})
     report = run_pipeline(config, args.out)
     print(f"report: {report / 'report.md'}")
     return 0
