@@ -17,6 +17,7 @@ one greedy text; they never feed rewards), unless ``samples_for = "all"``.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -119,6 +120,7 @@ def run_generate_stage(
     write_parquet(folder / "knowledge.parquet", frame)
     write_json(folder / "summary.json", summary)
     write_json(folder / MANIFEST, manifest)  # last: marks the stage complete
+    shutil.rmtree(parts)  # knowledge.parquet holds them all now
     return GenerateResult(folder, summary, reused=False)
 
 
