@@ -114,8 +114,8 @@ def _plots(out: Path, metrics: dict) -> None:
                 errors[i] = [c["diff"] - c["ci95"][0], c["ci95"][1] - c["diff"]]
         ax.bar(range(len(arms)), values, yerr=np.array(errors).T, capsize=4, color="#4C72B0")
         ax.set_xticks(range(len(arms)), arms, rotation=20)
-        low = min(values)
-        ax.set_ylim(low - 0.05, max(values) + 0.03)
+        top = max(v + e[1] for v, e in zip(values, errors))
+        ax.set_ylim(min(values) - 0.05, top + 0.02)
         ax.set_title(f"test {metric} (bars: 95% CI of the gain over no_knowledge)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "metrics_by_arm.png", dpi=110)
@@ -127,6 +127,7 @@ def _plots(out: Path, metrics: dict) -> None:
         spread = [r["preferences"]["spread"]["best_minus_worst_mean"] for r in rounds]
         axes[0].bar([r["round"] for r in rounds], spread, color="#55A868")
         axes[0].set_title("reward spread: best - worst sample, mean over users", fontsize=9)
+        axes[0].set_xticks([r["round"] for r in rounds])
         axes[0].set_xlabel("round")
         for r in rounds:
             steps = r.get("dpo", {}).get("steps", [])
