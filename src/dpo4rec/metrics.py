@@ -50,22 +50,30 @@ def rerank_metrics(
         raise ValueError(f"every K must be >= 1, got {ks}")
 
     ranked = np.take_along_axis(labels, rank_by_score(scores), axis=1)  # (n, L)
-    ideal = -np.sort(-labels, axis=1)  # (n, L), labels descending
+    # Sums over the top K are products with small (L, len(ks)) matrices: NumPy's
+    # cumsum along a 10-wide axis loops per row and was 5x slower at 1M lists.
+    cols = np.minimum(ks, list_len)
+    upto = (np.arange(list_len)[:, None] < cols[None, :]).astype(np.float64)  # (L, nK): rank i counts for K
     discount = 1.0 / np.log2(np.arange(2, list_len + 2))  # (L,)
-    dcg = np.cumsum((np.exp2(ranked) - 1.0) * discount, axis=1)  # (n, L) DCG@1..L
-    idcg = np.cumsum((np.exp2(ideal) - 1.0) * discount, axis=1)
+    weights = discount[:, None] * upto  # (L, nK)
+    dcg = (np.exp2(ranked) - 1.0) @ weights  # (n, nK)
+    if ((labels == 0) | (labels == 1)).all():  # binary labels: the ideal list puts every positive first
+        n_pos = labels.sum(axis=1).astype(np.int64)
+        best = np.concatenate([[0.0], np.cumsum(discount)])  # DCG of j positives on top
+        idcg = best[np.minimum(n_pos[:, None], cols[None, :])]
+    else:
+        idcg = (np.exp2(np.sort(labels, axis=1)[:, ::-1]) - 1.0) @ weights
 
     hits = (ranked > 0).astype(np.float64)  # (n, L)
-    n_hits = np.cumsum(hits, axis=1)  # hits within the top i
-    precision_at_hits = hits * n_hits / np.arange(1, list_len + 1)  # precision@i where i hits
-    ap_sum = np.cumsum(precision_at_hits, axis=1)
+    hits_so_far = hits @ np.triu(np.ones((list_len, list_len)))  # (n, L): hits within the top i
+    precision_at_hits = hits * hits_so_far / np.arange(1, list_len + 1)  # precision@i where i hits
+    ap_sum, n_hits = precision_at_hits @ upto, hits @ upto  # (n, nK)
 
     out: dict[str, np.ndarray] = {}
-    for k in ks:
-        col = min(k, list_len) - 1
-        with np.errstate(divide="ignore", invalid="ignore"):
-            out[f"map@{k}"] = np.where(n_hits[:, col] > 0, ap_sum[:, col] / n_hits[:, col], 0.0)
-            out[f"ndcg@{k}"] = np.where(idcg[:, col] > 0, dcg[:, col] / idcg[:, col], 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for j, k in enumerate(ks):
+            out[f"map@{k}"] = np.where(n_hits[:, j] > 0, ap_sum[:, j] / n_hits[:, j], 0.0)
+            out[f"ndcg@{k}"] = np.where(idcg[:, j] > 0, dcg[:, j] / idcg[:, j], 0.0)
     return out
 
 
