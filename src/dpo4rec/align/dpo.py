@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -103,8 +104,6 @@ def train_dpo(pairs: pd.DataFrame, model_cfg: ModelConfig, align: AlignConfig, c
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
     result = trainer.train()
     trainer.model.save_pretrained(out)
-    import shutil
-
     shutil.rmtree(out / "trainer", ignore_errors=True)
     steps = [entry for entry in trainer.state.log_history if "loss" in entry]
     history = {

@@ -73,7 +73,8 @@ def build_user_prompts(data_dir: Path, prompts: PromptConfig, tokenizer, dataset
     items = pd.read_parquet(data_dir / "items.parquet")
     inter = pd.read_parquet(data_dir / "interactions.parquet")
     item_text = {int(r["item_index"]): describe_item(r, domain) for r in items.to_dict("records")}
-    with_ratings = domain == "movies" or inter["rating"].notna().any() and domain == "generic"
+    # stars help on MovieLens and on own data with ratings; Amazon's 5-core set has none
+    with_ratings = domain == "movies" or (domain == "generic" and bool(inter["rating"].notna().any()))
     histories = inter[inter["in_prompt"]].groupby("user_index", sort=True)
 
     rows = []
