@@ -118,7 +118,7 @@ def existing_output(folder: Path, manifest: dict) -> bool:
         raise InputError(f"{path}: unreadable manifest ({exc})") from None
     differs = [key for key in ("schema", "stage", "config", "inputs") if old.get(key) != manifest[key]]
     if differs:
-        detail = _first_difference(old.get(differs[0]), manifest[differs[0]], differs[0])
+        detail = first_difference(old.get(differs[0]), manifest[differs[0]], differs[0])
         raise InputError(
             f"{folder} holds {manifest['stage']} output from another run ({detail}); "
             "choose another --out folder or remove it"
@@ -126,12 +126,12 @@ def existing_output(folder: Path, manifest: dict) -> bool:
     return True
 
 
-def _first_difference(old: Any, new: Any, key: str) -> str:
+def first_difference(old: Any, new: Any, key: str) -> str:
     """The first differing leaf, e.g. ``config.generate.batch_rows: 50 there, 256 now``."""
     if isinstance(old, dict) and isinstance(new, dict):
         for field in sorted(set(old) | set(new)):
             if old.get(field) != new.get(field):
-                return _first_difference(old.get(field), new.get(field), f"{key}.{field}")
+                return first_difference(old.get(field), new.get(field), f"{key}.{field}")
     return f"{key}: {old!r} there, {new!r} now"
 
 

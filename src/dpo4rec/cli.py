@@ -41,10 +41,32 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run (or resume) every stage and every round, then write the report")
     _add_data_options(run)
     run.add_argument("--out", default=DEFAULT_RUN_DIR, help=f"run folder (default {DEFAULT_RUN_DIR})")
+    run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="override one config value, TOML syntax (e.g. --set align.beta=0.1 --set run.rounds=3)")
+    _add_round_parsers(commands)
+    compare = commands.add_parser("compare", help="two finished runs side by side: validation MAP@5, test metrics, A - B with 95%% CIs")
+    compare.add_argument("run_a", help="run folder A")
+    compare.add_argument("run_b", help="run folder B (same data config: the same test lists)")
+    compare.add_argument("--json", help="also write the comparison to this JSON file")
     _add_generate_parsers(commands)
     _add_encode_parser(commands)
     _add_recommend_parser(commands)
     return parser
+
+
+def _add_round_parsers(commands) -> None:
+    """Stages after the recommender, one round at a time (what ``run`` chains)."""
+    helps = {
+        "reward": "score every sampled text of the train users, write best-vs-worst preference pairs",
+        "align": "DPO (TRL + LoRA) on a round's preference pairs",
+        "report": "test metrics of every arm with paired bootstrap intervals, plots, report.md",
+    }
+    for name, text in helps.items():
+        parser = commands.add_parser(name, help=text)
+        parser.add_argument("--config", help="TOML config file (default: the run folder's config.json)")
+        parser.add_argument("--out", default=DEFAULT_RUN_DIR, help=f"run folder (default {DEFAULT_RUN_DIR})")
+        if name != "report":
+            parser.add_argument("--round", type=int, default=0, help="round (0 = the base LLM's texts)")
 
 
 def _add_generate_parsers(commands) -> None:
@@ -170,9 +192,76 @@ def _run(args: argparse.Namespace) -> int:
     from dpo4rec.run import run_pipeline
 
     config_file = args.config or Path(__file__).parent / "configs" / "default.toml"
-    config = load_config(config_file, {"data": {k: getattr(args, k) for k in ("dataset", "path", "n_users", "seed")}})
+    overrides = parse_sets(args.set)
+    overrides.setdefault("data", {}).update({k: getattr(args, k) for k in ("dataset", "path", "n_users", "seed") if getattr(args, k) is not None})
+    config = load_config(config_file, overrides)
     report = run_pipeline(config, args.out)
     print(f"report: {report / 'report.md'}")
+    return 0
+
+
+def parse_sets(values: list[str]) -> dict[str, dict]:
+    """``["align.beta=0.1"]`` -> ``{"align": {"beta": 0.1}}``; values in TOML syntax, bare words as strings."""
+    import tomllib
+
+    overrides: dict[str, dict] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not section or not name:
+            raise InputError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. align.beta=0.1")
+        try:
+            parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value.strip()  # a bare word: held_out, prm, cpu ...
+        overrides.setdefault(section, {})[name] = parsed
+    return overrides
+
+
+def _round_stage(args: argparse.Namespace) -> int:
+    """reward / align / report on a run folder, with the config the run was made with."""
+    from dataclasses import replace
+
+    from dpo4rec.config import load_config
+    from dpo4rec.run import load_run_config
+
+    config = load_config(args.config) if args.config else load_run_config(args.out)
+    if args.command == "report":
+        from dpo4rec.report import write_report
+
+        print(f"report: {write_report(args.out, config) / 'report.md'}")
+        return 0
+    if args.command == "reward":
+        from dpo4rec.align.reward_stage import run_reward_stage
+        from dpo4rec.recommend.stage import run_recommend_stage
+
+        if config.align.reward_lists == "held_out":  # the reward model trained without the reward lists
+            run_recommend_stage(replace(config.recommend, knowledge=True), args.out, args.round, reward_holdout=config.align.reward_holdout)
+        folder, summary, reused = run_reward_stage(args.out, args.round, config.recommend, config.align)
+        spread = summary["spread"]
+        print(f"rewards on {summary['reward_lists'].replace('_', '-')} lists of {summary['train_users']:,} train users: "
+              f"best - worst {spread['best_minus_worst_mean']:.4f} on average, {spread['users_with_tied_samples']:,} users tied; "
+              f"{summary['pairs']:,} pairs")
+    else:
+        from dpo4rec.align.dpo import adapter_chain, run_align_stage
+
+        adapter_chain(args.out, args.round)  # rounds before this one must be aligned
+        folder, history, reused = run_align_stage(args.out, args.round, config.model, config.align)
+        last = history["steps"][-1] if history["steps"] else {}
+        print(f"DPO on {history['pairs']:,} pairs, {len(history['steps'])} steps; last step: loss {last.get('loss', float('nan')):.4f}, "
+              f"reward accuracy {last.get('rewards/accuracies', float('nan')):.2f}; reference: {history['reference']}")
+    print(f"{'reused' if reused else 'wrote'} {folder}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from dpo4rec.artifacts import write_json
+    from dpo4rec.report.compare import compare_runs, format_comparison
+
+    result = compare_runs(args.run_a, args.run_b)
+    print(format_comparison(result))
+    if args.json:
+        write_json(Path(args.json), result)
     return 0
 
 
@@ -217,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
             return _recommend_stage(args)
         if args.command == "run":
             return _run(args)
+        if args.command in ("reward", "align", "report"):
+            return _round_stage(args)
+        if args.command == "compare":
+            return _compare(args)
         return _data_stage(args)
     except InputError as exc:
         print(f"dpo4rec: error: {exc}", file=sys.stderr)

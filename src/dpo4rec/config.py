@@ -212,6 +212,11 @@ class AlignConfig:
     """DPO's beta (the paper's 0.01): how far the policy may move from the reference."""
     min_reward_gap: float = 1e-6
     """Users whose best and worst sample differ by no more than this give no pair."""
+    reward_lists: str = "held_out"
+    """Which of a train user's lists the reward averages over: "held_out" (the user's last
+    ``reward_holdout`` share of lists, kept out of a separate reward recommender's training)
+    or "train" (every train list, scored by the round's recommender that trained on them)."""
+    reward_holdout: float = 0.25
     learning_rate: float = 5e-5
     epochs: int = 1
     batch_size: int = 4
@@ -229,6 +234,8 @@ class AlignConfig:
     def __post_init__(self) -> None:
         _check(self.beta > 0, "align.beta", "> 0", self.beta)
         _check(self.min_reward_gap >= 0, "align.min_reward_gap", ">= 0", self.min_reward_gap)
+        _check(self.reward_lists in ("held_out", "train"), "align.reward_lists", "held_out or train", self.reward_lists)
+        _check(0 < self.reward_holdout < 1, "align.reward_holdout", "in (0, 1)", self.reward_holdout)
         _check(self.learning_rate > 0, "align.learning_rate", "> 0", self.learning_rate)
         for name in ("epochs", "batch_size", "grad_accumulation", "lora_r", "lora_alpha"):
             _check(getattr(self, name) >= 1, f"align.{name}", ">= 1", getattr(self, name))

@@ -1,6 +1,6 @@
 """The rounds loop: orchestration only; every stage reads and writes files.
 
-    data -> prompts -> round 0: generate (base LLM) -> encode -> recommend -> reward -> align
+    data -> prompts -> round 0: generate (base LLM) -> encode -> recommend (-> reward recommender) -> reward -> align
                     -> round 1: generate (base + adapter 0) -> ... -> align
                     -> round T: generate (base + adapters 0..T-1) -> encode -> recommend
                     -> report
@@ -17,8 +17,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from dpo4rec.artifacts import read_json, write_json
-from dpo4rec.config import PipelineConfig, to_dict
+from dpo4rec.artifacts import first_difference, read_json, write_json
+from dpo4rec.config import PipelineConfig, from_dict, to_dict
+from dpo4rec.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ def run_pipeline(config: PipelineConfig, run_dir: str | Path) -> Path:
     from dpo4rec.report import write_report
 
     run_dir = Path(run_dir)
+    check_run_config(config, run_dir)
     timings_file = run_dir / "timings.json"
     timings: dict[str, float] = read_json(timings_file) if timings_file.is_file() else {}
 
@@ -59,7 +61,47 @@ def run_pipeline(config: PipelineConfig, run_dir: str | Path) -> Path:
         timed(f"round_{t}/encode", run_encode_stage, config.encode, run_dir, t)
         timed(f"round_{t}/recommend", run_recommend_stage, replace(config.recommend, knowledge=True), run_dir, t)
         if t < config.run.rounds:
+            if config.align.reward_lists == "held_out":
+                timed(f"round_{t}/recommend_reward", run_recommend_stage, replace(config.recommend, knowledge=True), run_dir, t,
+                      reward_holdout=config.align.reward_holdout)
             timed(f"round_{t}/reward", run_reward_stage, run_dir, t, config.recommend, config.align)
             timed(f"round_{t}/align", run_align_stage, run_dir, t, config.model, config.align)
-    write_json(run_dir / "config.json", to_dict(config))
     return timed("report", write_report, run_dir, config)
+
+
+def check_run_config(config: PipelineConfig, run_dir: Path) -> None:
+    """Refuse a run folder made with another config (or config version) before any stage runs.
+
+    Only ``run.rounds`` may change: a larger T continues the run. The config is
+    recorded in ``RUN/config.json``, which the single-stage commands read too.
+    (Folders written by single-stage commands have no record; their stages'
+    manifests still refuse output of another config.)
+    """
+    if config.generate.n_samples < 2:
+        raise InputError(f"generate.n_samples must be >= 2 for a DPO run (best vs worst of N samples), got {config.generate.n_samples}")
+    record = run_dir / "config.json"
+    current = to_dict(config)
+    if record.is_file():
+        try:
+            previous = read_json(record)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{record}: unreadable ({exc})") from None
+        mine = {**current, "run": {**current["run"], "rounds": None}}
+        theirs = {**previous, "run": {**previous.get("run", {}), "rounds": None}} if isinstance(previous, dict) else previous
+        if mine != theirs:
+            raise InputError(f"{run_dir} was made with another config ({first_difference(theirs, mine, 'config')}); "
+                             "choose another --out folder or remove it")
+    write_json(record, current)
+
+
+def load_run_config(run_dir: str | Path) -> PipelineConfig:
+    """The config a run folder was made with (``RUN/config.json``)."""
+    record = Path(run_dir) / "config.json"
+    if not record.is_file():
+        raise InputError(f"{record} not found: pass --config, or run 'dpo4rec run --out {run_dir}' first")
+    try:
+        return from_dict(PipelineConfig, read_json(record), "config")
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{record}: unreadable ({exc})") from None
+    except InputError as exc:
+        raise InputError(f"{record}: {exc}") from None

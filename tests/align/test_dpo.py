@@ -83,3 +83,46 @@ def test_dpo_moves_the_policy_and_round_1_references_round_0(tmp_path):
 
     with pytest.raises(InputError, match="rounds 0..2 aligned first"):
         adapter_chain(tmp_path, 3)
+
+
+def test_completion_only_scoring_gives_the_same_log_probs(monkeypatch):
+    """The CPU speed-up scores only completion positions; their log-probs must not change."""
+    import trl.trainer.utils as trl_utils
+
+    from dpo4rec.align.dpo import _score_completion_tokens_only
+    from dpo4rec.generate.model import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    model = load_model("smollm2-135m", dtype=torch.float32)
+    trl_utils.add_fused_lm_head(model)
+    batch = tokenizer([f"Prompt about musicals. {LIKES}", f"A longer prompt about films and music. {DISLIKES}"],
+                      return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    labels[:, :6] = -100  # the "prompt"
+    scored = {}
+    with torch.no_grad():
+        for compact in (False, True):
+            monkeypatch.setattr(trl_utils, "_use_triton", lambda device, compact=compact: compact)
+            scored[compact] = model(**batch, labels=labels, fused_lm_head=True).log_probs
+    assert (scored[True] != 0).sum() == (labels[:, 1:] != -100).sum()
+    torch.testing.assert_close(scored[True], scored[False], atol=1e-4, rtol=1e-4)
+    monkeypatch.setattr(trl_utils, "_use_triton", lambda device: False)
+    monkeypatch.setattr(trl_utils, "_dpo4rec_compact", False, raising=False)
+    _score_completion_tokens_only()
+    assert trl_utils._use_triton(torch.device("cpu"))
+
+
+def test_a_round_without_pairs_keeps_its_model(tmp_path):
+    """All samples tied: the round writes an adapter that changes nothing, so later rounds still chain."""
+    from dpo4rec.generate.model import load_model, load_tokenizer
+
+    _write_pairs(tmp_path, 0, n=0)
+    folder, log, reused = run_align_stage(tmp_path, 0, ModelConfig(dtype="fp32"), AlignConfig())
+    assert log["pairs"] == 0 and log["steps"] == [] and "tied" in log["skipped"]
+    assert adapter_chain(tmp_path, 1) == [folder]
+    tokenizer = load_tokenizer("smollm2-135m")
+    ids = tokenizer("A user who likes musicals.", return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        same = load_model("smollm2-135m", adapters=[folder], dtype=torch.float32)(ids).logits
+        base = load_model("smollm2-135m", dtype=torch.float32)(ids).logits
+    torch.testing.assert_close(same, base)

@@ -82,3 +82,33 @@ def test_cli_recommend_no_knowledge_prints_the_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "dlcm (no knowledge)" in out and "popularity" in out and "random" in out
     assert (tmp_path / "round_0" / "recommender" / "dlcm-no-knowledge" / "model.safetensors").is_file()
+
+
+def test_reward_lists_are_each_train_users_last_quarter(ml100k):
+    protocol, _ = ml100k
+    from dpo4rec.recommend.features import mark_reward_lists
+
+    marked = mark_reward_lists(protocol.lists, 0.25)
+    assert (marked["split"] != protocol.lists["split"]).sum() == (marked["split"] == "reward").sum() > 0
+    assert set(protocol.lists.loc[marked["split"] == "reward", "split"]) == {"train"}  # validation/test untouched
+    for user, group in marked[protocol.lists["split"] == "train"].groupby("user_index"):
+        held = group.sort_values("chunk")["split"].to_numpy() == "reward"
+        n_held = max(1, int(np.ceil(len(group) * 0.25)))
+        assert held.sum() == n_held and held[-n_held:].all(), user  # the latest lists, by time
+
+
+def test_held_out_reward_recommender_never_trains_on_the_reward_lists(ml100k_run, ml100k):
+    protocol, emb = ml100k
+    from dpo4rec.recommend import RewardScorer
+
+    config = RecommendConfig(backbone="prm", max_epochs=1, device="cpu")
+    result = run_recommend_stage(config, ml100k_run, 0, progress=False, reward_holdout=0.25)
+    assert result.folder.name == "prm-reward-holdout"
+    n_train = int((protocol.lists["split"] == "train").sum())
+    held = int(np.sum([max(1, np.ceil(n * 0.25)) for n in protocol.lists[protocol.lists["split"] == "train"].groupby("user_index").size()]))
+    assert result.metrics["lists"]["train"] == n_train - held
+    scorer = RewardScorer.from_folders(result.folder, ml100k_run / "data", reward_holdout=0.25)
+    train_users = protocol.users.loc[protocol.users["split"] == "train", "user_index"].to_numpy()[:20]
+    table = scorer.score_embeddings(emb, split="reward", users=train_users)
+    assert table["user_index"].isin(train_users).all() and table["reward"].between(0, 1).all()
+    assert run_recommend_stage(config, ml100k_run, 0, progress=False, reward_holdout=0.25).reused

@@ -35,7 +35,11 @@ def test_tiny_run_reports_every_arm_with_intervals(uninterrupted):
     assert ("dpo_round_1", "base_llm") in compared and ("base_llm", "no_knowledge") in compared
     for c in metrics["comparisons"]:
         assert c["ci95"][0] <= c["diff"] <= c["ci95"][1]
-    assert metrics["selected_round"] in (1, 2)
+    candidates = {"base_llm": 0, "dpo_round_1": 1, "dpo_round_2": 2}
+    best = max(metrics["validation_map@5"], key=metrics["validation_map@5"].get)
+    assert set(metrics["validation_map@5"]) == set(candidates) and metrics["selected_round"] == candidates[best]
+    assert (run / "round_0" / "recommender" / "prm-reward-holdout" / "model.safetensors").is_file()
+    assert json.loads((run / "round_0" / "preferences" / "summary.json").read_text())["reward_lists"] == "held_out"
     assert {"config", "timings"} <= set(metrics) and metrics["timings"]["round_0/generate"] > 0
     assert (run / "report" / "report.md").read_text().count("|") > 50
     assert (run / "report" / "metrics_by_arm.png").stat().st_size > 1000
@@ -74,3 +78,38 @@ def test_killed_during_dpo_and_generation_then_resumed_gives_the_same_metrics(un
     metrics = json.loads((run / "report" / "metrics.json").read_text())
     assert metrics["arms"] == expected["arms"]
     assert metrics["comparisons"] == expected["comparisons"]
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "dpo4rec", *args], capture_output=True, text=True, env=ENV)
+
+
+@pytest.mark.slow
+def test_single_stage_commands_reuse_the_run_and_another_config_is_refused(uninterrupted, tmp_path):
+    run, metrics = uninterrupted
+    # the per-round commands read the run's own config.json and reuse finished work
+    reward = _cli("reward", "--out", str(run), "--round", "1")
+    assert reward.returncode == 0, reward.stderr[-2000:]
+    assert "held-out lists" in reward.stdout and "reused" in reward.stdout
+    align = _cli("align", "--out", str(run), "--round", "1")
+    assert align.returncode == 0 and "reused" in align.stdout and "round_0 adapters" in align.stdout
+    assert _cli("align", "--out", str(run), "--round", "3").returncode == 2  # round 2 was never aligned
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    refused = _cli("run", "--config", str(TINY), "--out", str(run), "--set", "align.beta=0.5")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "another config" in refused.stderr and "align.beta" in refused.stderr
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before  # nothing touched
+    # two runs of the same data compare pairwise; a run against itself differs by exactly 0
+    compared = _cli("compare", str(run), str(run), "--json", str(tmp_path / "cmp.json"))
+    assert compared.returncode == 0, compared.stderr[-2000:]
+    result = json.loads((tmp_path / "cmp.json").read_text())
+    assert [row["arm"] for row in result["arms"]] == [*metrics["arms"], "selected"]
+    assert all(row["map@5"]["diff"] == 0 and row["map@5"]["ci95"] == [0, 0] for row in result["arms"])
+
+
+@pytest.mark.parametrize("setting", ["generate.n_samples=1", "align.beta=0", "run.rounds=0", "data.n_users=0",
+                                     "align.reward_lists=sometimes", "align.no_such_key=1", "nonsense"])
+def test_impossible_run_settings_are_one_line_and_write_nothing(setting, tmp_path):
+    result = _cli("run", "--config", str(TINY), "--out", str(tmp_path / "run"), "--set", setting)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()

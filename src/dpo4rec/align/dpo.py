@@ -9,6 +9,12 @@ the folders to merge, in order, to rebuild a round's model.
 
 Reference log-probabilities are computed once per round, before training
 (``precompute_ref_log_probs``), not at every step.
+
+Speed on CPUs: TRL's fused LM head scores only the completion tokens on
+CUDA, but on other devices it projects every position (prompt included)
+through the 49k-word head in fp32; ``_score_completion_tokens_only`` makes
+it take the CUDA path everywhere. Same log-probs (tested), 1.7x faster DPO
+on a 2-core CPU (benchmarks/dpo.py).
 """
 
 from __future__ import annotations
@@ -52,23 +58,66 @@ def run_align_stage(run_dir: str | Path, round_index: int, model_cfg: ModelConfi
     if existing_output(folder, manifest):
         return folder, read_json(folder / "training_log.json"), True
     pairs = pd.read_parquet(pairs_file)
-    if len(pairs) == 0:
-        raise InputError(f"{pairs_file}: no preference pairs (every user's samples tied); nothing for DPO to learn")
     with StageFolder(folder, manifest) as tmp:
-        history = train_dpo(pairs, model_cfg, align, chain, tmp)
+        if len(pairs) == 0:  # every user's samples tied: nothing to learn, the next round's model is this one
+            log.warning("%s: no preference pairs (every user's samples tied); round %d keeps its model", pairs_file, round_index)
+            history = write_identity_adapter(model_cfg, align, chain, tmp)
+        else:
+            history = train_dpo(pairs, model_cfg, align, chain, tmp)
     return folder, history, False
+
+
+def write_identity_adapter(model_cfg: ModelConfig, align: AlignConfig, chain: list[Path], out: Path) -> dict:
+    """An untrained LoRA adapter (its B matrices are zero, so merging it changes nothing) and a log that says so."""
+    from peft import get_peft_model
+
+    from dpo4rec.generate.model import load_model
+
+    model = load_model(model_cfg.name, adapters=chain, device="cpu")
+    get_peft_model(model, _lora_config(align)).save_pretrained(out)
+    history = {"pairs": 0, "train_runtime_s": 0.0, "steps": [], "skipped": "no preference pairs: every user's samples tied",
+               "reference": _reference(chain), "chain": [str(p) for p in chain]}
+    write_json(out / "training_log.json", history)
+    return history
+
+
+def _lora_config(align: AlignConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=align.lora_r, lora_alpha=align.lora_alpha, lora_dropout=align.lora_dropout,
+                      target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def _reference(chain: list[Path]) -> str:
+    return "base model" if not chain else f"base + {', '.join(p.parent.name for p in chain)} adapters (the previous round's policy)"
+
+
+def _score_completion_tokens_only() -> None:
+    """Let TRL's fused LM head project only labelled (completion) positions on every device.
+
+    TRL 1.16 picks that "compact" path only where Triton runs, because on
+    Neuron a data-dependent shape recompiles the graph; eager CPU has no such
+    cost, and prompts are ~90% of our tokens. Only the trainer module's choice
+    is changed; the kernel module still runs its plain-torch tiles on a CPU.
+    """
+    import trl.trainer.utils as trl_utils
+
+    if not getattr(trl_utils, "_dpo4rec_compact", False) and hasattr(trl_utils, "_use_triton"):
+        kernel_choice = trl_utils._use_triton
+        trl_utils._use_triton = lambda device: device.type == "cpu" or kernel_choice(device)
+        trl_utils._dpo4rec_compact = True
 
 
 def train_dpo(pairs: pd.DataFrame, model_cfg: ModelConfig, align: AlignConfig, chain: list[Path], out: Path) -> dict:
     """Fit the adapter; write it (adapter_model.safetensors, adapter_config.json) and training_log.json to ``out``."""
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
     from dpo4rec.generate.model import load_model, load_tokenizer, parse_dtype
 
     os.environ.setdefault("WANDB_DISABLED", "true")
+    _score_completion_tokens_only()
     tokenizer = load_tokenizer(model_cfg.name)
     dtype = parse_dtype(model_cfg.dtype, model_cfg.device)
     model = load_model(model_cfg.name, adapters=chain, dtype=dtype, device=model_cfg.device).train()
@@ -99,9 +148,7 @@ def train_dpo(pairs: pd.DataFrame, model_cfg: ModelConfig, align: AlignConfig, c
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
-    lora = LoraConfig(r=align.lora_r, lora_alpha=align.lora_alpha, lora_dropout=align.lora_dropout,
-                      target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=_lora_config(align))
     result = trainer.train()
     trainer.model.save_pretrained(out)
     shutil.rmtree(out / "trainer", ignore_errors=True)
@@ -112,7 +159,7 @@ def train_dpo(pairs: pd.DataFrame, model_cfg: ModelConfig, align: AlignConfig, c
         "steps": [{k: entry.get(k) for k in ("step", "epoch", "loss", "rewards/accuracies", "rewards/margins",
                                              "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")}
                   for entry in steps],
-        "reference": "base model" if not chain else f"base + {', '.join(p.parent.name for p in chain)} adapters (the previous round's policy)",
+        "reference": _reference(chain),
         "chain": [str(p) for p in chain],
     }
     write_json(out / "training_log.json", history)

@@ -1,16 +1,21 @@
 """The reward stage: score every sampled text of the train users, keep best vs worst.
 
-Reads round t's ``embeddings/`` (one vector per (user, sample)), the round's
-knowledge-augmented recommender, ``knowledge/`` and ``prompts/``; writes
-``RUN/round_<t>/preferences/``:
+Reads round t's ``embeddings/`` (one vector per (user, sample)), the reward
+recommender, ``knowledge/`` and ``prompts/``; writes ``RUN/round_<t>/preferences/``:
 
 * ``rewards.parquet``: user_index, sample, reward (mean NDCG@5 over the
-  user's train lists with that text's vector plugged in), text;
+  user's reward lists with that text's vector plugged in), text;
 * ``pairs.parquet``: user_index, prompt, chosen, rejected, reward_chosen,
   reward_rejected, sample_chosen, sample_rejected;
 * ``summary.json`` (reward spread, pair count) and ``manifest.json``.
 
 Only train users are scored: validation and test users never feed rewards.
+
+Reward lists (``align.reward_lists``): "held_out" (default) scores each train
+user's last ``reward_holdout`` share of lists with ``<backbone>-reward-holdout``,
+a recommender trained without them; "train" scores all train lists with the
+round's recommender, which trained on those very lists and may reward texts
+that merely help it recall them.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ def run_reward_stage(run_dir: str | Path, round_index: int, recommend: Recommend
     here = round_dir(run_dir, round_index)
     if not recommend.knowledge:
         raise InputError("the reward needs the knowledge-augmented recommender (recommend.knowledge = true)")
-    recommender = here / "recommender" / model_name(recommend)
+    holdout = align.reward_holdout if align.reward_lists == "held_out" else 0.0
+    recommender = here / "recommender" / model_name(recommend, holdout)
     needed = {
         "embeddings": here / "embeddings" / "users.safetensors",
         "recommender": recommender / "model.safetensors",
@@ -47,7 +53,9 @@ def run_reward_stage(run_dir: str | Path, round_index: int, recommend: Recommend
     for stage, path in needed.items():
         if not path.is_file():
             raise InputError(f"{path} not found; run the {stage} stage for round {round_index} first")
-    manifest = make_manifest(STAGE, {"min_reward_gap": align.min_reward_gap, "recommender": model_name(recommend)},
+    settings = {"min_reward_gap": align.min_reward_gap, "recommender": model_name(recommend, holdout),
+                "reward_lists": align.reward_lists, "reward_holdout": holdout}
+    manifest = make_manifest(STAGE, settings,
                              {name: fingerprint_file(path) for name, path in needed.items()})
     folder = here / STAGE
     if existing_output(folder, manifest):
@@ -59,13 +67,14 @@ def run_reward_stage(run_dir: str | Path, round_index: int, recommend: Recommend
     sampled = embeddings.sample > 0
     if not np.isin(embeddings.user_index[sampled], train_users).any():
         raise InputError(f"{here / 'knowledge'}: no sampled texts for train users; generate with n_samples >= 2")
-    scorer = RewardScorer.from_folders(recommender, run_dir / "data")
-    rewards = scorer.score_embeddings(embeddings, split="train", users=train_users)
+    scorer = RewardScorer.from_folders(recommender, run_dir / "data", reward_holdout=holdout)
+    rewards = scorer.score_embeddings(embeddings, split="reward" if holdout else "train", users=train_users)
     knowledge = pd.read_parquet(needed["knowledge"])
     prompts = pd.read_parquet(needed["prompts"])
     pairs = make_pairs(rewards, knowledge, prompts, align.min_reward_gap)
     rewards = rewards.merge(knowledge[["user_index", "sample", "text"]], on=["user_index", "sample"], how="left")
     summary = {"spread": reward_spread(rewards), "pairs": len(pairs), "train_users": int(len(train_users)),
+               "reward_lists": align.reward_lists, "recommender": recommender.name,
                "greedy_reward_mean": float(rewards.loc[rewards["sample"] == 0, "reward"].mean())}
     with StageFolder(folder, manifest) as tmp:
         write_parquet(tmp / "rewards.parquet", rewards)

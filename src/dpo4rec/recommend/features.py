@@ -57,6 +57,24 @@ def list_tensors(lists: pd.DataFrame) -> ListTensors:
     )
 
 
+def mark_reward_lists(lists: pd.DataFrame, fraction: float) -> pd.DataFrame:
+    """Relabel each train user's last ``fraction`` of lists (at least one, by time) as split "reward".
+
+    A recommender trained on the remaining train lists has never seen these, so
+    a reward computed on them measures how a text generalizes to the user's
+    next interactions instead of how well it fits lists the model memorized.
+    """
+    lists = lists.copy()
+    train = lists["split"].astype(str) == "train"
+    order = lists[train].sort_values(["user_index", "chunk"])
+    position_from_end = order.groupby("user_index").cumcount(ascending=False)
+    per_user = order.groupby("user_index")["chunk"].transform("size")
+    held = position_from_end < np.maximum(1, np.ceil(per_user * fraction))
+    lists["split"] = lists["split"].astype(object)
+    lists.loc[held[held].index, "split"] = "reward"
+    return lists
+
+
 def attribute_columns(items: pd.DataFrame) -> list[str]:
     """Categorical item columns: everything but ids, titles and per-item identifiers."""
     columns = []

@@ -23,7 +23,7 @@ import torch
 from dpo4rec.errors import InputError
 from dpo4rec.metrics import rerank_metrics
 from dpo4rec.recommend.checkpoint import load_recommender
-from dpo4rec.recommend.features import ListTensors, list_tensors
+from dpo4rec.recommend.features import ListTensors, list_tensors, mark_reward_lists
 from dpo4rec.recommend.models import Reranker
 
 
@@ -39,12 +39,21 @@ class RewardScorer:
         self.device = next(model.parameters()).device
 
     @classmethod
-    def from_folders(cls, recommender_folder: str | Path, data_folder: str | Path, device: str = "cpu") -> RewardScorer:
-        """Load a recommend-stage folder and the data stage's lists."""
+    def from_folders(cls, recommender_folder: str | Path, data_folder: str | Path, device: str = "cpu",
+                     reward_holdout: float = 0.0) -> RewardScorer:
+        """Load a recommend-stage folder and the data stage's lists.
+
+        ``reward_holdout`` > 0 relabels each train user's last lists as split
+        "reward", as the held-out reward recommender was trained (score with
+        ``split="reward"``).
+        """
         lists_path = Path(data_folder) / "lists.parquet"
         if not lists_path.is_file():
             raise InputError(f"{lists_path} not found; run the data stage first")
-        return cls(load_recommender(recommender_folder, device), list_tensors(pd.read_parquet(lists_path)))
+        lists = pd.read_parquet(lists_path)
+        if reward_holdout > 0:
+            lists = mark_reward_lists(lists, reward_holdout)
+        return cls(load_recommender(recommender_folder, device), list_tensors(lists))
 
     @classmethod
     def from_run(cls, run_dir: str | Path, round_index: int = 0, name: str = "prm", device: str = "cpu") -> RewardScorer:

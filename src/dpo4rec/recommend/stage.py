@@ -1,8 +1,9 @@
 """The recommend stage: train one re-ranker, write ``RUN/round_<t>/recommender/<name>/``.
 
-``<name>`` is the backbone (``prm``), or ``prm-no-knowledge`` for the
-ID-only baseline, so every backbone, with and without knowledge, keeps its
-own folder. Files:
+``<name>`` is the backbone (``prm``), ``prm-no-knowledge`` for the ID-only
+baseline, or ``prm-reward-holdout`` for the reward model trained without each
+train user's last lists (the reward is then computed on those), so every
+variant keeps its own folder. Files:
 
 * ``model.safetensors`` + ``model.json``: weights and the spec to rebuild them;
 * ``curve.json``: per epoch, train loss and validation metrics;
@@ -30,7 +31,7 @@ from dpo4rec.errors import InputError
 from dpo4rec.metrics import mean_metrics
 from dpo4rec.recommend.baselines import baseline_metrics
 from dpo4rec.recommend.checkpoint import save_recommender
-from dpo4rec.recommend.features import list_tensors, user_knowledge
+from dpo4rec.recommend.features import list_tensors, mark_reward_lists, user_knowledge
 from dpo4rec.recommend.train import build_recommender, evaluate, missing_knowledge, train_recommender
 
 log = logging.getLogger(__name__)
@@ -45,12 +46,19 @@ class RecommendStageResult:
     reused: bool
 
 
-def model_name(config: RecommendConfig) -> str:
+def model_name(config: RecommendConfig, reward_holdout: float = 0.0) -> str:
+    if reward_holdout > 0:
+        return f"{config.backbone}-reward-holdout"
     return config.backbone if config.knowledge else f"{config.backbone}-no-knowledge"
 
 
-def run_recommend_stage(config: RecommendConfig, run_dir: str | Path, round_index: int = 0, progress: bool = True) -> RecommendStageResult:
-    """Train, evaluate and save one re-ranker for round ``round_index``, or reuse it."""
+def run_recommend_stage(config: RecommendConfig, run_dir: str | Path, round_index: int = 0, progress: bool = True,
+                        reward_holdout: float = 0.0) -> RecommendStageResult:
+    """Train, evaluate and save one re-ranker for round ``round_index``, or reuse it.
+
+    ``reward_holdout`` > 0 trains without each train user's last share of lists
+    (see ``mark_reward_lists``): the held-out reward's model.
+    """
     run_dir = Path(run_dir)
     data = run_dir / "data"
     embeddings_dir = round_dir(run_dir, round_index) / "embeddings"
@@ -64,13 +72,19 @@ def run_recommend_stage(config: RecommendConfig, run_dir: str | Path, round_inde
                 raise InputError(f"{embeddings_dir / name} not found; run the encode stage for round {round_index} first (or set recommend.knowledge = false)")
             inputs[f"embeddings/{name}"] = fingerprint_file(embeddings_dir / name)
     settings = {k: v for k, v in to_dict(config).items() if k != "device"}
+    if reward_holdout > 0:
+        settings["reward_holdout"] = reward_holdout
     manifest = make_manifest(STAGE, {**settings, "round": round_index}, inputs)
-    folder = round_dir(run_dir, round_index) / "recommender" / model_name(config)
+    folder = round_dir(run_dir, round_index) / "recommender" / model_name(config, reward_holdout)
     if existing_output(folder, manifest):
         log.info("recommend stage: reusing %s", folder)
         return RecommendStageResult(folder, read_json(folder / "metrics.json"), reused=True)
 
     frames = {name: pd.read_parquet(data / name) for name in _DATA_FILES}
+    if reward_holdout > 0:
+        if not config.knowledge:
+            raise InputError("the held-out reward recommender needs knowledge (recommend.knowledge = true)")
+        frames["lists.parquet"] = mark_reward_lists(frames["lists.parquet"], reward_holdout)
     lists = list_tensors(frames["lists.parquet"])
     knowledge, model = None, None
     if config.knowledge:

@@ -40,10 +40,12 @@ def write_report(run_dir: str | Path, config: PipelineConfig) -> Path:
     lists = {arm: pd.read_parquet(folder / "test_lists.parquet") for arm, folder in folders.items()}
     info = {arm: read_json(folder / "metrics.json") for arm, folder in folders.items()}
     arms = {arm: {m: float(frame[m].mean()) for m in METRICS} for arm, frame in lists.items()}
-    validation = {arm: info[arm]["validation"]["map@5"] for arm in folders if arm.startswith("dpo_round_")}
+    # round 0 (the base LLM) competes too: if no DPO round beats it on validation users, we say so
+    validation = {arm: info[arm]["validation"]["map@5"] for arm in folders if arm != "no_knowledge"}
     selected = max(validation, key=validation.get)
-    pairs = [("base_llm", "no_knowledge"), *[(arm, "base_llm") for arm in validation]]
-    pairs += [(arm, "no_knowledge") for arm in validation]
+    dpo_arms = [arm for arm in validation if arm.startswith("dpo_round_")]
+    pairs = [("base_llm", "no_knowledge"), *[(arm, "base_llm") for arm in dpo_arms]]
+    pairs += [(arm, "no_knowledge") for arm in dpo_arms]
     comparisons = []
     for a, b in pairs:
         if a not in lists or b not in lists:
@@ -57,7 +59,7 @@ def write_report(run_dir: str | Path, config: PipelineConfig) -> Path:
     metrics = {
         "arms": arms,
         "comparisons": comparisons,
-        "selected_round": int(selected.rsplit("_", 1)[1]),
+        "selected_round": 0 if selected == "base_llm" else int(selected.rsplit("_", 1)[1]),
         "validation_map@5": validation,
         "baselines": info["base_llm"]["baselines"],
         "test_users": int(lists["base_llm"]["user_index"].nunique()),
@@ -147,8 +149,8 @@ def _markdown(metrics: dict, examples: list[dict]) -> str:
     cfg = metrics["config"]
     lines += [f"Data: {cfg['data']['dataset']}, {metrics['test_users']} test users, {metrics['test_lists']} test lists. "
               f"Backbone: {cfg['recommend']['backbone']}. LLM: {cfg['model']['name']}. N = {cfg['generate']['n_samples']}, "
-              f"beta = {cfg['align']['beta']}, T = {cfg['run']['rounds']}. Round picked by validation MAP@5: "
-              f"**{metrics['selected_round']}**.", ""]
+              f"beta = {cfg['align']['beta']}, T = {cfg['run']['rounds']}, rewards on {cfg['align']['reward_lists'].replace('_', '-')} lists. "
+              f"Round picked by validation MAP@5: **{metrics['selected_round']}** (0 = the base LLM: no DPO round did better).", ""]
     lines += ["## Test metrics (mean over lists)", "", "| arm | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     for arm, values in {**metrics["arms"], **{f"({k} ranking)": v for k, v in metrics["baselines"].items()}}.items():
         lines.append(f"| {arm} | " + " | ".join(f"{values[m]:.4f}" for m in METRICS) + " |")

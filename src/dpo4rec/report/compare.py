@@ -1,0 +1,67 @@
+"""Two finished runs side by side: which config did better, with intervals.
+
+Both runs must share their test lists (same data config), so the comparison
+is paired over test users, as inside one report. Validation MAP@5 (what a
+user should choose a config by) is printed beside the test numbers; test
+users decide nothing.
+
+    dpo4rec compare runs/a runs/b
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dpo4rec.artifacts import read_json
+from dpo4rec.errors import InputError
+from dpo4rec.report.bootstrap import paired_bootstrap
+from dpo4rec.report.report import arm_folders
+from dpo4rec.run import load_run_config
+
+
+def _arms(run: Path) -> dict[str, Path]:
+    if not (run / "report" / "metrics.json").is_file():
+        raise InputError(f"{run / 'report' / 'metrics.json'} not found: finish the run first ('dpo4rec run --out {run}')")
+    return {arm: folder for arm, folder in arm_folders(run, load_run_config(run)).items() if (folder / "test_lists.parquet").is_file()}
+
+
+def compare_runs(run_a: str | Path, run_b: str | Path, metrics: tuple[str, ...] = ("map@5", "ndcg@5"), seed: int = 0) -> dict:
+    """Per arm present in both runs, and for each run's selected arm: validation MAP@5, test means, A - B with 95% CI."""
+    runs = {"a": Path(run_a), "b": Path(run_b)}
+    folders = {side: _arms(run) for side, run in runs.items()}
+    selected = {side: read_json(run / "report" / "metrics.json")["selected_round"] for side, run in runs.items()}
+    pick = {side: "base_llm" if selected[side] == 0 else f"dpo_round_{selected[side]}" for side in runs}
+    rows = [(arm, arm, arm) for arm in folders["a"] if arm in folders["b"]]
+    rows.append(("selected", pick["a"], pick["b"]))
+    table = []
+    for label, arm_a, arm_b in rows:
+        lists = {side: pd.read_parquet(folders[side][arm] / "test_lists.parquet") for side, arm in (("a", arm_a), ("b", arm_b))}
+        if not np.array_equal(lists["a"]["user_index"].to_numpy(), lists["b"]["user_index"].to_numpy()):
+            raise InputError(f"{runs['a']} and {runs['b']} have different test lists: compare runs made from the same data config")
+        entry = {"arm": label, "arm_a": arm_a, "arm_b": arm_b,
+                 "validation_map@5": {side: read_json(folders[side][arm] / "metrics.json")["validation"]["map@5"]
+                                      for side, arm in (("a", arm_a), ("b", arm_b))}}
+        for metric in metrics:
+            diff, ci = paired_bootstrap(lists["a"]["user_index"].to_numpy(), lists["a"][metric].to_numpy(), lists["b"][metric].to_numpy(), seed=seed)
+            entry[metric] = {"a": float(lists["a"][metric].mean()), "b": float(lists["b"][metric].mean()), "diff": diff, "ci95": list(ci)}
+        table.append(entry)
+    return {"a": str(runs["a"]), "b": str(runs["b"]), "selected": pick, "test_users": int(lists["a"]["user_index"].nunique()), "arms": table}
+
+
+def format_comparison(result: dict, metrics: tuple[str, ...] = ("map@5", "ndcg@5")) -> str:
+    """A markdown table of ``compare_runs``' result."""
+    lines = [f"A = {result['a']}, B = {result['b']}; {result['test_users']} test users; "
+             f"selected by validation MAP@5: A {result['selected']['a']}, B {result['selected']['b']}", "",
+             "| arm | validation MAP@5 A / B | " + " | ".join(f"test {m} A / B | A - B [95% CI]" for m in metrics) + " |",
+             "|---|---|" + "---|---|" * len(metrics)]
+    for row in result["arms"]:
+        label = row["arm"] if row["arm_a"] == row["arm_b"] else f"{row['arm']} ({row['arm_a']} / {row['arm_b']})"
+        cells = [f"{row['validation_map@5']['a']:.4f} / {row['validation_map@5']['b']:.4f}"]
+        for m in metrics:
+            v = row[m]
+            cells += [f"{v['a']:.4f} / {v['b']:.4f}", f"{v['diff']:+.4f} [{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}]"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
