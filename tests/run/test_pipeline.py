@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,8 +39,9 @@ def test_tiny_run_reports_every_arm_with_intervals(uninterrupted):
     candidates = {"base_llm": 0, "dpo_round_1": 1, "dpo_round_2": 2}
     best = max(metrics["validation_map@5"], key=metrics["validation_map@5"].get)
     assert set(metrics["validation_map@5"]) == set(candidates) and metrics["selected_round"] == candidates[best]
-    assert (run / "round_0" / "recommender" / "prm-reward-holdout" / "model.safetensors").is_file()
-    assert json.loads((run / "round_0" / "preferences" / "summary.json").read_text())["reward_lists"] == "held_out"
+    assert json.loads((run / "round_0" / "preferences" / "summary.json").read_text())["reward_lists"] == "train"
+    drift = metrics["reward_drift"]  # every round's texts under round 0's reward model
+    assert [r["round"] for r in drift] == [0, 1, 2] and all(r["ci95"][0] <= r["sampled_minus_round_0"] <= r["ci95"][1] for r in drift[1:])
     assert {"config", "timings"} <= set(metrics) and metrics["timings"]["round_0/generate"] > 0
     assert (run / "report" / "report.md").read_text().count("|") > 50
     assert (run / "report" / "metrics_by_arm.png").stat().st_size > 1000
@@ -90,7 +92,7 @@ def test_single_stage_commands_reuse_the_run_and_another_config_is_refused(unint
     # the per-round commands read the run's own config.json and reuse finished work
     reward = _cli("reward", "--out", str(run), "--round", "1")
     assert reward.returncode == 0, reward.stderr[-2000:]
-    assert "held-out lists" in reward.stdout and "reused" in reward.stdout
+    assert "train lists" in reward.stdout and "reused" in reward.stdout
     align = _cli("align", "--out", str(run), "--round", "1")
     assert align.returncode == 0 and "reused" in align.stdout and "round_0 adapters" in align.stdout
     assert _cli("align", "--out", str(run), "--round", "3").returncode == 2  # round 2 was never aligned
@@ -99,6 +101,15 @@ def test_single_stage_commands_reuse_the_run_and_another_config_is_refused(unint
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
     assert "another config" in refused.stderr and "align.beta" in refused.stderr
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before  # nothing touched
+    # held-out rewards on a copy of round 0: trains the reward recommender without each user's last lists
+    copy = tmp_path / "copy"
+    for part in ("data", "prompts", "cache", "round_0/knowledge", "round_0/embeddings", "round_0/recommender/prm"):
+        shutil.copytree(run / part, copy / part)
+    held = tmp_path / "held.toml"
+    held.write_text(TINY.read_text().replace('reward_lists = "train"', 'reward_lists = "held_out"'))
+    reward = _cli("reward", "--config", str(held), "--out", str(copy), "--round", "0")
+    assert reward.returncode == 0 and "held-out lists" in reward.stdout, reward.stderr[-2000:]
+    assert (copy / "round_0" / "recommender" / "prm-reward-holdout" / "model.safetensors").is_file()
     # two runs of the same data compare pairwise; a run against itself differs by exactly 0
     compared = _cli("compare", str(run), str(run), "--json", str(tmp_path / "cmp.json"))
     assert compared.returncode == 0, compared.stderr[-2000:]

@@ -17,6 +17,7 @@ import pandas as pd
 from dpo4rec.artifacts import read_json, round_dir, write_json, write_text_atomic
 from dpo4rec.config import PipelineConfig, to_dict
 from dpo4rec.report.bootstrap import paired_bootstrap
+from dpo4rec.report.drift import reward_drift
 
 METRICS = [f"{m}@{k}" for k in (1, 3, 5, 7) for m in ("map", "ndcg")]
 
@@ -65,6 +66,7 @@ def write_report(run_dir: str | Path, config: PipelineConfig) -> Path:
         "test_users": int(lists["base_llm"]["user_index"].nunique()),
         "test_lists": len(lists["base_llm"]),
         "rounds": rounds,
+        "reward_drift": reward_drift(run_dir, config),
         "config": to_dict(config),
         "timings": read_json(run_dir / "timings.json") if (run_dir / "timings.json").is_file() else {},
     }
@@ -167,7 +169,15 @@ def _markdown(metrics: dict, examples: list[dict]) -> str:
             + (f"{pref['pairs']} | {pref['spread']['best_minus_worst_mean']:.4f} | " if pref else "- | - | ")
             + (f"{steps[-1]['loss']:.4f} | {steps[-1]['rewards/accuracies']:.2f} |" if steps else "- | - |")
         )
-    lines += ["", "![rewards and DPO](rewards_and_dpo.png)", "", "## Example texts (one train user)", ""]
+    lines += ["", "![rewards and DPO](rewards_and_dpo.png)", ""]
+    if metrics["reward_drift"]:
+        lines += ["## Did DPO raise its own reward? (train users, round 0's reward model)", "",
+                  "| round | greedy text | sampled texts, mean | sampled - round 0 [95% CI] |", "|---|---|---|---|"]
+        for r in metrics["reward_drift"]:
+            change = f"{r['sampled_minus_round_0']:+.4f} [{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}]" if "ci95" in r else "-"
+            lines.append(f"| {r['round']} | {r['greedy']:.4f} | {r['sampled']:.4f} | {change} |")
+        lines.append("")
+    lines += ["## Example texts (one train user)", ""]
     for e in examples:
         kind = "greedy" if e["sample"] == 0 else f"sample {e['sample']}"
         lines.append(f"- round {e['round']}, {kind}: {e['text'][:400]!r}")
