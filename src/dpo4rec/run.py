@@ -12,6 +12,7 @@ after a crash, or with a larger T, continues instead of starting over.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import replace
@@ -80,7 +81,7 @@ def check_run_config(config: PipelineConfig, run_dir: Path) -> None:
     if config.generate.n_samples < 2:
         raise InputError(f"generate.n_samples must be >= 2 for a DPO run (best vs worst of N samples), got {config.generate.n_samples}")
     record = run_dir / "config.json"
-    current = to_dict(config)
+    current = json.loads(json.dumps(to_dict(config)))  # as the record holds it (tuples become lists)
     if record.is_file():
         try:
             previous = read_json(record)

@@ -114,7 +114,7 @@ def test_single_stage_commands_reuse_the_run_and_another_config_is_refused(unint
     compared = _cli("compare", str(run), str(run), "--json", str(tmp_path / "cmp.json"))
     assert compared.returncode == 0, compared.stderr[-2000:]
     result = json.loads((tmp_path / "cmp.json").read_text())
-    assert [row["arm"] for row in result["arms"]] == [*metrics["arms"], "selected"]
+    assert sorted(row["arm"] for row in result["arms"]) == sorted([*metrics["arms"], "selected"])
     assert all(row["map@5"]["diff"] == 0 and row["map@5"]["ci95"] == [0, 0] for row in result["arms"])
 
 

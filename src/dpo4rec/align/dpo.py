@@ -13,7 +13,7 @@ Reference log-probabilities are computed once per round, before training
 Speed on CPUs: TRL's fused LM head scores only the completion tokens on
 CUDA, but on other devices it projects every position (prompt included)
 through the 49k-word head in fp32; ``_score_completion_tokens_only`` makes
-it take the CUDA path everywhere. Same log-probs (tested), 1.7x faster DPO
+it take the CUDA path everywhere. Same log-probs (tested), 1.7-2.1x faster DPO
 on a 2-core CPU (benchmarks/dpo.py).
 """
 
