@@ -220,10 +220,8 @@ def parse_sets(values: list[str]) -> dict[str, dict]:
 
 def _round_stage(args: argparse.Namespace) -> int:
     """reward / align / report on a run folder, with the config the run was made with."""
-    from dataclasses import replace
-
     from dpo4rec.config import load_config
-    from dpo4rec.run import load_run_config
+    from dpo4rec.run import load_run_config, train_reward_recommender
 
     config = load_config(args.config) if args.config else load_run_config(args.out)
     if args.command == "report":
@@ -233,10 +231,8 @@ def _round_stage(args: argparse.Namespace) -> int:
         return 0
     if args.command == "reward":
         from dpo4rec.align.reward_stage import run_reward_stage
-        from dpo4rec.recommend.stage import run_recommend_stage
 
-        if config.align.reward_lists == "held_out":  # the reward model trained without the reward lists
-            run_recommend_stage(replace(config.recommend, knowledge=True), args.out, args.round, reward_holdout=config.align.reward_holdout)
+        train_reward_recommender(config, args.out, args.round)
         folder, summary, reused = run_reward_stage(args.out, args.round, config.recommend, config.align)
         spread = summary["spread"]
         print(f"rewards on {summary['reward_lists'].replace('_', '-')} lists of {summary['train_users']:,} train users: "

@@ -242,6 +242,11 @@ class AlignConfig:
         _check(0 <= self.lora_dropout < 1, "align.lora_dropout", "in [0, 1)", self.lora_dropout)
         _check(self.max_length >= 64, "align.max_length", ">= 64", self.max_length)
 
+    @property
+    def held_out_share(self) -> float:
+        """The share of each train user's lists kept out for the reward; 0 when rewards use the train lists."""
+        return self.reward_holdout if self.reward_lists == "held_out" else 0.0
+
 
 @dataclass
 class RunConfig:

@@ -62,12 +62,20 @@ def run_pipeline(config: PipelineConfig, run_dir: str | Path) -> Path:
         timed(f"round_{t}/encode", run_encode_stage, config.encode, run_dir, t)
         timed(f"round_{t}/recommend", run_recommend_stage, replace(config.recommend, knowledge=True), run_dir, t)
         if t < config.run.rounds:
-            if config.align.reward_lists == "held_out":
-                timed(f"round_{t}/recommend_reward", run_recommend_stage, replace(config.recommend, knowledge=True), run_dir, t,
-                      reward_holdout=config.align.reward_holdout)
+            if config.align.held_out_share:
+                timed(f"round_{t}/recommend_reward", train_reward_recommender, config, run_dir, t)
             timed(f"round_{t}/reward", run_reward_stage, run_dir, t, config.recommend, config.align)
             timed(f"round_{t}/align", run_align_stage, run_dir, t, config.model, config.align)
     return timed("report", write_report, run_dir, config)
+
+
+def train_reward_recommender(config: PipelineConfig, run_dir: str | Path, round_index: int):
+    """The held-out reward's recommender (trained without each train user's last lists); None when rewards use the round's own."""
+    from dpo4rec.recommend import run_recommend_stage
+
+    if not config.align.held_out_share:
+        return None
+    return run_recommend_stage(replace(config.recommend, knowledge=True), run_dir, round_index, reward_holdout=config.align.held_out_share)
 
 
 def check_run_config(config: PipelineConfig, run_dir: Path) -> None:

@@ -36,14 +36,13 @@ STAGE = "preferences"
 def run_reward_stage(run_dir: str | Path, round_index: int, recommend: RecommendConfig, align: AlignConfig) -> tuple[Path, dict, bool]:
     """Rewards and preference pairs for round ``round_index``; returns (folder, summary, reused)."""
     from dpo4rec.encode import read_embeddings
-    from dpo4rec.recommend import RewardScorer, model_name
+    from dpo4rec.recommend import model_name
 
     run_dir = Path(run_dir)
     here = round_dir(run_dir, round_index)
     if not recommend.knowledge:
         raise InputError("the reward needs the knowledge-augmented recommender (recommend.knowledge = true)")
-    holdout = align.reward_holdout if align.reward_lists == "held_out" else 0.0
-    recommender = here / "recommender" / model_name(recommend, holdout)
+    recommender = here / "recommender" / model_name(recommend, align.held_out_share)
     needed = {
         "embeddings": here / "embeddings" / "users.safetensors",
         "recommender": recommender / "model.safetensors",
@@ -53,22 +52,21 @@ def run_reward_stage(run_dir: str | Path, round_index: int, recommend: Recommend
     for stage, path in needed.items():
         if not path.is_file():
             raise InputError(f"{path} not found; run the {stage} stage for round {round_index} first")
-    settings = {"min_reward_gap": align.min_reward_gap, "recommender": model_name(recommend, holdout),
-                "reward_lists": align.reward_lists, "reward_holdout": holdout}
+    settings = {"min_reward_gap": align.min_reward_gap, "recommender": recommender.name,
+                "reward_lists": align.reward_lists, "reward_holdout": align.held_out_share}
     manifest = make_manifest(STAGE, settings,
                              {name: fingerprint_file(path) for name, path in needed.items()})
     folder = here / STAGE
     if existing_output(folder, manifest):
         return folder, read_json(folder / "summary.json"), True
 
-    users = pd.read_parquet(run_dir / "data" / "users.parquet")
-    train_users = users.loc[users["split"].astype(str) == "train", "user_index"].to_numpy()
+    train_users = train_user_indices(run_dir)
     embeddings = read_embeddings(here / "embeddings")
     sampled = embeddings.sample > 0
     if not np.isin(embeddings.user_index[sampled], train_users).any():
         raise InputError(f"{here / 'knowledge'}: no sampled texts for train users; generate with n_samples >= 2")
-    scorer = RewardScorer.from_folders(recommender, run_dir / "data", reward_holdout=holdout)
-    rewards = scorer.score_embeddings(embeddings, split="reward" if holdout else "train", users=train_users)
+    scorer, split = reward_scorer(recommender, run_dir, align)
+    rewards = scorer.score_embeddings(embeddings, split=split, users=train_users)
     knowledge = pd.read_parquet(needed["knowledge"])
     prompts = pd.read_parquet(needed["prompts"])
     pairs = make_pairs(rewards, knowledge, prompts, align.min_reward_gap)
@@ -81,3 +79,16 @@ def run_reward_stage(run_dir: str | Path, round_index: int, recommend: Recommend
         write_parquet(tmp / "pairs.parquet", pairs)
         write_json(tmp / "summary.json", summary)
     return folder, summary, False
+
+
+def reward_scorer(recommender: Path, run_dir: Path, align: AlignConfig):
+    """The reward recommender's scorer, and the split of lists its rewards average over."""
+    from dpo4rec.recommend import RewardScorer
+
+    scorer = RewardScorer.from_folders(recommender, run_dir / "data", reward_holdout=align.held_out_share)
+    return scorer, "reward" if align.held_out_share else "train"
+
+
+def train_user_indices(run_dir: Path) -> np.ndarray:
+    users = pd.read_parquet(run_dir / "data" / "users.parquet")
+    return users.loc[users["split"].astype(str) == "train", "user_index"].to_numpy()

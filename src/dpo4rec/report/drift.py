@@ -14,7 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from dpo4rec.artifacts import round_dir
 from dpo4rec.config import PipelineConfig
@@ -23,17 +22,15 @@ from dpo4rec.report.bootstrap import paired_bootstrap
 
 def reward_drift(run_dir: Path, config: PipelineConfig) -> list[dict]:
     """Per round: mean reward of greedy and sampled texts under round 0's reward model, and the change since round 0."""
+    from dpo4rec.align.reward_stage import reward_scorer, train_user_indices
     from dpo4rec.encode import read_embeddings
-    from dpo4rec.recommend import RewardScorer, model_name
+    from dpo4rec.recommend import model_name
 
-    holdout = config.align.reward_holdout if config.align.reward_lists == "held_out" else 0.0
-    recommender = round_dir(run_dir, 0) / "recommender" / model_name(config.recommend, holdout)
+    recommender = round_dir(run_dir, 0) / "recommender" / model_name(config.recommend, config.align.held_out_share)
     if not (recommender / "model.safetensors").is_file():
         return []
-    scorer = RewardScorer.from_folders(recommender, run_dir / "data", reward_holdout=holdout)
-    users = pd.read_parquet(run_dir / "data" / "users.parquet")
-    train_users = users.loc[users["split"].astype(str) == "train", "user_index"].to_numpy()
-    split = "reward" if holdout else "train"
+    scorer, split = reward_scorer(recommender, run_dir, config.align)
+    train_users = train_user_indices(run_dir)
     per_round = {}
     for t in range(config.run.rounds + 1):
         folder = round_dir(run_dir, t) / "embeddings"
