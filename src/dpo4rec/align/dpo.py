@@ -2,10 +2,11 @@
 
 References across rounds: round t trains a fresh LoRA adapter on top of the
 model that wrote round t's texts, i.e. the base model with the adapters of
-rounds 0..t-1 merged into it. TRL uses that merged model with the new adapter
-switched off as the reference, so round t's reference is round t-1's policy,
-not the base. The adapters are saved one per round; ``adapter_chain`` lists
-the folders to merge, in order, to rebuild a round's model.
+rounds 0..t-1 applied, unmerged and frozen (generate/model.py says why not
+merged). That same model, without the new adapter, is the reference, so
+round t's reference is round t-1's policy, not the base. The adapters are
+saved one per round; ``adapter_chain`` lists the folders to apply, in order,
+to rebuild a round's model.
 
 Reference log-probabilities are computed once per round, before training
 (``precompute_ref_log_probs``), not at every step.
@@ -68,12 +69,12 @@ def run_align_stage(run_dir: str | Path, round_index: int, model_cfg: ModelConfi
 
 
 def write_identity_adapter(model_cfg: ModelConfig, align: AlignConfig, chain: list[Path], out: Path) -> dict:
-    """An untrained LoRA adapter (its B matrices are zero, so merging it changes nothing) and a log that says so."""
+    """An untrained LoRA adapter (its B matrices are zero, so applying it changes nothing) and a log that says so."""
     from peft import get_peft_model
 
-    from dpo4rec.generate.model import load_model
+    from dpo4rec.generate.model import load_base_model
 
-    model = load_model(model_cfg.name, adapters=chain, device="cpu")
+    model = load_base_model(model_cfg.name, device="cpu")  # the adapter's shapes come from the base alone
     get_peft_model(model, _lora_config(align)).save_pretrained(out)
     history = {"pairs": 0, "train_runtime_s": 0.0, "steps": [], "skipped": "no preference pairs: every user's samples tied",
                "reference": _reference(chain), "chain": [str(p) for p in chain]}
@@ -108,19 +109,42 @@ def _score_completion_tokens_only() -> None:
         trl_utils._dpo4rec_compact = True
 
 
+def policy_and_reference(model_cfg: ModelConfig, align: AlignConfig, chain: list[Path], dtype):
+    """The model DPO trains, its reference, and the LoRA config to hand TRL (None when the policy is built here).
+
+    Round 0: the base model, and TRL adds the adapter (its reference is the
+    base with the adapter switched off). Later rounds: base + the earlier
+    rounds' adapters (frozen, unmerged) + a fresh trainable adapter named
+    "default"; the reference is base + the earlier adapters, given to TRL as
+    a model of its own because switching adapters off would fall back to the base.
+    """
+    from dpo4rec.generate.model import attach_adapters, chain_names, load_base_model, load_model
+
+    if not chain:
+        return load_base_model(model_cfg.name, dtype, model_cfg.device).train(), None, _lora_config(align)
+    policy = attach_adapters(load_base_model(model_cfg.name, dtype, model_cfg.device), chain)
+    policy.add_adapter("default", _lora_config(align))
+    frozen = chain_names(chain)
+    policy.base_model.set_adapter([*frozen, "default"])
+    for name, param in policy.named_parameters():
+        param.requires_grad = ".default." in name
+    reference = load_model(model_cfg.name, adapters=chain, dtype=dtype, device=model_cfg.device)
+    return policy.train(), reference, None
+
+
 def train_dpo(pairs: pd.DataFrame, model_cfg: ModelConfig, align: AlignConfig, chain: list[Path], out: Path) -> dict:
     """Fit the adapter; write it (adapter_model.safetensors, adapter_config.json) and training_log.json to ``out``."""
     import torch
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from dpo4rec.generate.model import load_model, load_tokenizer, parse_dtype
+    from dpo4rec.generate.model import load_tokenizer, parse_dtype
 
     os.environ.setdefault("WANDB_DISABLED", "true")
     _score_completion_tokens_only()
     tokenizer = load_tokenizer(model_cfg.name)
     dtype = parse_dtype(model_cfg.dtype, model_cfg.device)
-    model = load_model(model_cfg.name, adapters=chain, dtype=dtype, device=model_cfg.device).train()
+    model, ref_model, peft_config = policy_and_reference(model_cfg, align, chain, dtype)
     # conversational rows: TRL applies the same chat template the sampler used
     dataset = Dataset.from_dict({
         "prompt": [[{"role": "user", "content": p}] for p in pairs["prompt"]],
@@ -148,9 +172,10 @@ def train_dpo(pairs: pd.DataFrame, model_cfg: ModelConfig, align: AlignConfig, c
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
-    trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=_lora_config(align))
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=peft_config)
     result = trainer.train()
-    trainer.model.save_pretrained(out)
+    trainer.model.save_pretrained(out, selected_adapters=["default"])
     shutil.rmtree(out / "trainer", ignore_errors=True)
     steps = [entry for entry in trainer.state.log_history if "loss" in entry]
     history = {

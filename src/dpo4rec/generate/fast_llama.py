@@ -38,6 +38,9 @@ def supports(model) -> bool:
     return window in (None, 0)
 
 
+LowRank = tuple[torch.Tensor, torch.Tensor] | None  # (A (R, D_in), B (D_out, R)): adds x A^T B^T
+
+
 @dataclass
 class _Layer:
     norm_in: torch.Tensor
@@ -47,6 +50,55 @@ class _Layer:
     norm_post: torch.Tensor
     gate_up: torch.Tensor  # (2*I, D)
     down: torch.Tensor
+    qkv_lora: LowRank = None  # DPO adapters, unmerged (see generate/model.py)
+    o_lora: LowRank = None
+    gate_up_lora: LowRank = None
+    down_lora: LowRank = None
+
+
+def _base(module):
+    """The plain linear layer (PEFT's LoRA layers wrap it as ``base_layer``)."""
+    return getattr(module, "base_layer", module)
+
+
+def _active_lora(module) -> list[str]:
+    if not hasattr(module, "lora_A") or getattr(module, "merged", False) or getattr(module, "disable_adapters", False):
+        return []
+    names = [a for a in module.active_adapters if a in module.lora_A]
+    if any(getattr(module, "use_dora", {}).get(a) for a in names):
+        raise ValueError("DoRA adapters are not supported by the shared-prefix sampler; use generate.backend = hf")
+    return names
+
+
+def low_rank(modules) -> LowRank:
+    """The active LoRA updates of ``modules`` (whose outputs are concatenated) as one low-rank pair.
+
+    Each adapter adds ``scaling * B A``; stacking the A's and placing each
+    ``scaling * B`` in its own block of rows and columns gives the sum of all
+    of them, for fused projections (q|k|v, gate|up) and adapter chains alike.
+    """
+    pieces, rows = [], 0
+    for module in modules:
+        for name in _active_lora(module):
+            pieces.append((rows, module.lora_A[name].weight, module.lora_B[name].weight * module.scaling[name]))
+        rows += _base(module).weight.shape[0]
+    if not pieces:
+        return None
+    dtype = _base(modules[0]).weight.dtype
+    a = torch.cat([p[1] for p in pieces]).detach()
+    b = torch.zeros(rows, a.shape[0], dtype=torch.float32, device=a.device)
+    col = 0
+    for row, _, up in pieces:
+        b[row : row + up.shape[0], col : col + up.shape[1]] = up.detach().float()
+        col += up.shape[1]
+    return a.to(dtype), b.to(dtype)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, lora: LowRank, bias: torch.Tensor | None = None) -> torch.Tensor:
+    out = F.linear(x, weight, bias)
+    if lora is not None:
+        out = out + F.linear(F.linear(x, lora[0]), lora[1])
+    return out
 
 
 class FastLlama:
@@ -67,17 +119,22 @@ class FastLlama:
         self.layers = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
+            q, k, v = (_base(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
             bias = None
-            if attn.q_proj.bias is not None:
-                bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]).detach()
+            if q.bias is not None:
+                bias = torch.cat([q.bias, k.bias, v.bias]).detach()
             self.layers.append(_Layer(
                 norm_in=layer.input_layernorm.weight.detach(),
-                qkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach(),
+                qkv=torch.cat([q.weight, k.weight, v.weight]).detach(),
                 qkv_bias=bias,
-                o=attn.o_proj.weight.detach(),
+                o=_base(attn.o_proj).weight.detach(),
                 norm_post=layer.post_attention_layernorm.weight.detach(),
-                gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
-                down=mlp.down_proj.weight.detach(),
+                gate_up=torch.cat([_base(mlp.gate_proj).weight, _base(mlp.up_proj).weight]).detach(),
+                down=_base(mlp.down_proj).weight.detach(),
+                qkv_lora=low_rank([attn.q_proj, attn.k_proj, attn.v_proj]),
+                o_lora=low_rank([attn.o_proj]),
+                gate_up_lora=low_rank([mlp.gate_proj, mlp.up_proj]),
+                down_lora=low_rank([mlp.down_proj]),
             ))
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -114,7 +171,7 @@ class FastLlama:
         scale = 1.0 / math.sqrt(d)
         for i, layer in enumerate(self.layers):
             h = self._rms(x, layer.norm_in)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)  # (R, (H + 2 kvh) d)
+            qkv = _linear(h, layer.qkv, layer.qkv_lora, layer.qkv_bias)  # (R, (H + 2 kvh) d)
             q, k, v = qkv.split([H * d, kvh * d, kvh * d], dim=-1)
             q = _rotate(q.view(-1, H, d), cos, sin)  # (R, H, d)
             k = _rotate(k.view(-1, kvh, d), cos, sin)  # (R, kvh, d)
@@ -137,10 +194,10 @@ class FastLlama:
             p_suf = s_suf.mul_(inv).to(x.dtype).view(U, kvh, n, g, t + 1).permute(0, 2, 1, 3, 4)
             o_suf = torch.matmul(p_suf, state.suffix_v[i][:, :, :, : t + 1])  # (U, n, kvh, g, d)
             attn = (o_pre.view(U, kvh, n, g, d).permute(0, 2, 1, 3, 4) + o_suf).reshape(U * n, H * d)
-            x = x + F.linear(attn, layer.o)
+            x = x + _linear(attn, layer.o, layer.o_lora)
             h = self._rms(x, layer.norm_post)
-            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down)
+            gate, up = _linear(h, layer.gate_up, layer.gate_up_lora).chunk(2, dim=-1)
+            x = x + _linear(F.silu(gate) * up, layer.down, layer.down_lora)
         x = self._rms(x, self.final_norm)
         return F.linear(x, self.lm_head).view(U, n, -1)  # model dtype: sampling reads it as is
 
