@@ -234,10 +234,10 @@ def _round_stage(args: argparse.Namespace) -> int:
 
         train_reward_recommender(config, args.out, args.round)
         folder, summary, reused = run_reward_stage(args.out, args.round, config.recommend, config.align)
-        spread = summary["spread"]
-        print(f"rewards on {summary['reward_lists'].replace('_', '-')} lists of {summary['train_users']:,} train users: "
+        train, spread = summary["train"], summary["train"]["spread"]
+        print(f"{summary['reward']} rewards on {summary['reward_lists'].replace('_', '-')} lists of {train['sampled_users']:,} sampled train users: "
               f"best - worst {spread['best_minus_worst_mean']:.4f} on average, {spread['users_with_tied_samples']:,} users tied; "
-              f"{summary['pairs']:,} pairs")
+              f"{train['pairs']:,} pairs ({summary['pairing']}); {summary['validation']['pairs']:,} held-out validation pairs")
     else:
         from dpo4rec.align.dpo import adapter_chain, run_align_stage
 

@@ -116,8 +116,13 @@ class GenerateConfig:
     """Sequences decoded together (users x (N + 1))."""
     max_prefill_tokens: int = 16384
     """Prompt tokens evaluated together (bounds memory)."""
-    samples_for: str = "train"
-    """Users who get N samples: "train" (the only ones rewards use) or "all"; everyone gets the greedy text."""
+    sampled_train_users: int | None = None
+    """Train users who get N samples (a seeded subset; None = all). Only they feed DPO pairs.
+    Everyone gets the greedy text, which trains and evaluates the recommender. Cost: a
+    sampled user takes ~4x the time of a greedy-only one (N + 1 rows decoded, not 1)."""
+    sampled_validation_users: int | None = None
+    """Validation users who get N samples (a seeded subset; None = all): the held-out check
+    of what DPO learned (pair accuracy, reward drift). They never feed DPO or training."""
 
     def __post_init__(self) -> None:
         _check(self.n_samples >= 0, "generate.n_samples", ">= 0", self.n_samples)
@@ -127,7 +132,9 @@ class GenerateConfig:
         _check(self.backend in ("auto", "fast", "hf", "vllm"), "generate.backend", "auto, fast, hf or vllm", self.backend)
         _check(self.batch_rows >= self.n_samples + 1, "generate.batch_rows", ">= n_samples + 1", self.batch_rows)
         _check(self.max_prefill_tokens >= 32, "generate.max_prefill_tokens", ">= 32", self.max_prefill_tokens)
-        _check(self.samples_for in ("train", "all"), "generate.samples_for", '"train" or "all"', self.samples_for)
+        for name in ("sampled_train_users", "sampled_validation_users"):
+            value = getattr(self, name)
+            _check(value is None or value >= 0, f"generate.{name}", ">= 0 (or unset: all)", value)
 
 
 @dataclass
@@ -210,8 +217,20 @@ class AlignConfig:
 
     beta: float = 0.01
     """DPO's beta (the paper's 0.01): how far the policy may move from the reference."""
+    reward: str = "ndcg"
+    """A text's reward from the recommender, averaged over the user's reward lists that hold a
+    positive (lists without one carry no signal and are left out): "ndcg" (the paper's NDCG@5;
+    ties are common), "ndcg_margin" (NDCG@5, ties broken by the positives' mean score margin
+    over the negatives) or "loglik" (mean log-likelihood of the list's labels under the
+    recommender's scores, as its training loss reads them: continuous, no ties)."""
+    pairing: str = "best_worst"
+    """Pairs per user: "best_worst" (the paper: one pair), "top_bottom" (each of the best
+    ``pairs_per_user`` samples against each of the worst ``pairs_per_user``) or "all_gaps"
+    (every two samples whose rewards differ by more than ``min_reward_gap``)."""
+    pairs_per_user: int = 2
+    """k of "top_bottom" (k x k pairs per user)."""
     min_reward_gap: float = 1e-6
-    """Users whose best and worst sample differ by no more than this give no pair."""
+    """Two samples whose rewards differ by no more than this make no pair."""
     reward_lists: str = "held_out"
     """Which of a train user's lists the reward averages over: "held_out" (the user's last
     ``reward_holdout`` share of lists, kept out of a separate reward recommender's training)
@@ -220,7 +239,9 @@ class AlignConfig:
     learning_rate: float = 5e-5
     epochs: int = 1
     batch_size: int = 4
+    """Pairs per forward/backward pass."""
     grad_accumulation: int = 2
+    """Passes per optimizer step: pairs per step = batch_size x grad_accumulation (the paper: 16)."""
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -234,6 +255,9 @@ class AlignConfig:
     def __post_init__(self) -> None:
         _check(self.beta > 0, "align.beta", "> 0", self.beta)
         _check(self.min_reward_gap >= 0, "align.min_reward_gap", ">= 0", self.min_reward_gap)
+        _check(self.reward in ("ndcg", "ndcg_margin", "loglik"), "align.reward", "ndcg, ndcg_margin or loglik", self.reward)
+        _check(self.pairing in ("best_worst", "top_bottom", "all_gaps"), "align.pairing", "best_worst, top_bottom or all_gaps", self.pairing)
+        _check(self.pairs_per_user >= 1, "align.pairs_per_user", ">= 1", self.pairs_per_user)
         _check(self.reward_lists in ("held_out", "train"), "align.reward_lists", "held_out or train", self.reward_lists)
         _check(0 < self.reward_holdout < 1, "align.reward_holdout", "in (0, 1)", self.reward_holdout)
         _check(self.learning_rate > 0, "align.learning_rate", "> 0", self.learning_rate)

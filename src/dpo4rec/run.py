@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 def run_pipeline(config: PipelineConfig, run_dir: str | Path) -> Path:
     """Run (or resume) every stage; returns the report folder."""
     from dpo4rec.align.dpo import adapter_chain, run_align_stage
+    from dpo4rec.align.heldout import run_heldout_stage
     from dpo4rec.align.reward_stage import run_reward_stage
     from dpo4rec.data.stage import run_data_stage
     from dpo4rec.encode import run_encode_stage
@@ -58,7 +59,8 @@ def run_pipeline(config: PipelineConfig, run_dir: str | Path) -> Path:
     if config.run.baselines:
         timed("recommend_no_knowledge", run_recommend_stage, replace(config.recommend, knowledge=False), run_dir, 0)
     for t in range(config.run.rounds + 1):
-        timed(f"round_{t}/generate", run_generate_stage, run_dir, t, config.model, config.generate, adapters=adapter_chain(run_dir, t))
+        timed(f"round_{t}/generate", run_generate_stage, run_dir, t, config.model, round_generate_config(config, t),
+              adapters=adapter_chain(run_dir, t))
         timed(f"round_{t}/encode", run_encode_stage, config.encode, run_dir, t)
         timed(f"round_{t}/recommend", run_recommend_stage, replace(config.recommend, knowledge=True), run_dir, t)
         if t < config.run.rounds:
@@ -66,7 +68,16 @@ def run_pipeline(config: PipelineConfig, run_dir: str | Path) -> Path:
                 timed(f"round_{t}/recommend_reward", train_reward_recommender, config, run_dir, t)
             timed(f"round_{t}/reward", run_reward_stage, run_dir, t, config.recommend, config.align)
             timed(f"round_{t}/align", run_align_stage, run_dir, t, config.model, config.align)
+            timed(f"round_{t}/heldout", run_heldout_stage, run_dir, t, config.model, config.align, config.data.seed)
     return timed("report", write_report, run_dir, config)
+
+
+def round_generate_config(config: PipelineConfig, round_index: int):
+    """The last round feeds no DPO, so its train users get the greedy text only (validation users still get N samples:
+    the held-out reward drift compares them with the previous round's)."""
+    if round_index == config.run.rounds:
+        return replace(config.generate, sampled_train_users=0)
+    return config.generate
 
 
 def train_reward_recommender(config: PipelineConfig, run_dir: str | Path, round_index: int):
@@ -88,6 +99,10 @@ def check_run_config(config: PipelineConfig, run_dir: Path) -> None:
     """
     if config.generate.n_samples < 2:
         raise InputError(f"generate.n_samples must be >= 2 for a DPO run (best vs worst of N samples), got {config.generate.n_samples}")
+    for split in ("train", "validation"):
+        if getattr(config.generate, f"sampled_{split}_users") == 0:
+            why = "DPO learns from their pairs" if split == "train" else "the report checks what DPO learned on them"
+            raise InputError(f"generate.sampled_{split}_users must be >= 1 for a DPO run ({why}), got 0")
     record = run_dir / "config.json"
     current = json.loads(json.dumps(to_dict(config)))  # as the record holds it (tuples become lists)
     if record.is_file():

@@ -1,9 +1,17 @@
-"""Best-vs-worst preference pairs from per-sample rewards (DPO4Rec, Sec. 3.3).
+"""Preference pairs from per-sample rewards (DPO4Rec, Sec. 3.3, and wider pairings).
 
-For each user, the sampled text with the highest reward is ``chosen`` and the
-one with the lowest is ``rejected``; users whose rewards barely differ carry
-no preference and are skipped. Only sampled texts (sample >= 1) compete: the
-greedy text is test-time knowledge, not a candidate.
+Only sampled texts (sample >= 1) compete: the greedy text is test-time
+knowledge, not a candidate. Samples without a reward (NaN: the user has no
+list with a positive) are left out. Pairings (``align.pairing``):
+
+* ``best_worst``: the paper's one pair per user, highest against lowest reward;
+* ``top_bottom``: each of the k best samples against each of the k worst
+  (k x k pairs, k = ``pairs_per_user``; the two groups never overlap);
+* ``all_gaps``: every two samples whose rewards differ by more than the gap.
+
+Every pairing drops pairs whose rewards differ by no more than
+``min_reward_gap`` and pairs of identical texts. Ties in reward are broken by
+sample number, so the pairs never depend on row order.
 """
 
 from __future__ import annotations
@@ -11,39 +19,64 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+COLUMNS = ["user_index", "prompt", "chosen", "rejected", "reward_chosen", "reward_rejected", "sample_chosen",
+           "sample_rejected", "tokens_chosen", "tokens_rejected"]
 
-def make_pairs(rewards: pd.DataFrame, knowledge: pd.DataFrame, prompts: pd.DataFrame, min_gap: float) -> pd.DataFrame:
-    """One row per user with a preference.
 
-    rewards: user_index, sample, reward; knowledge: user_index, sample, text;
-    prompts: user_index, message. Returns user_index, prompt, chosen,
-    rejected, reward_chosen, reward_rejected, sample_chosen, sample_rejected.
+def make_pairs(rewards: pd.DataFrame, knowledge: pd.DataFrame, prompts: pd.DataFrame, min_gap: float,
+               pairing: str = "best_worst", k: int = 1) -> pd.DataFrame:
+    """Pairs as rows of ``COLUMNS``.
+
+    rewards: user_index, sample, reward; knowledge: user_index, sample, text
+    (and n_tokens, when known); prompts: user_index, message.
     """
-    table = rewards[rewards["sample"] > 0].merge(knowledge[["user_index", "sample", "text"]], on=["user_index", "sample"])
-    # ties broken by sample number, so the pairs do not depend on row order
+    columns = ["user_index", "sample", "text"] + (["n_tokens"] if "n_tokens" in knowledge else [])
+    table = rewards[(rewards["sample"] > 0) & rewards["reward"].notna()].merge(knowledge[columns], on=["user_index", "sample"])
+    if "n_tokens" not in table:
+        table["n_tokens"] = -1
     table = table.sort_values(["user_index", "reward", "sample"], ascending=[True, False, True], kind="stable")
-    best = table.groupby("user_index").head(1).set_index("user_index")
-    worst = table.sort_values(["user_index", "reward", "sample"], ascending=[True, True, True], kind="stable").groupby("user_index").head(1).set_index("user_index")
+    chosen, rejected = [], []
+    for _, group in table.groupby("user_index", sort=True):
+        n = len(group)
+        if pairing == "best_worst":
+            index = [(0, n - 1)]
+        elif pairing == "top_bottom":
+            top = min(k, n // 2)
+            index = [(i, n - 1 - j) for i in range(top) for j in range(top)]
+        elif pairing == "all_gaps":
+            index = [(i, j) for i in range(n) for j in range(i + 1, n)]
+        else:
+            raise ValueError(f"unknown pairing {pairing!r}")
+        chosen += [group.index[i] for i, _ in index]
+        rejected += [group.index[j] for _, j in index]
+    a, b = table.loc[chosen].reset_index(drop=True), table.loc[rejected].reset_index(drop=True)
     pairs = pd.DataFrame({
-        "reward_chosen": best["reward"], "reward_rejected": worst["reward"],
-        "chosen": best["text"], "rejected": worst["text"],
-        "sample_chosen": best["sample"], "sample_rejected": worst["sample"],
+        "user_index": a["user_index"], "chosen": a["text"], "rejected": b["text"],
+        "reward_chosen": a["reward"], "reward_rejected": b["reward"],
+        "sample_chosen": a["sample"], "sample_rejected": b["sample"],
+        "tokens_chosen": a["n_tokens"], "tokens_rejected": b["n_tokens"],
     })
     pairs = pairs[(pairs["reward_chosen"] - pairs["reward_rejected"] > min_gap) & (pairs["chosen"] != pairs["rejected"])]
-    pairs = pairs.join(prompts.set_index("user_index")["message"].rename("prompt"), how="inner")
-    return pairs.reset_index()[["user_index", "prompt", "chosen", "rejected", "reward_chosen", "reward_rejected", "sample_chosen", "sample_rejected"]]
+    pairs = pairs.merge(prompts[["user_index", "message"]].rename(columns={"message": "prompt"}), on="user_index", how="inner")
+    return pairs[COLUMNS].reset_index(drop=True)
 
 
-def reward_spread(rewards: pd.DataFrame) -> dict:
-    """How much the N samples of a user differ in reward: DPO has nothing to learn when they don't."""
-    sampled = rewards[rewards["sample"] > 0]
+def reward_spread(rewards: pd.DataFrame, pairs: pd.DataFrame | None = None) -> dict:
+    """How much the N samples of a user differ in reward (DPO has nothing to learn when they don't), and the pairs' lengths."""
+    sampled = rewards[(rewards["sample"] > 0) & rewards["reward"].notna()]
     per_user = sampled.groupby("user_index")["reward"]
     gap = per_user.max() - per_user.min()
-    return {
+    spread = {
         "users": int(per_user.ngroups),
+        "users_without_reward": int(rewards.loc[(rewards["sample"] > 0) & rewards["reward"].isna(), "user_index"].nunique()),
         "reward_mean": float(sampled["reward"].mean()) if len(sampled) else float("nan"),
         "within_user_std_mean": float(per_user.std().mean()) if len(sampled) else float("nan"),
         "best_minus_worst_mean": float(gap.mean()) if len(gap) else float("nan"),
         "best_minus_worst_quantiles": {q: float(np.quantile(gap, q)) for q in (0.1, 0.5, 0.9)} if len(gap) else {},
         "users_with_tied_samples": int((gap <= 0).sum()),
     }
+    if pairs is not None and len(pairs) and (pairs["tokens_chosen"] >= 0).all():
+        spread["chosen_tokens_mean"] = float(pairs["tokens_chosen"].mean())
+        spread["rejected_tokens_mean"] = float(pairs["tokens_rejected"].mean())
+        spread["chosen_longer_share"] = float((pairs["tokens_chosen"] > pairs["tokens_rejected"]).mean())
+    return spread

@@ -1,4 +1,4 @@
-"""The reward stage: score every sampled text of the train users, keep best vs worst.
+"""The reward stage: score every sampled text, turn the train users' rewards into DPO pairs.
 
 Reads round t's ``embeddings/`` (one vector per (user, sample)), the reward
 recommender, ``knowledge/`` and ``prompts/``; writes ``RUN/round_<t>/preferences/``:
@@ -7,9 +7,14 @@ recommender, ``knowledge/`` and ``prompts/``; writes ``RUN/round_<t>/preferences
   user's reward lists with that text's vector plugged in), text;
 * ``pairs.parquet``: user_index, prompt, chosen, rejected, reward_chosen,
   reward_rejected, sample_chosen, sample_rejected;
-* ``summary.json`` (reward spread, pair count) and ``manifest.json``.
+* ``validation_rewards.parquet`` / ``validation_pairs.parquet``: the same for
+  the validation users with samples, scored on their validation lists by the
+  same recommender (which never trained on them); never used for training,
+  only to check on unseen users what DPO learned (align/heldout.py);
+* ``summary.json`` (reward spread, ties, pair counts, for train and
+  validation users) and ``manifest.json``.
 
-Only train users are scored: validation and test users never feed rewards.
+Only train users' pairs feed DPO; test users are never scored.
 
 Reward lists (``align.reward_lists``): "held_out" (default) scores each train
 user's last ``reward_holdout`` share of lists with ``<backbone>-reward-holdout``,
@@ -52,7 +57,8 @@ def run_reward_stage(run_dir: str | Path, round_index: int, recommend: Recommend
     for stage, path in needed.items():
         if not path.is_file():
             raise InputError(f"{path} not found; run the {stage} stage for round {round_index} first")
-    settings = {"min_reward_gap": align.min_reward_gap, "recommender": recommender.name,
+    settings = {"min_reward_gap": align.min_reward_gap, "recommender": recommender.name, "reward": align.reward,
+                "pairing": align.pairing, "pairs_per_user": align.pairs_per_user,
                 "reward_lists": align.reward_lists, "reward_holdout": align.held_out_share}
     manifest = make_manifest(STAGE, settings,
                              {name: fingerprint_file(path) for name, path in needed.items()})
@@ -60,23 +66,30 @@ def run_reward_stage(run_dir: str | Path, round_index: int, recommend: Recommend
     if existing_output(folder, manifest):
         return folder, read_json(folder / "summary.json"), True
 
-    train_users = train_user_indices(run_dir)
     embeddings = read_embeddings(here / "embeddings")
-    sampled = embeddings.sample > 0
-    if not np.isin(embeddings.user_index[sampled], train_users).any():
-        raise InputError(f"{here / 'knowledge'}: no sampled texts for train users; generate with n_samples >= 2")
     scorer, split = reward_scorer(recommender, run_dir, align)
-    rewards = scorer.score_embeddings(embeddings, split=split, users=train_users)
     knowledge = pd.read_parquet(needed["knowledge"])
     prompts = pd.read_parquet(needed["prompts"])
-    pairs = make_pairs(rewards, knowledge, prompts, align.min_reward_gap)
-    rewards = rewards.merge(knowledge[["user_index", "sample", "text"]], on=["user_index", "sample"], how="left")
-    summary = {"spread": reward_spread(rewards), "pairs": len(pairs), "train_users": int(len(train_users)),
-               "reward_lists": align.reward_lists, "recommender": recommender.name,
-               "greedy_reward_mean": float(rewards.loc[rewards["sample"] == 0, "reward"].mean())}
+    summary = {"reward": align.reward, "pairing": align.pairing, "reward_lists": align.reward_lists, "recommender": recommender.name}
+    outputs = {}
+    for name, users, lists in (("train", split_user_indices(run_dir, "train"), split),
+                               ("validation", split_user_indices(run_dir, "validation"), "validation")):
+        sampled_users = np.unique(embeddings.user_index[(embeddings.sample > 0) & np.isin(embeddings.user_index, users)])
+        if len(sampled_users) == 0:
+            field = f"generate.sampled_{name}_users"
+            raise InputError(f"{here / 'knowledge'}: no sampled texts for {name} users ({field}, generate.n_samples >= 2)")
+        rewards = scorer.score_embeddings(embeddings, split=lists, users=sampled_users, reward=align.reward)
+        pairs = make_pairs(rewards, knowledge, prompts, align.min_reward_gap, align.pairing, align.pairs_per_user)
+        outputs[name] = (rewards.merge(knowledge[["user_index", "sample", "text"]], on=["user_index", "sample"], how="left"), pairs)
+        summary[name] = {"spread": reward_spread(rewards, pairs), "pairs": len(pairs), "users_with_pairs": int(pairs["user_index"].nunique()),
+                         "sampled_users": int(len(sampled_users)),
+                         "greedy_reward_mean": float(rewards.loc[rewards["sample"] == 0, "reward"].mean())}
+    summary["pairs"] = summary["train"]["pairs"]  # what DPO trains on
     with StageFolder(folder, manifest) as tmp:
-        write_parquet(tmp / "rewards.parquet", rewards)
-        write_parquet(tmp / "pairs.parquet", pairs)
+        write_parquet(tmp / "rewards.parquet", outputs["train"][0])
+        write_parquet(tmp / "pairs.parquet", outputs["train"][1])
+        write_parquet(tmp / "validation_rewards.parquet", outputs["validation"][0])
+        write_parquet(tmp / "validation_pairs.parquet", outputs["validation"][1])
         write_json(tmp / "summary.json", summary)
     return folder, summary, False
 
@@ -89,6 +102,10 @@ def reward_scorer(recommender: Path, run_dir: Path, align: AlignConfig):
     return scorer, "reward" if align.held_out_share else "train"
 
 
-def train_user_indices(run_dir: Path) -> np.ndarray:
+def split_user_indices(run_dir: Path, split: str) -> np.ndarray:
     users = pd.read_parquet(run_dir / "data" / "users.parquet")
-    return users.loc[users["split"].astype(str) == "train", "user_index"].to_numpy()
+    return users.loc[users["split"].astype(str) == split, "user_index"].to_numpy()
+
+
+def train_user_indices(run_dir: Path) -> np.ndarray:
+    return split_user_indices(run_dir, "train")

@@ -10,8 +10,11 @@ Writes ``RUN/round_<t>/knowledge/``:
   user_index, sample (0 = greedy, 1..N = sampled), text, n_tokens,
   finish_reason ("stop" at EOS, "length" at max_new_tokens), empty.
 
-Validation and test users get the greedy text only (test-time knowledge is
-one greedy text; they never feed rewards), unless ``samples_for = "all"``.
+Every user gets the greedy text (sample 0: what the recommender trains and
+is tested on). N samples go to a seeded subset of train users (the ones DPO
+learns from, ``sampled_train_users``) and of validation users (the held-out
+check of what DPO learned, ``sampled_validation_users``); test users never
+get samples.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
@@ -53,14 +57,24 @@ def _settings(gen: GenerateConfig, sampled: bool) -> SamplerSettings:
     )
 
 
+def sampled_users(users: pd.DataFrame, gen: GenerateConfig) -> np.ndarray:
+    """The users who get N samples: seeded subsets of the train and validation users (sorted user indices)."""
+    rng = np.random.default_rng(np.random.SeedSequence([gen.seed, 7]))
+    chosen = []
+    for split, count in (("train", gen.sampled_train_users), ("validation", gen.sampled_validation_users)):
+        pool = np.sort(users.loc[users["split"].astype(str) == split, "user_index"].to_numpy())
+        if count is not None and count > len(pool):
+            raise InputError(f"generate.sampled_{split}_users = {count}, but the run has only {len(pool)} {split} users")
+        chosen.append(pool if count is None else rng.permutation(pool)[:count])
+    return np.sort(np.concatenate(chosen))
+
+
 def make_plan(prompts: pd.DataFrame, users: pd.DataFrame, gen: GenerateConfig) -> list[dict]:
     """Batches of users, each with whether its users get N samples or only the greedy text."""
-    sampled = users.set_index("user_index")["split"].astype(str).eq("train") if gen.samples_for == "train" else None
+    sampled = np.isin(prompts["user_index"].to_numpy(), sampled_users(users, gen))
     plan = []
     for wants_samples in (True, False):
-        chosen = prompts if sampled is None else prompts[sampled.reindex(prompts["user_index"]).to_numpy() == wants_samples]
-        if sampled is None and not wants_samples:
-            continue
+        chosen = prompts[sampled == wants_samples]
         if chosen.empty:
             continue
         rows = _settings(gen, wants_samples).rows_per_prompt

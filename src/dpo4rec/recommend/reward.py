@@ -2,7 +2,9 @@
 
 A knowledge text's reward is the trained recommender's mean NDCG@5 over the
 user's lists (default: the train lists) with that text's vector plugged in as
-the user's knowledge. Scoring is batched over users and samples together:
+the user's knowledge, or one of the continuous rewards of ``REWARDS``. Lists
+without a positive carry no signal (every ranking of them scores the same)
+and are left out; a user with no such list gets no reward (NaN). Scoring is batched over users and samples together:
 the sample-independent part of each list (ids, attributes, item-knowledge
 tower, personal vector) is computed once per list, and only the user tower
 and the ranking layers run per (list, sample) pair.
@@ -25,6 +27,31 @@ from dpo4rec.metrics import rerank_metrics
 from dpo4rec.recommend.checkpoint import load_recommender
 from dpo4rec.recommend.features import ListTensors, list_tensors, mark_reward_lists
 from dpo4rec.recommend.models import Reranker
+
+
+REWARDS = ("ndcg", "ndcg_margin", "loglik")
+TIE_BREAK = 1e-3  # weight of the margin term in "ndcg_margin": below any NDCG@5 difference of one list (>= 0.04 / lists)
+
+
+def list_rewards(kind: str, scores: torch.Tensor, labels: torch.Tensor, model, k: int = 5) -> np.ndarray:
+    """One reward per list from the recommender's scores (P, L) and the labels (P, L).
+
+    ndcg: NDCG@k as KAR computes it. ndcg_margin: NDCG@k + TIE_BREAK x
+    sigmoid(mean positive score - mean negative score), which orders texts
+    whose NDCG ties by how far the model separates the list's positives from
+    its negatives. loglik: the list's log-likelihood under the model's own loss.
+    """
+    if kind not in REWARDS:
+        raise InputError(f"align.reward must be one of {', '.join(REWARDS)}, got {kind!r}")
+    if kind == "loglik":
+        return model.list_log_likelihood(scores.float(), labels.float()).cpu().numpy().astype(np.float64)
+    ndcg = rerank_metrics(labels.cpu().numpy(), scores.float().cpu().numpy(), ks=(k,))[f"ndcg@{k}"]
+    if kind == "ndcg":
+        return ndcg
+    positive = labels > 0
+    mean_of = lambda mask: (scores.float() * mask).sum(1) / mask.sum(1).clamp_min(1)  # noqa: E731
+    margin = torch.sigmoid(mean_of(positive) - mean_of(~positive)).cpu().numpy().astype(np.float64)
+    return ndcg + TIE_BREAK * margin
 
 
 class RewardScorer:
@@ -62,10 +89,13 @@ class RewardScorer:
         return cls.from_folders(run_dir / f"round_{round_index}" / "recommender" / name, run_dir / "data", device)
 
     @torch.inference_mode()
-    def score(self, user_index: np.ndarray, vectors: np.ndarray, split: str | None = "train", k: int = 5) -> np.ndarray:
-        """Mean NDCG@k over each row's user's lists (of ``split``; None = all), row ``i`` using ``vectors[i]``.
+    def score(self, user_index: np.ndarray, vectors: np.ndarray, split: str | None = "train", k: int = 5,
+              reward: str = "ndcg") -> np.ndarray:
+        """Mean reward over each row's user's lists (of ``split``; None = all) that hold a positive, row ``i`` using ``vectors[i]``.
 
-        ``user_index`` (M,) may repeat a user (one row per sample); ``vectors`` (M, dim).
+        ``user_index`` (M,) may repeat a user (one row per sample); ``vectors``
+        (M, dim). ``reward``: see ``list_rewards``. Users whose lists hold no
+        positive get NaN.
         """
         user_index = np.asarray(user_index, dtype=np.int64)
         vectors = np.asarray(vectors, dtype=np.float32)
@@ -73,8 +103,11 @@ class RewardScorer:
         rows_by_user = np.argsort(user_index, kind="stable")
         users, first_row, n_rows = np.unique(user_index[rows_by_user], return_index=True, return_counts=True)
         list_rows, list_start, n_lists = self._lists_of(users, split)
-        rewards = np.zeros(len(user_index), np.float64)
+        rewards = np.full(len(user_index), np.nan, np.float64)
         for group in self._groups(n_lists * n_rows):
+            group = group[n_lists[group] > 0]
+            if len(group) == 0:
+                continue
             rows = np.concatenate([rows_by_user[first_row[g] : first_row[g] + n_rows[g]] for g in group])
             lists = np.concatenate([list_rows[list_start[g] : list_start[g] + n_lists[g]] for g in group])
             # pair (row r, list l) for every sample row and every list of the same user
@@ -86,14 +119,15 @@ class RewardScorer:
                 pair_list.append(np.tile(span, n_rows[g]))
                 at += n_rows[g]
             pair_row, pair_list = np.concatenate(pair_row), np.concatenate(pair_list)
-            ndcg = self._pair_ndcg(lists, vectors[rows], pair_row, pair_list, k)
-            rewards[rows] = np.bincount(pair_row, weights=ndcg, minlength=len(rows)) / np.bincount(pair_row, minlength=len(rows))
+            values = self._pair_rewards(lists, vectors[rows], pair_row, pair_list, k, reward)
+            rewards[rows] = np.bincount(pair_row, weights=values, minlength=len(rows)) / np.bincount(pair_row, minlength=len(rows))
         return rewards
 
-    def score_embeddings(self, embeddings, split: str | None = "train", users: np.ndarray | None = None, k: int = 5) -> pd.DataFrame:
+    def score_embeddings(self, embeddings, split: str | None = "train", users: np.ndarray | None = None, k: int = 5,
+                         reward: str = "ndcg") -> pd.DataFrame:
         """Rewards for an encode-stage ``Embeddings`` (optionally only ``users``): user_index, sample, reward."""
         keep = np.ones(len(embeddings.user_index), bool) if users is None else np.isin(embeddings.user_index, users)
-        rewards = self.score(embeddings.user_index[keep], embeddings.user_vectors[keep], split, k)
+        rewards = self.score(embeddings.user_index[keep], embeddings.user_vectors[keep], split, k, reward)
         return pd.DataFrame({"user_index": embeddings.user_index[keep], "sample": embeddings.sample[keep], "reward": rewards})
 
     def _check(self, user_index: np.ndarray, vectors: np.ndarray) -> None:
@@ -106,15 +140,21 @@ class RewardScorer:
             raise InputError("knowledge vectors contain NaN or infinity")
 
     def _lists_of(self, users: np.ndarray, split: str | None):
-        """Rows of each user's lists: (rows grouped by user, start per user, count per user)."""
+        """Rows of each user's lists that hold a positive: (rows grouped by user, start per user, count per user).
+
+        A user with lists of ``split`` but none with a positive gets count 0 (no
+        reward); a user with no lists of ``split`` at all is an error.
+        """
         owner = self.lists.user_index.numpy()
         selected = np.isin(owner, users) if split is None else np.isin(owner, users) & (self.lists.split == split)
+        present = np.isin(users, owner[selected])
+        selected &= self.lists.labels.numpy().max(1) > 0
         rows = np.flatnonzero(selected)
         rows = rows[np.argsort(owner[rows], kind="stable")]
         start = np.searchsorted(owner[rows], users, side="left")
         count = np.searchsorted(owner[rows], users, side="right") - start
-        if (count == 0).any():
-            empty = users[count == 0]
+        if not present.all():
+            empty = users[~present]
             raise InputError(f"{len(empty)} users have no {split or ''} lists to score (first: user_index {empty[0]}); "
                              f"rewards come from {split or 'any'} lists" + (", so use train users" if split == "train" else ""))
         return rows, start, count
@@ -131,12 +171,13 @@ class RewardScorer:
         if group:
             yield np.asarray(group)
 
-    def _pair_ndcg(self, lists: np.ndarray, vectors: np.ndarray, pair_row: np.ndarray, pair_list: np.ndarray, k: int) -> np.ndarray:
+    def _pair_rewards(self, lists: np.ndarray, vectors: np.ndarray, pair_row: np.ndarray, pair_list: np.ndarray, k: int,
+                      reward: str) -> np.ndarray:
         model, dev = self.model, self.device
         idx = torch.as_tensor(lists)
         candidates, personal = model.list_context(self.lists.items[idx].to(dev), self.lists.history[idx].to(dev))  # once per list
         user_out = model.user_tower(torch.as_tensor(vectors, device=dev))  # (R, adapter_dim), once per sample
         pl, pr = torch.as_tensor(pair_list, device=dev), torch.as_tensor(pair_row, device=dev)
         scores = model.rank(model.join(candidates[pl], user_out[pr]), personal[pl])  # (P, L)
-        labels = self.lists.labels[idx].numpy()[pair_list]
-        return rerank_metrics(labels, scores.float().cpu().numpy(), ks=(k,))[f"ndcg@{k}"]
+        labels = self.lists.labels[idx].to(dev)[pl]
+        return list_rewards(reward, scores, labels, model, k)

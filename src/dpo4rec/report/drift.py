@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from dpo4rec.artifacts import round_dir
 from dpo4rec.config import PipelineConfig
@@ -31,22 +32,59 @@ def reward_drift(run_dir: Path, config: PipelineConfig) -> list[dict]:
         return []
     scorer, split = reward_scorer(recommender, run_dir, config.align)
     train_users = train_user_indices(run_dir)
+    sampled = read_embeddings(round_dir(run_dir, 0) / "embeddings")
+    train_users = np.intersect1d(train_users, sampled.user_index[sampled.sample > 0])  # the users whose samples fed DPO
     per_round = {}
     for t in range(config.run.rounds + 1):
         folder = round_dir(run_dir, t) / "embeddings"
         if (folder / "users.safetensors").is_file():
-            per_round[t] = scorer.score_embeddings(read_embeddings(folder), split=split, users=train_users)
+            per_round[t] = scorer.score_embeddings(read_embeddings(folder), split=split, users=train_users, reward=config.align.reward)
     if 0 not in per_round:
         return []
     base = per_round[0][per_round[0]["sample"] > 0].groupby("user_index")["reward"].mean()
     rows = []
     for t, table in per_round.items():
-        sampled = table[table["sample"] > 0].groupby("user_index")["reward"].mean()
-        row = {"round": t, "greedy": float(table.loc[table["sample"] == 0, "reward"].mean()),
-               "sampled": float(sampled.mean()), "users": int(len(sampled))}
+        sampled = table[table["sample"] > 0].groupby("user_index")["reward"].mean().dropna()
+        row = {"round": t, "greedy": float(table.loc[table["sample"] == 0, "reward"].mean()), "users": int(len(sampled))}
+        if len(sampled):  # the last round samples no train users
+            row["sampled"] = float(sampled.mean())
         common = base.index.intersection(sampled.index)
         if t > 0 and len(common):
             diff, ci = paired_bootstrap(np.asarray(common), sampled[common].to_numpy(), base[common].to_numpy(), seed=config.data.seed)
             row.update({"sampled_minus_round_0": diff, "ci95": list(ci)})
         rows.append(row)
+    return rows
+
+
+def validation_drift(run_dir: Path, config: PipelineConfig) -> list[dict]:
+    """Per DPO round t: round t+1's sampled validation texts minus round t's, both under round t's reward model.
+
+    Validation users never feed DPO or the recommenders' training, so a rise
+    here is what DPO learned carrying to unseen users. Per user, the mean
+    reward over their samples; paired over users sampled in both rounds.
+    """
+    from dpo4rec.align.reward_stage import reward_scorer
+    from dpo4rec.encode import read_embeddings
+    from dpo4rec.recommend import model_name
+
+    rows = []
+    for t in range(config.run.rounds):
+        before_file = round_dir(run_dir, t) / "preferences" / "validation_rewards.parquet"
+        after_folder = round_dir(run_dir, t + 1) / "embeddings"
+        recommender = round_dir(run_dir, t) / "recommender" / model_name(config.recommend, config.align.held_out_share)
+        if not before_file.is_file() or not (after_folder / "users.safetensors").is_file():
+            continue
+        before = pd.read_parquet(before_file)
+        users = before["user_index"].unique()
+        scorer, _ = reward_scorer(recommender, run_dir, config.align)
+        after = scorer.score_embeddings(read_embeddings(after_folder), split="validation", users=users, reward=config.align.reward)
+        mean_before = before[before["sample"] > 0].groupby("user_index")["reward"].mean().dropna()
+        mean_after = after[after["sample"] > 0].groupby("user_index")["reward"].mean().dropna()
+        common = mean_before.index.intersection(mean_after.index)
+        if len(common) == 0:
+            continue
+        diff, ci = paired_bootstrap(np.asarray(common), mean_after[common].to_numpy(), mean_before[common].to_numpy(), seed=config.data.seed)
+        rows.append({"round": t, "users": int(len(common)), "before": float(mean_before[common].mean()),
+                     "after": float(mean_after[common].mean()), "validation_reward_drift": diff,
+                     "validation_reward_drift_ci95": list(ci), "reward": config.align.reward})
     return rows

@@ -17,7 +17,7 @@ import pandas as pd
 from dpo4rec.artifacts import read_json, round_dir, write_json, write_text_atomic
 from dpo4rec.config import PipelineConfig, to_dict
 from dpo4rec.report.bootstrap import paired_bootstrap
-from dpo4rec.report.drift import reward_drift
+from dpo4rec.report.drift import reward_drift, validation_drift
 
 METRICS = [f"{m}@{k}" for k in (1, 3, 5, 7) for m in ("map", "ndcg")]
 
@@ -58,6 +58,7 @@ def write_report(run_dir: str | Path, config: PipelineConfig) -> Path:
             comparisons.append({"a": a, "b": b, "metric": metric, "diff": diff, "ci95": list(ci)})
     rounds = _round_details(run_dir, config)
     metrics = {
+        "alignment": alignment(run_dir, config, rounds),
         "arms": arms,
         "comparisons": comparisons,
         "selected_round": 0 if selected == "base_llm" else int(selected.rsplit("_", 1)[1]),
@@ -74,6 +75,25 @@ def write_report(run_dir: str | Path, config: PipelineConfig) -> Path:
     _plots(out, metrics)
     write_text_atomic(out / "report.md", _markdown(metrics, _examples(run_dir, config)))
     return out
+
+
+def alignment(run_dir: Path, config: PipelineConfig, rounds: list[dict]) -> list[dict]:
+    """Per DPO round: what it trained on, and whether what it learned carries to validation users."""
+    drift = {row["round"]: row for row in validation_drift(run_dir, config)}
+    entries = []
+    for r in rounds[: config.run.rounds]:
+        t, dpo = r["round"], r.get("dpo", {})
+        heldout_file = round_dir(run_dir, t) / "heldout" / "summary.json"
+        heldout = read_json(heldout_file) if heldout_file.is_file() else {}
+        entry = {"round": t, "pairs": dpo.get("pairs"), "optimizer_steps": len(dpo.get("steps", [])),
+                 "heldout_pairs": heldout.get("pairs"), "heldout_users": heldout.get("users"),
+                 "heldout_pair_accuracy": heldout.get("heldout_pair_accuracy"),
+                 "heldout_pair_accuracy_ci95": heldout.get("heldout_pair_accuracy_ci95"),
+                 "validation_reward_drift": drift.get(t, {}).get("validation_reward_drift"),
+                 "validation_reward_drift_ci95": drift.get(t, {}).get("validation_reward_drift_ci95"),
+                 "validation_users": drift.get(t, {}).get("users")}
+        entries.append(entry)
+    return entries
 
 
 def _round_details(run_dir: Path, config: PipelineConfig) -> list[dict]:
@@ -128,7 +148,7 @@ def _plots(out: Path, metrics: dict) -> None:
     rounds = [r for r in metrics["rounds"] if "preferences" in r]
     if rounds:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-        spread = [r["preferences"]["spread"]["best_minus_worst_mean"] for r in rounds]
+        spread = [r["preferences"]["train"]["spread"]["best_minus_worst_mean"] for r in rounds]
         axes[0].bar([r["round"] for r in rounds], spread, color="#55A868")
         axes[0].set_title("reward spread: best - worst sample, mean over users", fontsize=9)
         axes[0].set_xticks([r["round"] for r in rounds])
@@ -153,6 +173,20 @@ def _markdown(metrics: dict, examples: list[dict]) -> str:
               f"Backbone: {cfg['recommend']['backbone']}. LLM: {cfg['model']['name']}. N = {cfg['generate']['n_samples']}, "
               f"beta = {cfg['align']['beta']}, T = {cfg['run']['rounds']}, rewards on {cfg['align']['reward_lists'].replace('_', '-')} lists. "
               f"Round picked by validation MAP@5: **{metrics['selected_round']}** (0 = the base LLM: no DPO round did better).", ""]
+    lines += ["## Did DPO learn something that carries to unseen users? (validation users)", "",
+              "Held-out pair accuracy: how often the DPO-trained policy's implicit reward (beta x log-ratio against the "
+              "round's starting model) ranks a validation user's chosen text above the rejected one (chance 0.5); "
+              "validation reward drift: the next round's sampled texts minus this round's, both under this round's "
+              f"reward model ({cfg['align']['reward']}). Intervals: 95% bootstrap over validation users.", "",
+              "| DPO round | pairs | optimizer steps | held-out pairs (users) | held-out pair accuracy [95% CI] | validation reward drift [95% CI] |",
+              "|---|---|---|---|---|---|"]
+    for a in metrics["alignment"]:
+        accuracy = (f"{a['heldout_pair_accuracy']:.3f} [{a['heldout_pair_accuracy_ci95'][0]:.3f}, {a['heldout_pair_accuracy_ci95'][1]:.3f}]"
+                    if a["heldout_pair_accuracy"] is not None else "-")
+        drift = (f"{a['validation_reward_drift']:+.4f} [{a['validation_reward_drift_ci95'][0]:+.4f}, {a['validation_reward_drift_ci95'][1]:+.4f}]"
+                 if a["validation_reward_drift"] is not None else "-")
+        lines.append(f"| {a['round']} | {a['pairs']} | {a['optimizer_steps']} | {a['heldout_pairs']} ({a['heldout_users']}) | {accuracy} | {drift} |")
+    lines += [""]
     lines += ["## Test metrics (mean over lists)", "", "| arm | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     for arm, values in {**metrics["arms"], **{f"({k} ranking)": v for k, v in metrics["baselines"].items()}}.items():
         lines.append(f"| {arm} | " + " | ".join(f"{values[m]:.4f}" for m in METRICS) + " |")
@@ -166,7 +200,7 @@ def _markdown(metrics: dict, examples: list[dict]) -> str:
         pref, steps = r.get("preferences"), r.get("dpo", {}).get("steps", [])
         lines.append(
             f"| {r['round']} | {r['knowledge']['mean_tokens']:.1f} | {r['knowledge']['stopped_at_eos']:.0%} | "
-            + (f"{pref['pairs']} | {pref['spread']['best_minus_worst_mean']:.4f} | " if pref else "- | - | ")
+            + (f"{pref['pairs']} | {pref['train']['spread']['best_minus_worst_mean']:.4f} | " if pref else "- | - | ")
             + (f"{steps[-1]['loss']:.4f} | {steps[-1]['rewards/accuracies']:.2f} |" if steps else "- | - |")
         )
     lines += ["", "![rewards and DPO](rewards_and_dpo.png)", ""]
@@ -175,7 +209,8 @@ def _markdown(metrics: dict, examples: list[dict]) -> str:
                   "| round | greedy text | sampled texts, mean | sampled - round 0 [95% CI] |", "|---|---|---|---|"]
         for r in metrics["reward_drift"]:
             change = f"{r['sampled_minus_round_0']:+.4f} [{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}]" if "ci95" in r else "-"
-            lines.append(f"| {r['round']} | {r['greedy']:.4f} | {r['sampled']:.4f} | {change} |")
+            sampled = f"{r['sampled']:.4f}" if "sampled" in r else "- (no train samples)"
+            lines.append(f"| {r['round']} | {r['greedy']:.4f} | {sampled} | {change} |")
         lines.append("")
     lines += ["## Example texts (one train user)", ""]
     for e in examples:

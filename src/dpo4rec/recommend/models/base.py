@@ -159,3 +159,7 @@ class Reranker(nn.Module):
     def loss(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Pointwise binary cross-entropy on the logits (KAR's loss for DLCM and PRM)."""
         return nn.functional.binary_cross_entropy_with_logits(scores, labels)
+
+    def list_log_likelihood(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per list (B,): the log-likelihood of its labels as ``loss`` reads the scores (here: mean Bernoulli)."""
+        return -nn.functional.binary_cross_entropy_with_logits(scores, labels, reduction="none").mean(1)

@@ -32,6 +32,12 @@ class SetRank(Reranker):
         pv = personal.unsqueeze(1).expand(-1, x.shape[1], -1)  # (B, L, personal_dim)
         return self.score(self.blocks(self.input(torch.cat([x, pv], dim=-1)))).squeeze(-1)  # (B, L)
 
+    def list_log_likelihood(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per list: minus the attention rank loss (lists without a positive get 0)."""
+        gains = torch.where(labels > 0, torch.exp(labels), torch.zeros_like(labels))
+        target = gains / gains.sum(1, keepdim=True).clamp_min(1e-12)
+        return (target * torch.log_softmax(scores, dim=1)).sum(1)
+
     def loss(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Attention rank loss; lists without a positive carry no signal and are skipped."""
         has_positive = labels.sum(1) > 0  # (B,)
