@@ -22,14 +22,14 @@ def _copy_run(tiny_run, tmp_path):
     return target
 
 
-def test_greedy_for_everyone_samples_for_train_users(tiny_run, tmp_path):
+def test_greedy_for_everyone_samples_for_train_and_validation_users(tiny_run, tmp_path):
     run = _copy_run(tiny_run, tmp_path)
     result = run_generate_stage(run, 0, ModelConfig(), GEN)
     frame = pd.read_parquet(result.folder / "knowledge.parquet")
     users = pd.read_parquet(run / "data" / "users.parquet").set_index("user_index")
     per_user = frame.groupby("user_index")["sample"].apply(sorted)
     for user, samples in per_user.items():
-        expected = [0, 1, 2, 3] if users.loc[user, "split"] == "train" else [0]
+        expected = [0, 1, 2, 3] if users.loc[user, "split"] in ("train", "validation") else [0]
         assert samples == expected
     assert set(frame["finish_reason"]) <= {"stop", "length"}
     assert (frame["n_tokens"] <= 8).all()
@@ -39,6 +39,22 @@ def test_greedy_for_everyone_samples_for_train_users(tiny_run, tmp_path):
     assert again.reused
     with pytest.raises(InputError, match="another run"):
         run_generate_stage(run, 0, ModelConfig(), GenerateConfig(n_samples=2, max_new_tokens=8, batch_rows=8))
+
+
+def test_sampled_subsets_of_train_users(tiny_run, tmp_path):
+    from dataclasses import replace
+
+    from dpo4rec.generate.stage import sampled_users
+
+    users = pd.read_parquet(tiny_run / "data" / "users.parquet")
+    train = set(users.loc[users["split"] == "train", "user_index"])
+    validation = set(users.loc[users["split"] == "validation", "user_index"])
+    some = sampled_users(users, replace(GEN, sampled_train_users=2, sampled_validation_users=0))
+    assert len(some) == 2 and set(some) <= train
+    assert list(some) == list(sampled_users(users, replace(GEN, sampled_train_users=2, sampled_validation_users=0)))  # seeded
+    assert set(sampled_users(users, GEN)) == train | validation
+    with pytest.raises(InputError, match=f"generate.sampled_train_users = 99, but the run has only {len(train)} train users"):
+        sampled_users(users, replace(GEN, sampled_train_users=99))
 
 
 def test_resume_after_a_stop_gives_the_same_texts(tiny_run, tmp_path):

@@ -41,7 +41,16 @@ def test_tiny_run_reports_every_arm_with_intervals(uninterrupted):
     assert set(metrics["validation_map@5"]) == set(candidates) and metrics["selected_round"] == candidates[best]
     assert json.loads((run / "round_0" / "preferences" / "summary.json").read_text())["reward_lists"] == "train"
     drift = metrics["reward_drift"]  # every round's texts under round 0's reward model
-    assert [r["round"] for r in drift] == [0, 1, 2] and all(r["ci95"][0] <= r["sampled_minus_round_0"] <= r["ci95"][1] for r in drift[1:])
+    assert [r["round"] for r in drift] == [0, 1, 2] and drift[1]["ci95"][0] <= drift[1]["sampled_minus_round_0"] <= drift[1]["ci95"][1]
+    assert "sampled" not in drift[2]  # the last round feeds no DPO: its train users get the greedy text only
+    alignment = metrics["alignment"]  # the held-out check, one entry per DPO round
+    assert [a["round"] for a in alignment] == [0, 1]
+    for a in alignment:
+        assert a["pairs"] > 0 and a["optimizer_steps"] >= 1 and a["heldout_pairs"] >= 1
+        assert a["heldout_pair_accuracy_ci95"][0] <= a["heldout_pair_accuracy"] <= a["heldout_pair_accuracy_ci95"][1]
+        assert a["validation_reward_drift_ci95"][0] <= a["validation_reward_drift"] <= a["validation_reward_drift_ci95"][1]
+    report = (run / "report" / "report.md").read_text()
+    assert report.index("held-out pair accuracy") < report.index("## Test metrics")  # the first section
     assert {"config", "timings"} <= set(metrics) and metrics["timings"]["round_0/generate"] > 0
     assert (run / "report" / "report.md").read_text().count("|") > 50
     assert (run / "report" / "metrics_by_arm.png").stat().st_size > 1000
@@ -119,7 +128,9 @@ def test_single_stage_commands_reuse_the_run_and_another_config_is_refused(unint
 
 
 @pytest.mark.parametrize("setting", ["generate.n_samples=1", "align.beta=0", "run.rounds=0", "data.n_users=0",
-                                     "align.reward_lists=sometimes", "align.no_such_key=1", "nonsense"])
+                                     "align.reward_lists=sometimes", "align.no_such_key=1", "nonsense",
+                                     "align.reward=clicks", "align.pairing=random", "align.epochs=0", "align.learning_rate=0",
+                                     "generate.sampled_validation_users=0", "generate.sampled_train_users=-1"])
 def test_impossible_run_settings_are_one_line_and_write_nothing(setting, tmp_path):
     result = _cli("run", "--config", str(TINY), "--out", str(tmp_path / "run"), "--set", setting)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr

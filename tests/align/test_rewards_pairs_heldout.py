@@ -1,0 +1,106 @@
+"""The new reward options, the pair builder and the held-out check, against hand-computed values."""
+
+import math
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from dpo4rec.align.heldout import completion_ids, sequence_logps, summarize
+from dpo4rec.align.pairs import make_pairs, reward_spread
+from dpo4rec.recommend.reward import TIE_BREAK, list_rewards
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class _BCE:
+    """The base re-ranker's per-list log-likelihood (mean Bernoulli), as a plain object."""
+
+    def list_log_likelihood(self, scores, labels):
+        from dpo4rec.recommend.models.base import Reranker
+
+        return Reranker.list_log_likelihood(self, scores, labels)
+
+
+def test_list_rewards_by_hand():
+    scores = torch.tensor([[2.0, 0.0, 1.0], [0.0, 1.0, 2.0]])
+    labels = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    # list 0 ranks its positive first: NDCG 1; list 1 ranks it third: DCG 1/log2(4) = 0.5, ideal 1
+    ndcg = list_rewards("ndcg", scores, labels, _BCE(), k=5)
+    np.testing.assert_allclose(ndcg, [1.0, 0.5])
+    # margin: mean positive score - mean negative score = 2 - 0.5 and 0 - 1.5
+    margin = list_rewards("ndcg_margin", scores, labels, _BCE(), k=5)
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    np.testing.assert_allclose(margin, [1.0 + TIE_BREAK * sigmoid(1.5), 0.5 + TIE_BREAK * sigmoid(-1.5)], rtol=1e-6)
+    # log-likelihood: mean over items of log sigmoid(s) for positives, log sigmoid(-s) for negatives
+    expected = [np.mean([math.log(sigmoid(2)), math.log(sigmoid(0)), math.log(sigmoid(-1))]),
+                np.mean([math.log(sigmoid(0)), math.log(sigmoid(-1)), math.log(sigmoid(-2))])]
+    np.testing.assert_allclose(list_rewards("loglik", scores, labels, _BCE()), expected, rtol=1e-6)
+    # two texts that tie under NDCG@5 (same ranking) differ under the continuous rewards
+    wider = torch.tensor([[4.0, 0.0, 1.0]])
+    assert list_rewards("ndcg", wider, labels[:1], _BCE())[0] == ndcg[0]
+    assert list_rewards("ndcg_margin", wider, labels[:1], _BCE())[0] > margin[0]
+    assert list_rewards("loglik", wider, labels[:1], _BCE())[0] > expected[0]
+
+
+def _table(rewards):
+    rows = [(u, s, r) for u, values in rewards.items() for s, r in enumerate(values)]
+    frame = pd.DataFrame(rows, columns=["user_index", "sample", "reward"])
+    knowledge = frame[["user_index", "sample"]].assign(text=[f"u{u}s{s}" for u, s in zip(frame["user_index"], frame["sample"])],
+                                                       n_tokens=[10 + s for s in frame["sample"]])
+    prompts = pd.DataFrame({"user_index": list(rewards), "message": [f"p{u}" for u in rewards]})
+    return frame, knowledge, prompts
+
+
+def test_pairings_by_hand():
+    # sample 0 is greedy (never a candidate); user 1 has a NaN (no list with a positive) and a tie
+    frame, knowledge, prompts = _table({0: [9.0, 0.1, 0.4, 0.3, 0.2], 1: [0.0, 0.5, np.nan, 0.5, 0.2]})
+    best_worst = make_pairs(frame, knowledge, prompts, 1e-6, "best_worst")
+    assert list(zip(best_worst["user_index"], best_worst["sample_chosen"], best_worst["sample_rejected"])) == [(0, 2, 1), (1, 1, 4)]
+    assert best_worst.loc[0, "prompt"] == "p0" and best_worst.loc[0, "chosen"] == "u0s2" and best_worst.loc[0, "tokens_rejected"] == 11
+    top_bottom = make_pairs(frame, knowledge, prompts, 1e-6, "top_bottom", k=2)
+    # user 0: top {2, 3} x bottom {1, 4}; user 1 (3 samples with a reward): k = min(2, 3 // 2) = 1
+    assert sorted(zip(top_bottom["user_index"], top_bottom["sample_chosen"], top_bottom["sample_rejected"])) == [
+        (0, 2, 1), (0, 2, 4), (0, 3, 1), (0, 3, 4), (1, 1, 4)]
+    all_gaps = make_pairs(frame, knowledge, prompts, 0.15, "all_gaps")
+    # gaps > 0.15: user 0: 2-1 (0.3), 2-4 (0.2), 3-1 (0.2); user 1: 1-4 and 3-4 (0.3 each), 1-3 tie
+    assert sorted(zip(all_gaps["user_index"], all_gaps["sample_chosen"], all_gaps["sample_rejected"])) == [
+        (0, 2, 1), (0, 2, 4), (0, 3, 1), (1, 1, 4), (1, 3, 4)]
+    assert (all_gaps["reward_chosen"] - all_gaps["reward_rejected"] > 0.15).all()
+    spread = reward_spread(frame, best_worst)
+    assert spread["users_without_reward"] == 1 and spread["users_with_tied_samples"] == 0
+    assert spread["best_minus_worst_mean"] == pytest.approx((0.3 + 0.3) / 2)
+    assert spread["chosen_tokens_mean"] == pytest.approx((12 + 11) / 2)
+
+
+def test_heldout_summary_by_hand():
+    # user 0: two pairs, one right and one tied (half); user 1: one wrong; user 2: one right
+    scored = pd.DataFrame({"user_index": [0, 0, 1, 2], "margin": [0.2, 0.0, -0.1, 0.3]})
+    summary = summarize(scored, seed=0)
+    assert summary["heldout_pair_accuracy"] == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    assert summary["margin_mean"] == pytest.approx(0.4 / 4)
+    assert summary["ties"] == 1 and summary["users"] == 3 and summary["pairs"] == 4
+    low, high = summary["heldout_pair_accuracy_ci95"]
+    assert 0 <= low <= summary["heldout_pair_accuracy"] <= high <= 1 and high - low > 0.1
+    everyone_right = summarize(pd.DataFrame({"user_index": [0, 1, 2], "margin": [1.0, 2.0, 0.5]}))
+    assert everyone_right["heldout_pair_accuracy"] == 1.0 and everyone_right["heldout_pair_accuracy_ci95"] == [1.0, 1.0]
+
+
+def test_completion_log_probs_equal_a_full_forward():
+    """sequence_logps (LM head on answer positions only, batched, padded) against one plain forward per text."""
+    from dpo4rec.generate.model import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    model = load_model("smollm2-135m", dtype=torch.float32)
+    texts = [("A user who loves musicals.", "Musicals and warm family films."),
+             ("A user with a much longer history of horror and thriller films from the eighties.", "Horror.")]
+    sequences = [completion_ids(tokenizer, p, a) for p, a in texts]
+    batched = sequence_logps(model, sequences, tokenizer.pad_token_id, batch_size=2)
+    for (prompt, answer), value in zip(sequences, batched):
+        ids = torch.tensor([prompt + answer])
+        with torch.inference_mode():
+            logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
+        expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(answer)[:, None]).sum().item()
+        assert value == pytest.approx(expected, abs=1e-3)
