@@ -145,6 +145,24 @@ def _plots(out: Path, metrics: dict) -> None:
     fig.savefig(out / "metrics_by_arm.png", dpi=110)
     plt.close(fig)
 
+    checked = [a for a in metrics.get("alignment", []) if a["heldout_pair_accuracy"] is not None]
+    if checked:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+        for ax, key, chance, title in ((axes[0], "heldout_pair_accuracy", 0.5, "held-out pair accuracy (chance 0.5)"),
+                                       (axes[1], "validation_reward_drift", 0.0, "validation reward drift (next - this round)")):
+            shown = [a for a in checked if a[key] is not None]
+            x = [a["round"] for a in shown]
+            y = [a[key] for a in shown]
+            err = np.array([[a[key] - a[f"{key}_ci95"][0], a[f"{key}_ci95"][1] - a[key]] for a in shown]).T.reshape(2, -1)
+            ax.errorbar(x, y, yerr=err, fmt="o", capsize=5, color="#C44E52")
+            ax.axhline(chance, color="grey", lw=1, ls="--")
+            ax.set_xticks(x)
+            ax.set_xlabel("DPO round")
+            ax.set_title(title + ", 95% CI", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / "alignment.png", dpi=110)
+        plt.close(fig)
+
     rounds = [r for r in metrics["rounds"] if "preferences" in r]
     if rounds:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -186,7 +204,7 @@ def _markdown(metrics: dict, examples: list[dict]) -> str:
         drift = (f"{a['validation_reward_drift']:+.4f} [{a['validation_reward_drift_ci95'][0]:+.4f}, {a['validation_reward_drift_ci95'][1]:+.4f}]"
                  if a["validation_reward_drift"] is not None else "-")
         lines.append(f"| {a['round']} | {a['pairs']} | {a['optimizer_steps']} | {a['heldout_pairs']} ({a['heldout_users']}) | {accuracy} | {drift} |")
-    lines += [""]
+    lines += ["", "![alignment](alignment.png)", ""]
     lines += ["## Test metrics (mean over lists)", "", "| arm | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     for arm, values in {**metrics["arms"], **{f"({k} ranking)": v for k, v in metrics["baselines"].items()}}.items():
         lines.append(f"| {arm} | " + " | ".join(f"{values[m]:.4f}" for m in METRICS) + " |")
@@ -195,12 +213,16 @@ def _markdown(metrics: dict, examples: list[dict]) -> str:
         if c["metric"] in ("map@5", "ndcg@5"):
             lines.append(f"| {c['a']} - {c['b']} | {c['metric']} | {c['diff']:+.4f} | [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] |")
     lines += ["", "(all K in metrics.json)", "", "![metrics](metrics_by_arm.png)", ""]
-    lines += ["## Rounds", "", "| round | mean tokens | ended at EOS | pairs | reward spread (best - worst) | DPO final loss | reward accuracy |", "|---|---|---|---|---|---|---|"]
+    lines += ["## Rounds", "", "Train users' texts and pairs (lengths in tokens: DPO exploits length first).", "",
+              "| round | mean tokens | ended at EOS | pairs | users tied | reward spread (best - worst) | chosen / rejected tokens "
+              "| DPO final loss | reward accuracy |", "|---|---|---|---|---|---|---|---|---|"]
     for r in metrics["rounds"]:
         pref, steps = r.get("preferences"), r.get("dpo", {}).get("steps", [])
+        spread = pref["train"]["spread"] if pref else {}
+        lengths = f"{spread['chosen_tokens_mean']:.1f} / {spread['rejected_tokens_mean']:.1f}" if "chosen_tokens_mean" in spread else "-"
         lines.append(
             f"| {r['round']} | {r['knowledge']['mean_tokens']:.1f} | {r['knowledge']['stopped_at_eos']:.0%} | "
-            + (f"{pref['pairs']} | {pref['train']['spread']['best_minus_worst_mean']:.4f} | " if pref else "- | - | ")
+            + (f"{pref['pairs']} | {spread['users_with_tied_samples']} | {spread['best_minus_worst_mean']:.4g} | {lengths} | " if pref else "- | - | - | - | ")
             + (f"{steps[-1]['loss']:.4f} | {steps[-1]['rewards/accuracies']:.2f} |" if steps else "- | - |")
         )
     lines += ["", "![rewards and DPO](rewards_and_dpo.png)", ""]
