@@ -244,6 +244,10 @@ class AlignConfig:
     """Pairs per forward/backward pass."""
     grad_accumulation: int = 2
     """Passes per optimizer step: pairs per step = batch_size x grad_accumulation (the paper: 16)."""
+    ld_alpha: float | None = None
+    """Length desensitization (LD-DPO, TRL's ``ld_alpha``): the log-prob of tokens past the
+    shorter answer's length is weighted by this (1 = plain DPO, 0 = only the shared length
+    counts), so DPO cannot win by length alone. None = plain DPO (the paper)."""
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -260,6 +264,7 @@ class AlignConfig:
         _check(self.reward in ("ndcg", "ndcg_margin", "loglik"), "align.reward", "ndcg, ndcg_margin or loglik", self.reward)
         _check(self.pairing in ("best_worst", "top_bottom", "all_gaps"), "align.pairing", "best_worst, top_bottom or all_gaps", self.pairing)
         _check(self.pairs_per_user >= 1, "align.pairs_per_user", ">= 1", self.pairs_per_user)
+        _check(self.ld_alpha is None or 0 <= self.ld_alpha <= 1, "align.ld_alpha", "in [0, 1] (or unset)", self.ld_alpha)
         _check(self.reward_lists in ("held_out", "train"), "align.reward_lists", "held_out or train", self.reward_lists)
         _check(0 < self.reward_holdout < 1, "align.reward_holdout", "in (0, 1)", self.reward_holdout)
         _check(self.learning_rate > 0, "align.learning_rate", "> 0", self.learning_rate)

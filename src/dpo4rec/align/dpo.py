@@ -154,6 +154,7 @@ def train_dpo(pairs: pd.DataFrame, model_cfg: ModelConfig, align: AlignConfig, c
     args = DPOConfig(
         output_dir=str(out / "trainer"),
         beta=align.beta,
+        ld_alpha=align.ld_alpha,
         learning_rate=align.learning_rate,
         num_train_epochs=align.epochs,
         per_device_train_batch_size=align.batch_size,
