@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from dpo4rec.align.heldout import completion_ids, sequence_logps, summarize
+from dpo4rec.align.heldout import answer_logps, completion_ids, pair_margins, summarize
 from dpo4rec.align.pairs import make_pairs, reward_spread
 from dpo4rec.recommend.reward import TIE_BREAK, list_rewards
 
@@ -75,32 +75,40 @@ def test_pairings_by_hand():
     assert spread["chosen_tokens_mean"] == pytest.approx((12 + 11) / 2)
 
 
-def test_heldout_summary_by_hand():
-    # user 0: two pairs, one right and one tied (half); user 1: one wrong; user 2: one right
-    scored = pd.DataFrame({"user_index": [0, 0, 1, 2], "margin": [0.2, 0.0, -0.1, 0.3]})
+def test_heldout_margins_and_summary_by_hand():
+    # per-text log-ratios (policy - reference): user 0: s1 +0.2, s2 0, s3 -0.1; user 1: s1 +0.5, s2 +0.5; user 2: s1 0, s2 +1
+    texts = pd.DataFrame({"user_index": [0, 0, 0, 1, 1, 2, 2], "sample": [1, 2, 3, 1, 2, 1, 2],
+                          "policy": [-9.8, -10.0, -10.1, -4.5, -5.5, -3.0, -2.0],
+                          "reference": [-10.0, -10.0, -10.0, -5.0, -6.0, -3.0, -3.0]})
+    pairs = pd.DataFrame({"user_index": [0, 0, 0, 1, 2], "sample_chosen": [1, 1, 2, 2, 1], "sample_rejected": [3, 2, 3, 1, 2],
+                          "reward_chosen": [0.9, 0.9, 0.5, 0.7, 0.6], "reward_rejected": [0.1, 0.5, 0.1, 0.2, 0.5]})
+    scored = pair_margins(pairs, texts, beta=0.1)
+    np.testing.assert_allclose(scored["margin"], [0.1 * 0.3, 0.1 * 0.2, 0.1 * 0.1, 0.0, 0.1 * -1.0], atol=1e-9)
+    assert list(scored["best_worst"]) == [True, False, False, True, True]  # each user's widest reward gap
     summary = summarize(scored, seed=0)
-    assert summary["heldout_pair_accuracy"] == pytest.approx((1 + 0.5 + 0 + 1) / 4)
-    assert summary["margin_mean"] == pytest.approx(0.4 / 4)
-    assert summary["ties"] == 1 and summary["users"] == 3 and summary["pairs"] == 4
+    # right, right, right | tie (half) | wrong: pooled over pairs as the bootstrap pools lists
+    assert summary["heldout_pair_accuracy"] == pytest.approx((1 + 1 + 1 + 0.5 + 0) / 5)
+    assert summary["best_worst_accuracy"] == pytest.approx((1 + 0.5 + 0) / 3)
+    assert summary["ties"] == 1 and summary["users"] == 3 and summary["pairs"] == 5
     low, high = summary["heldout_pair_accuracy_ci95"]
     assert 0 <= low <= summary["heldout_pair_accuracy"] <= high <= 1 and high - low > 0.1
     everyone_right = summarize(pd.DataFrame({"user_index": [0, 1, 2], "margin": [1.0, 2.0, 0.5]}))
     assert everyone_right["heldout_pair_accuracy"] == 1.0 and everyone_right["heldout_pair_accuracy_ci95"] == [1.0, 1.0]
 
 
-def test_completion_log_probs_equal_a_full_forward():
-    """sequence_logps (LM head on answer positions only, batched, padded) against one plain forward per text."""
+def test_shared_prompt_log_probs_equal_a_full_forward():
+    """answer_logps (one prompt pass, its cache repeated for every answer, right-padded) against one plain forward per text."""
     from dpo4rec.generate.model import load_model, load_tokenizer
 
     tokenizer = load_tokenizer("smollm2-135m")
     model = load_model("smollm2-135m", dtype=torch.float32)
-    texts = [("A user who loves musicals.", "Musicals and warm family films."),
-             ("A user with a much longer history of horror and thriller films from the eighties.", "Horror.")]
-    sequences = [completion_ids(tokenizer, p, a) for p, a in texts]
-    batched = sequence_logps(model, sequences, tokenizer.pad_token_id, batch_size=2)
-    for (prompt, answer), value in zip(sequences, batched):
-        ids = torch.tensor([prompt + answer])
+    prompt = "A user who loves musicals and westerns from the fifties."
+    answers = ["Musicals and warm family films.", "Horror.", "Westerns with long, quiet landscapes and a lonely hero."]
+    ids = [completion_ids(tokenizer, prompt, a) for a in answers]
+    shared = answer_logps(model, ids[0][0], [a for _, a in ids])
+    for (prompt_ids, answer), value in zip(ids, shared):
+        full = torch.tensor([prompt_ids + answer])
         with torch.inference_mode():
-            logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
+            logits = model(full).logits[0, len(prompt_ids) - 1 : -1].float()
         expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(answer)[:, None]).sum().item()
         assert value == pytest.approx(expected, abs=1e-3)

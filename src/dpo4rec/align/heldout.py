@@ -2,18 +2,23 @@
 
 Round t's reward stage also scores N sampled texts of validation users (on
 their validation lists, by a recommender that never trained on them) and
-pairs them as it pairs the train users (``validation_pairs.parquet``). Those
-pairs never reach DPO. After round t's DPO, each pair's implicit reward
-margin under the trained policy is
+keeps every two samples of a user whose rewards differ as a pair
+(``validation_pairs.parquet``). Those never reach DPO. After round t's DPO,
+each sampled validation text gets its log-ratio under the trained policy
+``pi`` (round t's model + adapter t) against the reference ``ref`` (round
+t's model), and each pair its implicit reward margin
 
-    beta * [(log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected))]
+    beta * [(log pi - log ref)(chosen) - (log pi - log ref)(rejected)]
 
-with ``ref`` the round's starting model (base + adapters 0..t-1) and ``pi``
-the same plus adapter t: DPO's own reading of which text it now prefers.
-Held-out pair accuracy is the share of pairs with a positive margin (a tie,
-e.g. after a round without pairs, counts half); chance is 0.5, and the
-interval resamples validation users. Writes ``RUN/round_<t>/heldout/``:
-``pairs.parquet`` (per pair log-probs and margin), ``summary.json``.
+DPO's own reading of which text it now prefers. Held-out pair accuracy is
+the share of pairs with a positive margin (a tie, e.g. after a round without
+pairs, counts half); chance is 0.5, and the interval resamples validation
+users (all of a user's pairs together). Reported over every pair (the
+headline: each text is scored once, so all 45 pairs of 10 samples cost what
+one does) and over each user's best-vs-worst pair alone.
+
+Writes ``RUN/round_<t>/heldout/``: ``texts.parquet`` (per text log-probs),
+``pairs.parquet`` (per pair margin), ``summary.json``.
 """
 
 from __future__ import annotations
@@ -44,8 +49,10 @@ def run_heldout_stage(run_dir: str | Path, round_index: int, model_cfg: ModelCon
     for path, stage in ((pairs_file, "reward"), (adapter / "adapter_model.safetensors", "align")):
         if not path.is_file():
             raise InputError(f"{path} not found; run the {stage} stage for round {round_index} first")
+    prompts_file = run_dir / "prompts" / "prompts.parquet"
     chain = adapter_chain(run_dir, round_index)
-    inputs = {"validation_pairs.parquet": fingerprint_file(pairs_file), "adapter": fingerprint_file(adapter / "adapter_model.safetensors")}
+    inputs = {"validation_pairs.parquet": fingerprint_file(pairs_file), "adapter": fingerprint_file(adapter / "adapter_model.safetensors"),
+              "prompts.parquet": fingerprint_file(prompts_file)}
     inputs.update({f"chain/{p.parent.name}": fingerprint_file(p / "adapter_model.safetensors") for p in chain})
     manifest = make_manifest(STAGE, {"model": {"name": model_cfg.name, "dtype": model_cfg.dtype}, "beta": align.beta}, inputs)
     folder = here / STAGE
@@ -53,50 +60,83 @@ def run_heldout_stage(run_dir: str | Path, round_index: int, model_cfg: ModelCon
         return folder, read_json(folder / "summary.json"), True
     pairs = pd.read_parquet(pairs_file)
     if len(pairs) == 0:
-        raise InputError(f"{pairs_file}: no validation pairs (every sampled validation user tied); "
+        raise InputError(f"{pairs_file}: no validation pairs (every sampled validation user's samples tied); "
                          "raise generate.sampled_validation_users or use a continuous align.reward")
-    scored = score_pairs(pairs, model_cfg, [*chain, adapter], align.beta)
+    texts = pd.concat([
+        pairs[["user_index", "sample_chosen", "chosen"]].set_axis(["user_index", "sample", "text"], axis=1),
+        pairs[["user_index", "sample_rejected", "rejected"]].set_axis(["user_index", "sample", "text"], axis=1),
+    ]).drop_duplicates(["user_index", "sample"]).sort_values(["user_index", "sample"]).reset_index(drop=True)
+    prompts = pd.read_parquet(prompts_file).set_index("user_index")["message"]
+    texts = score_texts(texts, prompts, model_cfg, [*chain, adapter])
+    scored = pair_margins(pairs, texts, align.beta)
     summary = summarize(scored, seed)
     with StageFolder(folder, manifest) as tmp:
+        write_parquet(tmp / "texts.parquet", texts)
         write_parquet(tmp / "pairs.parquet", scored)
         write_json(tmp / "summary.json", summary)
     return folder, summary, False
 
 
-def summarize(scored: pd.DataFrame, seed: int = 0) -> dict:
-    """Accuracy (ties count half) with a 95% bootstrap interval over users, and the mean margin."""
+def pair_margins(pairs: pd.DataFrame, texts: pd.DataFrame, beta: float) -> pd.DataFrame:
+    """Each pair's implicit reward margin from its two texts' log-ratios; ``best_worst`` marks each user's widest pair."""
+    ratio = texts.set_index(["user_index", "sample"])["policy"] - texts.set_index(["user_index", "sample"])["reference"]
+    out = pairs[["user_index", "sample_chosen", "sample_rejected", "reward_chosen", "reward_rejected"]].copy()
+    chosen = ratio.reindex(pd.MultiIndex.from_arrays([out["user_index"], out["sample_chosen"]])).to_numpy()
+    rejected = ratio.reindex(pd.MultiIndex.from_arrays([out["user_index"], out["sample_rejected"]])).to_numpy()
+    out["margin"] = beta * (chosen - rejected)
+    gap = out["reward_chosen"] - out["reward_rejected"]
+    # the widest gap per user; ties broken by sample numbers, as the pair builder does
+    order = out.assign(gap=gap).sort_values(["user_index", "gap", "sample_chosen", "sample_rejected"], ascending=[True, False, True, False])
+    out["best_worst"] = False
+    out.loc[order.groupby("user_index").head(1).index, "best_worst"] = True
+    return out
+
+
+def _accuracy(scored: pd.DataFrame, seed: int) -> tuple[float, list[float]]:
     correct = np.where(scored["margin"] > 0, 1.0, np.where(scored["margin"] < 0, 0.0, 0.5))
+    accuracy, ci = paired_bootstrap(scored["user_index"].to_numpy(), correct, np.zeros(len(correct)), seed=seed)
+    return accuracy, list(ci)
+
+
+def summarize(scored: pd.DataFrame, seed: int = 0) -> dict:
+    """Accuracy (ties count half) with a 95% bootstrap interval over users, over all pairs and best-vs-worst alone."""
     users = scored["user_index"].to_numpy()
-    accuracy, ci = paired_bootstrap(users, correct, np.zeros(len(correct)), seed=seed)
-    margin, margin_ci = paired_bootstrap(users, scored["margin"].to_numpy(), np.zeros(len(correct)), seed=seed)
-    return {"pairs": len(scored), "users": int(len(np.unique(users))), "heldout_pair_accuracy": accuracy,
-            "heldout_pair_accuracy_ci95": list(ci), "margin_mean": margin, "margin_ci95": list(margin_ci),
-            "ties": int((scored["margin"] == 0).sum())}
+    accuracy, ci = _accuracy(scored, seed)
+    margin, margin_ci = paired_bootstrap(users, scored["margin"].to_numpy(), np.zeros(len(scored)), seed=seed)
+    summary = {"pairs": len(scored), "users": int(len(np.unique(users))), "heldout_pair_accuracy": accuracy,
+               "heldout_pair_accuracy_ci95": ci, "margin_mean": margin, "margin_ci95": list(margin_ci),
+               "ties": int((scored["margin"] == 0).sum())}
+    if "best_worst" in scored:
+        best_worst, best_worst_ci = _accuracy(scored[scored["best_worst"]], seed)
+        summary.update({"best_worst_accuracy": best_worst, "best_worst_accuracy_ci95": best_worst_ci})
+    return summary
 
 
-def score_pairs(pairs: pd.DataFrame, model_cfg: ModelConfig, adapters: list[Path], beta: float, batch_size: int = 8) -> pd.DataFrame:
-    """Each pair's completion log-probs under the policy (all ``adapters``) and the reference (all but the last)."""
+def score_texts(texts: pd.DataFrame, prompts: pd.Series, model_cfg: ModelConfig, adapters: list[Path]) -> pd.DataFrame:
+    """Each text's answer log-prob under the policy (all ``adapters``) and the reference (all but the last)."""
     from dpo4rec.generate.model import attach_adapters, chain_names, load_base_model, load_tokenizer, parse_dtype
 
     tokenizer = load_tokenizer(model_cfg.name)
     dtype = parse_dtype(model_cfg.dtype, model_cfg.device)
     model = attach_adapters(load_base_model(model_cfg.name, dtype, model_cfg.device), adapters).eval()
     names = chain_names(adapters)
-    texts = [(p, c) for p, c in zip(pairs["prompt"], pairs["chosen"])] + [(p, r) for p, r in zip(pairs["prompt"], pairs["rejected"])]
-    sequences = [completion_ids(tokenizer, prompt, answer) for prompt, answer in texts]
-    logps = {}
+    groups = []
+    for user, frame in texts.groupby("user_index", sort=True):
+        answers = [completion_ids(tokenizer, prompts[user], text) for text in frame["text"]]
+        groups.append((answers[0][0], [a for _, a in answers]))
+    out = texts.copy()
     for role, active in (("policy", names), ("reference", names[:-1])):
+        values = []
         if active:
             model.base_model.set_adapter(active, inference_mode=True)
-            logps[role] = sequence_logps(model.get_base_model(), sequences, tokenizer.pad_token_id, batch_size, role)
+            for prompt, answers in tqdm(groups, desc=f"held-out texts ({role})", leave=False):
+                values += list(answer_logps(model.get_base_model(), prompt, answers))
         else:  # round 0: the reference is the base model
             with model.disable_adapter():
-                logps[role] = sequence_logps(model.get_base_model(), sequences, tokenizer.pad_token_id, batch_size, role)
-    n = len(pairs)
-    out = pairs[["user_index", "reward_chosen", "reward_rejected"]].copy()
-    out["policy_chosen"], out["policy_rejected"] = logps["policy"][:n], logps["policy"][n:]
-    out["reference_chosen"], out["reference_rejected"] = logps["reference"][:n], logps["reference"][n:]
-    out["margin"] = beta * ((out["policy_chosen"] - out["reference_chosen"]) - (out["policy_rejected"] - out["reference_rejected"]))
+                for prompt, answers in tqdm(groups, desc=f"held-out texts ({role})", leave=False):
+                    values += list(answer_logps(model.get_base_model(), prompt, answers))
+        out[role] = values
+    out["n_answer_tokens"] = [len(a) for _, answers in groups for a in answers]
     return out
 
 
@@ -112,26 +152,28 @@ def completion_ids(tokenizer, prompt: str, answer: str) -> tuple[list[int], list
 
 
 @torch.inference_mode()
-def sequence_logps(model, sequences, pad_id: int, batch_size: int, desc: str = "score") -> np.ndarray:
-    """Sum of the answer tokens' log-probs for each (prompt ids, answer ids); the LM head runs on answer positions only."""
-    order = sorted(range(len(sequences)), key=lambda i: -(len(sequences[i][0]) + len(sequences[i][1])))
-    out = np.zeros(len(sequences))
+def answer_logps(model, prompt: list[int], answers: list[list[int]]) -> np.ndarray:
+    """Sum of each answer's token log-probs after one shared ``prompt``: the prompt runs once, its cache serves every answer."""
     device = next(model.parameters()).device
-    for start in tqdm(range(0, len(order), batch_size), desc=f"held-out pairs ({desc})", leave=False):
-        batch = order[start : start + batch_size]
-        rows = [sequences[i][0] + sequences[i][1] for i in batch]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, r in enumerate(rows):
-            ids[j, : len(r)] = torch.tensor(r)
-            mask[j, : len(r)] = 1
-        hidden = model.model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-        for j, i in enumerate(batch):
-            prompt, answer = sequences[i]
-            if not answer:
-                continue
-            positions = torch.arange(len(prompt) - 1, len(prompt) + len(answer) - 1, device=device)
-            logits = model.lm_head(hidden[j, positions]).float()
-            out[i] = torch.log_softmax(logits, -1).gather(-1, torch.tensor(answer, device=device)[:, None]).sum().item()
-    return out
+    out = model.model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    first = torch.log_softmax(model.lm_head(out.last_hidden_state[0, -1]).float(), -1)  # each answer's first token
+    cache.batch_repeat_interleave(len(answers))
+    width = max(1, max(len(a) for a in answers))
+    ids = torch.zeros((len(answers), width), dtype=torch.long, device=device)
+    mask = torch.ones((len(answers), len(prompt) + width), dtype=torch.long, device=device)
+    for row, answer in enumerate(answers):
+        ids[row, : len(answer)] = torch.tensor(answer, dtype=torch.long)
+        mask[row, len(prompt) + len(answer):] = 0  # right padding: real tokens never attend to it
+    positions = torch.arange(len(prompt), len(prompt) + width, device=device)[None].expand(len(answers), -1)
+    hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache).last_hidden_state
+    result = np.zeros(len(answers))
+    for row, answer in enumerate(answers):
+        if not answer:
+            continue
+        total = first[answer[0]]
+        if len(answer) > 1:
+            logits = model.lm_head(hidden[row, : len(answer) - 1]).float()
+            total = total + torch.log_softmax(logits, -1).gather(-1, torch.tensor(answer[1:], device=device)[:, None]).sum()
+        result[row] = float(total)
+    return result

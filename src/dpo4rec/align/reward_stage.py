@@ -9,8 +9,9 @@ recommender, ``knowledge/`` and ``prompts/``; writes ``RUN/round_<t>/preferences
   reward_rejected, sample_chosen, sample_rejected;
 * ``validation_rewards.parquet`` / ``validation_pairs.parquet``: the same for
   the validation users with samples, scored on their validation lists by the
-  same recommender (which never trained on them); never used for training,
-  only to check on unseen users what DPO learned (align/heldout.py);
+  same recommender (which never trained on them), with every two samples
+  whose rewards differ as a pair; never used for training, only to check on
+  unseen users what DPO learned (align/heldout.py);
 * ``summary.json`` (reward spread, ties, pair counts, for train and
   validation users) and ``manifest.json``.
 
@@ -58,7 +59,7 @@ def run_reward_stage(run_dir: str | Path, round_index: int, recommend: Recommend
         if not path.is_file():
             raise InputError(f"{path} not found; run the {stage} stage for round {round_index} first")
     settings = {"min_reward_gap": align.min_reward_gap, "recommender": recommender.name, "reward": align.reward,
-                "pairing": align.pairing, "pairs_per_user": align.pairs_per_user,
+                "pairing": align.pairing, "pairs_per_user": align.pairs_per_user, "validation_pairing": "all_gaps",
                 "reward_lists": align.reward_lists, "reward_holdout": align.held_out_share}
     manifest = make_manifest(STAGE, settings,
                              {name: fingerprint_file(path) for name, path in needed.items()})
@@ -79,7 +80,9 @@ def run_reward_stage(run_dir: str | Path, round_index: int, recommend: Recommend
             field = f"generate.sampled_{name}_users"
             raise InputError(f"{here / 'knowledge'}: no sampled texts for {name} users ({field}, generate.n_samples >= 2)")
         rewards = scorer.score_embeddings(embeddings, split=lists, users=sampled_users, reward=align.reward)
-        pairs = make_pairs(rewards, knowledge, prompts, align.min_reward_gap, align.pairing, align.pairs_per_user)
+        # validation users: every pair whose rewards differ (the held-out check scores each text once, so all pairs are free)
+        pairing = align.pairing if name == "train" else "all_gaps"
+        pairs = make_pairs(rewards, knowledge, prompts, align.min_reward_gap, pairing, align.pairs_per_user)
         outputs[name] = (rewards.merge(knowledge[["user_index", "sample", "text"]], on=["user_index", "sample"], how="left"), pairs)
         summary[name] = {"spread": reward_spread(rewards, pairs), "pairs": len(pairs), "users_with_pairs": int(pairs["user_index"].nunique()),
                          "sampled_users": int(len(sampled_users)),

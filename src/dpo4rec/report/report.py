@@ -89,6 +89,9 @@ def alignment(run_dir: Path, config: PipelineConfig, rounds: list[dict]) -> list
                  "heldout_pairs": heldout.get("pairs"), "heldout_users": heldout.get("users"),
                  "heldout_pair_accuracy": heldout.get("heldout_pair_accuracy"),
                  "heldout_pair_accuracy_ci95": heldout.get("heldout_pair_accuracy_ci95"),
+                 "heldout_best_worst_accuracy": heldout.get("best_worst_accuracy"),
+                 "heldout_best_worst_accuracy_ci95": heldout.get("best_worst_accuracy_ci95"),
+                 "heldout_margin_mean": heldout.get("margin_mean"), "heldout_margin_ci95": heldout.get("margin_ci95"),
                  "validation_reward_drift": drift.get(t, {}).get("validation_reward_drift"),
                  "validation_reward_drift_ci95": drift.get(t, {}).get("validation_reward_drift_ci95"),
                  "validation_users": drift.get(t, {}).get("users")}
@@ -193,17 +196,22 @@ def _markdown(metrics: dict, examples: list[dict]) -> str:
               f"Round picked by validation MAP@5: **{metrics['selected_round']}** (0 = the base LLM: no DPO round did better).", ""]
     lines += ["## Did DPO learn something that carries to unseen users? (validation users)", "",
               "Held-out pair accuracy: how often the DPO-trained policy's implicit reward (beta x log-ratio against the "
-              "round's starting model) ranks a validation user's chosen text above the rejected one (chance 0.5); "
+              "round's starting model) ranks a validation user's chosen text above the rejected one (chance 0.5), over "
+              "every two samples whose rewards differ, and over each user's best-vs-worst pair alone; "
               "validation reward drift: the next round's sampled texts minus this round's, both under this round's "
               f"reward model ({cfg['align']['reward']}). Intervals: 95% bootstrap over validation users.", "",
-              "| DPO round | pairs | optimizer steps | held-out pairs (users) | held-out pair accuracy [95% CI] | validation reward drift [95% CI] |",
-              "|---|---|---|---|---|---|"]
+              "| DPO round | pairs | optimizer steps | held-out pairs (users) | held-out pair accuracy [95% CI] "
+              "| best vs worst only [95% CI] | validation reward drift [95% CI] |",
+              "|---|---|---|---|---|---|---|"]
     for a in metrics["alignment"]:
         accuracy = (f"{a['heldout_pair_accuracy']:.3f} [{a['heldout_pair_accuracy_ci95'][0]:.3f}, {a['heldout_pair_accuracy_ci95'][1]:.3f}]"
                     if a["heldout_pair_accuracy"] is not None else "-")
         drift = (f"{a['validation_reward_drift']:+.4f} [{a['validation_reward_drift_ci95'][0]:+.4f}, {a['validation_reward_drift_ci95'][1]:+.4f}]"
                  if a["validation_reward_drift"] is not None else "-")
-        lines.append(f"| {a['round']} | {a['pairs']} | {a['optimizer_steps']} | {a['heldout_pairs']} ({a['heldout_users']}) | {accuracy} | {drift} |")
+        best_worst = (f"{a['heldout_best_worst_accuracy']:.3f} [{a['heldout_best_worst_accuracy_ci95'][0]:.3f}, "
+                      f"{a['heldout_best_worst_accuracy_ci95'][1]:.3f}]" if a.get("heldout_best_worst_accuracy") is not None else "-")
+        lines.append(f"| {a['round']} | {a['pairs']} | {a['optimizer_steps']} | {a['heldout_pairs']} ({a['heldout_users']}) | {accuracy} "
+                     f"| {best_worst} | {drift} |")
     lines += ["", "![alignment](alignment.png)", ""]
     lines += ["## Test metrics (mean over lists)", "", "| arm | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     for arm, values in {**metrics["arms"], **{f"({k} ranking)": v for k, v in metrics["baselines"].items()}}.items():
