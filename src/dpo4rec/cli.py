@@ -141,8 +141,9 @@ def _generate_stages(args: argparse.Namespace) -> int:
         print(f"{'reused' if prompts.reused else 'wrote'} {prompts.folder}")
         return 0
     from dpo4rec.generate.stage import run_generate_stage
+    from dpo4rec.run import round_generate_config
 
-    result = run_generate_stage(args.out, args.round, config.model, config.generate, adapters=args.adapter)
+    result = run_generate_stage(args.out, args.round, config.model, round_generate_config(config, args.round), adapters=args.adapter)
     s = result.summary
     print(f"knowledge: {s['texts']:,} texts for {s['users']:,} users ({s['sampled_texts']:,} sampled), "
           f"{s['mean_tokens']:.0f} tokens on average, {s['stopped_at_eos']:.0%} ended at EOS, {s['empty_texts']} empty")

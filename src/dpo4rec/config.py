@@ -229,8 +229,9 @@ class AlignConfig:
     (every two samples whose rewards differ by more than ``min_reward_gap``)."""
     pairs_per_user: int = 2
     """k of "top_bottom" (k x k pairs per user; DPO time grows with the pairs)."""
-    min_reward_gap: float = 1e-6
-    """Two samples whose rewards differ by no more than this make no pair."""
+    min_reward_gap: float = 0.0
+    """Two samples whose rewards differ by no more than this make no pair (0: any difference;
+    samples that rank every list alike get bit-identical NDCG averages, so ties are exact)."""
     reward_lists: str = "held_out"
     """Which of a train user's lists the reward averages over: "held_out" (the user's last
     ``reward_holdout`` share of lists, kept out of a separate reward recommender's training)
@@ -251,6 +252,7 @@ class AlignConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
+    """Kept for the adapter's config; TRL's DPO turns dropout off (disable_dropout), so it does not act in training."""
     max_length: int = 1024
     """Prompt + answer tokens per example (longer ones are cut)."""
     gradient_checkpointing: bool = False

@@ -122,7 +122,10 @@ def policy_and_reference(model_cfg: ModelConfig, align: AlignConfig, chain: list
 
     if not chain:
         return load_base_model(model_cfg.name, dtype, model_cfg.device).train(), None, _lora_config(align)
+    from transformers import set_seed
+
     policy = attach_adapters(load_base_model(model_cfg.name, dtype, model_cfg.device), chain)
+    set_seed(align.seed)  # the new adapter's random init (TRL seeds only the adapters it adds itself)
     policy.add_adapter("default", _lora_config(align))
     frozen = chain_names(chain)
     policy.base_model.set_adapter([*frozen, "default"])

@@ -59,9 +59,9 @@ def _settings(gen: GenerateConfig, sampled: bool) -> SamplerSettings:
 
 def sampled_users(users: pd.DataFrame, gen: GenerateConfig) -> np.ndarray:
     """The users who get N samples: seeded subsets of the train and validation users (sorted user indices)."""
-    rng = np.random.default_rng(np.random.SeedSequence([gen.seed, 7]))
     chosen = []
-    for split, count in (("train", gen.sampled_train_users), ("validation", gen.sampled_validation_users)):
+    for stream, (split, count) in enumerate((("train", gen.sampled_train_users), ("validation", gen.sampled_validation_users))):
+        rng = np.random.default_rng(np.random.SeedSequence([gen.seed, 7, stream]))  # one stream per split: each subset stays put
         pool = np.sort(users.loc[users["split"].astype(str) == split, "user_index"].to_numpy())
         if count is not None and count > len(pool):
             raise InputError(f"generate.sampled_{split}_users = {count}, but the run has only {len(pool)} {split} users")

@@ -15,6 +15,9 @@ class VLLMSampler:
     name = "vllm"
 
     def __init__(self, model, eos_ids: list[int], pad_id: int):
+        if getattr(model, "peft_config", None):
+            # vLLM reads the base folder: it would sample from the base model, not the policy DPO trained
+            raise InputError("generate.backend=vllm cannot sample with DPO adapters yet (rounds >= 1); use auto or hf")
         try:
             import vllm
         except ImportError:
