@@ -112,3 +112,19 @@ def test_shared_prompt_log_probs_equal_a_full_forward():
             logits = model(full).logits[0, len(prompt_ids) - 1 : -1].float()
         expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(answer)[:, None]).sum().item()
         assert value == pytest.approx(expected, abs=1e-3)
+
+
+def test_validation_drift_by_hand():
+    from dpo4rec.report.drift import sampled_drift
+
+    before = pd.DataFrame({"user_index": [0, 0, 0, 1, 1, 1, 2, 2], "sample": [0, 1, 2, 0, 1, 2, 1, 2],
+                           "reward": [9.0, 0.2, 0.4, 9.0, 0.5, np.nan, 0.1, 0.1]})
+    after = pd.DataFrame({"user_index": [0, 0, 1, 1, 3], "sample": [1, 2, 1, 2, 1], "reward": [0.5, 0.7, 0.4, 0.6, 0.9]})
+    drift = sampled_drift(before, after)
+    # user 0: 0.6 - 0.3 = +0.3; user 1: 0.5 - 0.5 (its NaN sample left out) = 0; users 2 and 3 are on one side only
+    assert drift["users"] == 2
+    assert drift["validation_reward_drift"] == pytest.approx((0.3 + 0.0) / 2)
+    assert drift["before"] == pytest.approx(0.4) and drift["after"] == pytest.approx(0.55)
+    low, high = drift["validation_reward_drift_ci95"]
+    assert low == pytest.approx(0.0) and high == pytest.approx(0.3)  # resampling two users: 0, 0.15 or 0.3
+    assert sampled_drift(before, after[after["user_index"] == 3]) == {}

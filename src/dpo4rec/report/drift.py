@@ -78,13 +78,23 @@ def validation_drift(run_dir: Path, config: PipelineConfig) -> list[dict]:
         users = before["user_index"].unique()
         scorer, _ = reward_scorer(recommender, run_dir, config.align)
         after = scorer.score_embeddings(read_embeddings(after_folder), split="validation", users=users, reward=config.align.reward)
-        mean_before = before[before["sample"] > 0].groupby("user_index")["reward"].mean().dropna()
-        mean_after = after[after["sample"] > 0].groupby("user_index")["reward"].mean().dropna()
-        common = mean_before.index.intersection(mean_after.index)
-        if len(common) == 0:
-            continue
-        diff, ci = paired_bootstrap(np.asarray(common), mean_after[common].to_numpy(), mean_before[common].to_numpy(), seed=config.data.seed)
-        rows.append({"round": t, "users": int(len(common)), "before": float(mean_before[common].mean()),
-                     "after": float(mean_after[common].mean()), "validation_reward_drift": diff,
-                     "validation_reward_drift_ci95": list(ci), "reward": config.align.reward})
+        row = sampled_drift(before, after, config.data.seed)
+        if row:
+            rows.append({"round": t, **row, "reward": config.align.reward})
     return rows
+
+
+def sampled_drift(before: pd.DataFrame, after: pd.DataFrame, seed: int = 0) -> dict:
+    """Mean over users of (mean reward of the user's sampled texts after - before), with a paired bootstrap interval.
+
+    ``before``/``after``: user_index, sample, reward (sample 0, the greedy text, and NaN rewards left out);
+    users sampled on one side only are left out. Empty dict when no user is on both sides.
+    """
+    mean_before = before[before["sample"] > 0].groupby("user_index")["reward"].mean().dropna()
+    mean_after = after[after["sample"] > 0].groupby("user_index")["reward"].mean().dropna()
+    common = mean_before.index.intersection(mean_after.index)
+    if len(common) == 0:
+        return {}
+    diff, ci = paired_bootstrap(np.asarray(common), mean_after[common].to_numpy(), mean_before[common].to_numpy(), seed=seed)
+    return {"users": int(len(common)), "before": float(mean_before[common].mean()), "after": float(mean_after[common].mean()),
+            "validation_reward_drift": diff, "validation_reward_drift_ci95": list(ci)}
