@@ -7,6 +7,7 @@ import time
 
 import pandas as pd
 import pytest
+import torch
 
 from dpo4rec.config import GenerateConfig, ModelConfig
 from dpo4rec.errors import InputError
@@ -78,7 +79,9 @@ def test_kill_9_then_rerun_loses_nothing_and_duplicates_nothing(tiny_run, tmp_pa
     config = tmp_path / "gen.toml"
     config.write_text("[generate]\nbatch_rows = 8\nmax_prefill_tokens = 400\n[prompts]\nmax_prompt_tokens = 160\n[data]\nseed = 0\n")
     args += ["--config", str(config)]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    # the same thread count as the reference run in this process: bf16 products round differently with another
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     parts = run / "round_0" / "knowledge" / "parts"
     deadline = time.time() + 240
     while time.time() < deadline and not list(parts.glob("part-*.parquet")):
@@ -87,7 +90,7 @@ def test_kill_9_then_rerun_loses_nothing_and_duplicates_nothing(tiny_run, tmp_pa
     process.wait()
     done_before = len(list(parts.glob("part-*.parquet")))
     assert 1 <= done_before < 4, "the kill should land mid-run"
-    result = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(args, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     resumed = pd.read_parquet(run / "round_0" / "knowledge" / "knowledge.parquet")
     pd.testing.assert_frame_equal(pd.read_parquet(reference.folder / "knowledge.parquet"), resumed)

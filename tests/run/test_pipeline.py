@@ -18,8 +18,17 @@ TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.toml"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
+def _same_threads() -> None:
+    """Subprocesses compute with as many threads as this process: bf16 products round differently with another
+    thread count, sampled texts then differ, and so would everything downstream (other test modules set 1 thread)."""
+    import torch
+
+    ENV["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
+    _same_threads()
     run = tmp_path_factory.mktemp("tiny")
     report = run_pipeline(load_config(TINY), run)
     return run, json.loads((report / "metrics.json").read_text())
