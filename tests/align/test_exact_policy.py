@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from dpo4rec.align.dpo import run_align_stage
+from dpo4rec.align.heldout import completion_ids
 from dpo4rec.config import AlignConfig, ModelConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,13 +24,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PROMPT = "Describe user {i}, who watched musicals and family dramas in the nineties."
 CHOSEN = "This user loves old musicals and family dramas with warm, hopeful endings."
 REJECTED = "The user watched some movies. Movies are films. They watched them."
-
-
-def _ids(tokenizer, prompt, answer):
-    head = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], tokenize=False)
-    prompt_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
-    return prompt_ids, tokenizer(full, add_special_tokens=False)["input_ids"][len(prompt_ids):]
 
 
 def hf_logps(model, prompt_ids, answer_ids) -> torch.Tensor:
@@ -78,7 +72,7 @@ def test_next_round_samples_the_policy_dpo_trained(tmp_path):
     merged = merged.float().eval()  # what load_model did before: merge into the bf16 weights
 
     for answer in (CHOSEN, REJECTED):
-        ids = _ids(tokenizer, PROMPT.format(i=0), answer)
+        ids = completion_ids(tokenizer, PROMPT.format(i=0), answer)
         start = hf_logps(base, *ids)
         change = hf_logps(trained, *ids) - start
         assert change.abs().sum() > 0.01  # DPO moved this text's log-probs measurably

@@ -23,6 +23,7 @@ Writes ``RUN/round_<t>/heldout/``: ``texts.parquet`` (per text log-probs),
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -135,16 +136,12 @@ def score_texts(texts: pd.DataFrame, prompts: pd.Series, model_cfg: ModelConfig,
         groups.append((answers[0][0], [a for _, a in answers]))
     out = texts.copy()
     for role, active in (("policy", names), ("reference", names[:-1])):
-        values = []
         if active:
             model.base_model.set_adapter(active, inference_mode=True)
-            for prompt, answers in tqdm(groups, desc=f"held-out texts ({role})", leave=False):
-                values += list(answer_logps(model.get_base_model(), prompt, answers))
-        else:  # round 0: the reference is the base model
-            with model.disable_adapter():
-                for prompt, answers in tqdm(groups, desc=f"held-out texts ({role})", leave=False):
-                    values += list(answer_logps(model.get_base_model(), prompt, answers))
-        out[role] = values
+        # round 0's reference is the base model: every adapter off
+        with model.disable_adapter() if not active else contextlib.nullcontext():
+            out[role] = [value for prompt, answers in tqdm(groups, desc=f"held-out texts ({role})", leave=False)
+                         for value in answer_logps(model.get_base_model(), prompt, answers)]
     out["n_answer_tokens"] = [len(a) for _, answers in groups for a in answers]
     return out
 
