@@ -31,16 +31,13 @@ def reward_drift(run_dir: Path, config: PipelineConfig) -> list[dict]:
     if not (recommender / "model.safetensors").is_file():
         return []
     scorer, split = reward_scorer(recommender, run_dir, config.align)
-    train_users = train_user_indices(run_dir)
-    sampled = read_embeddings(round_dir(run_dir, 0) / "embeddings")
-    train_users = np.intersect1d(train_users, sampled.user_index[sampled.sample > 0])  # the users whose samples fed DPO
-    per_round = {}
-    for t in range(config.run.rounds + 1):
-        folder = round_dir(run_dir, t) / "embeddings"
-        if (folder / "users.safetensors").is_file():
-            per_round[t] = scorer.score_embeddings(read_embeddings(folder), split=split, users=train_users, reward=config.align.reward)
-    if 0 not in per_round:
+    embeddings = {t: read_embeddings(round_dir(run_dir, t) / "embeddings") for t in range(config.run.rounds + 1)
+                  if (round_dir(run_dir, t) / "embeddings" / "users.safetensors").is_file()}
+    if 0 not in embeddings:
         return []
+    first = embeddings[0]  # the train users whose samples fed DPO
+    train_users = np.intersect1d(train_user_indices(run_dir), first.user_index[first.sample > 0])
+    per_round = {t: scorer.score_embeddings(e, split=split, users=train_users, reward=config.align.reward) for t, e in embeddings.items()}
     base = per_round[0][per_round[0]["sample"] > 0].groupby("user_index")["reward"].mean()
     rows = []
     for t, table in per_round.items():
