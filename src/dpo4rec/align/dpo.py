@@ -141,6 +141,8 @@ def train_dpo(pairs: pd.DataFrame, model_cfg: ModelConfig, align: AlignConfig, c
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
+    from dpo4rec.align.shared_prompt import SharedPromptDPOTrainer
+
     from dpo4rec.generate.model import load_tokenizer, parse_dtype
 
     os.environ.setdefault("WANDB_DISABLED", "true")
@@ -176,7 +178,8 @@ def train_dpo(pairs: pd.DataFrame, model_cfg: ModelConfig, align: AlignConfig, c
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
-    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer,
+    trainer_cls = SharedPromptDPOTrainer if align.shared_prompt else DPOTrainer
+    trainer = trainer_cls(model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config)
     result = trainer.train()
     trainer.model.save_pretrained(out, selected_adapters=["default"])

@@ -1,0 +1,127 @@
+"""DPO with each prompt evaluated once gives TRL's per-token log-probs, gradients and loss (fp32)."""
+
+import os
+
+import pandas as pd
+import pytest
+import torch
+
+from dpo4rec.align.shared_prompt import pack_pairs
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PAD = 0
+
+
+def trl_batch(examples, max_length=None):
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    batch = DataCollatorForPreference(pad_token_id=PAD, max_length=max_length)(examples)
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    return batch["input_ids"], batch["attention_mask"], labels
+
+
+def test_packed_rows_by_hand():
+    ids, mask, labels = trl_batch([{"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9], "rejected_ids": [10]},
+                                   {"prompt_ids": [11, 12], "chosen_ids": [13], "rejected_ids": [14, 15, 16]}])
+    packed = pack_pairs(ids, mask, labels, PAD)
+    # prompt[:-1] | prompt[-1] chosen | prompt[-1] rejected, then padding
+    assert packed["input_ids"].tolist() == [[5, 6, 7, 8, 9, 7, 10], [11, 12, 13, 12, 14, 15, 16]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4, 2, 3], [0, 1, 2, 1, 2, 3, 4]]
+    assert packed["shift_labels"].tolist() == [[-100, -100, 8, 9, -100, 10, -100], [-100, 13, -100, 14, 15, 16, -100]]
+    visible = packed["attention_mask"][0, 0].int().tolist()
+    assert visible[5] == [1, 1, 0, 0, 0, 1, 0]  # the rejected branch sees the shared prompt and itself, not the chosen answer
+    assert visible[4] == [1, 1, 1, 1, 1, 0, 0]
+    # TRL's shifted layout, row-major: chosen rows then rejected rows; each entry a flat packed index
+    assert packed["source"].tolist() == [2, 3, 7 + 1, 5, 7 + 3, 7 + 4, 7 + 5]
+
+
+def test_padding_attends_only_to_itself():
+    ids, mask, labels = trl_batch([{"prompt_ids": [5, 6, 7, 8], "chosen_ids": [9, 10, 11], "rejected_ids": [12]},
+                                   {"prompt_ids": [13, 14], "chosen_ids": [15], "rejected_ids": [16]}])
+    visible = pack_pairs(ids, mask, labels, PAD)["attention_mask"][1, 0]
+    assert visible.shape == (9, 9)
+    assert visible[6:].int().tolist() == [[0] * i + [1] + [0] * (8 - i) for i in range(6, 9)]
+    assert not visible[:6, 6:].any()
+
+
+def test_truncated_rows_keep_their_alignment():
+    ids, mask, labels = trl_batch([{"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9, 10, 11], "rejected_ids": [12, 13]}], max_length=5)
+    packed = pack_pairs(ids, mask, labels, PAD)  # chosen cut to [8, 9]; rejected fits
+    assert packed["input_ids"].tolist() == [[5, 6, 7, 8, 9, 7, 12, 13]]
+    assert packed["source"].tolist() == [2, 3, 5, 6]
+
+
+def test_rows_without_the_same_prompt_are_refused():
+    ids, mask, labels = trl_batch([{"prompt_ids": [5, 6], "chosen_ids": [8], "rejected_ids": [9]}])
+    ids[1, 0] = 4
+    with pytest.raises(ValueError, match="do not share their prompt"):
+        pack_pairs(ids, mask, labels, PAD)
+
+
+@pytest.fixture(scope="module")
+def fp32_model():
+    from trl.trainer.utils import add_fused_lm_head
+
+    from dpo4rec.generate.model import load_base_model, load_tokenizer
+
+    model = load_base_model("smollm2-135m", torch.float32).eval()
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    return model, load_tokenizer("smollm2-135m")
+
+
+def real_examples(tokenizer):
+    from dpo4rec.align.heldout import completion_ids
+
+    texts = [("A user who watched musicals and family dramas in the nineties, " * 4, "Loves musicals.", "Watches films of every kind, all the time."),
+             ("Short prompt.", "Yes", "No, and then some more words about it"),
+             ("A user who rated westerns highly and skipped horror.", "Westerns, clearly.", "Horror.")]
+    examples = []
+    for prompt, chosen, rejected in texts:
+        prompt_ids, chosen_ids = completion_ids(tokenizer, prompt, chosen)
+        examples.append({"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": completion_ids(tokenizer, prompt, rejected)[1]})
+    return examples
+
+
+def test_same_log_probs_and_gradients_as_two_rows(fp32_model):
+    from dpo4rec.align.shared_prompt import SharedPromptModel
+
+    model, tokenizer = fp32_model
+    ids, mask, labels = trl_batch(real_examples(tokenizer))
+    results = []
+    for forward in (model, SharedPromptModel(model, tokenizer.pad_token_id)):
+        model.zero_grad()
+        out = forward(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, use_cache=False)
+        chosen, rejected = out.log_probs.sum(1).chunk(2)
+        (chosen - 2 * rejected).sum().backward()  # a DPO-like signed sum, so both branches' gradients count
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if n.endswith(("q_proj.weight", "down_proj.weight"))}
+        results.append((out, grads))
+    (plain, plain_grads), (shared, shared_grads) = results
+    assert plain.log_probs.shape == shared.log_probs.shape
+    assert (plain.log_probs != 0).sum() > 20
+    torch.testing.assert_close(shared.log_probs, plain.log_probs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(shared.entropy, plain.entropy, atol=1e-4, rtol=1e-4)
+    assert torch.equal(shared.is_top1, plain.is_top1)
+    for name, grad in plain_grads.items():
+        assert grad.abs().sum() > 0
+        relative = ((shared_grads[name] - grad).norm() / grad.norm()).item()
+        assert relative < 1e-4, (name, relative)
+
+
+@pytest.mark.slow
+def test_dpo_trainer_logs_the_same_losses(tmp_path):
+    from dpo4rec.align.dpo import train_dpo
+    from dpo4rec.config import AlignConfig, ModelConfig
+
+    pairs = pd.DataFrame({"prompt": [f"Describe user {i}, who watched musicals and westerns." for i in range(4)],
+                          "chosen": ["Musicals with warm endings, and classic westerns."] * 4,
+                          "rejected": ["Movies. Many movies. They watched them all, one after another."] * 4})
+    logs = []
+    for shared in (False, True):
+        align = AlignConfig(learning_rate=5e-3, batch_size=2, grad_accumulation=1, epochs=1, shared_prompt=shared)
+        logs.append(train_dpo(pairs, ModelConfig(dtype="fp32"), align, [], tmp_path / str(shared))["steps"])
+    assert len(logs[0]) == len(logs[1]) == 2
+    assert logs[0][1]["loss"] < logs[0][0]["loss"]  # the second step sees the first step's update
+    for plain, shared in zip(*logs):
+        for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
+            assert shared[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-5), key
