@@ -1,68 +1,135 @@
-"""Benchmark one DPO round on CPU: TRL as shipped vs. with completion-only LM-head scoring.
+"""DPO speed: TRL as shipped against ours, and both against this machine's limit, in one process.
 
-    python benchmarks/dpo.py --pairs runs/default/round_0/preferences/pairs.parquet
-    python benchmarks/dpo.py --pairs P --n 8 --json dpo.json --threads 2
+    python benchmarks/dpo.py --quick --json dpo.json     # builds its own pairs; a few minutes
+    python benchmarks/dpo.py --pairs RUN/round_0/preferences/pairs.parquet --n 32
 
-Both settings train the same adapter on the same real preference pairs (a
-reward stage's pairs.parquet: ML-1M prompts of ~530 tokens, ~60-token
-answers) with the default [align] settings, one after the other in this
-process; the table gives seconds per pair and the ratio. The logged
-log-probabilities of the two must agree (the change is speed only).
+Pairs: real ones, either a reward stage's ``pairs.parquet`` or (``--quick``,
+or no file) built here: seeded ML-1M users' prompts (~530 tokens) with two
+answers each sampled by our sampler. Every method trains the same LoRA
+adapter on the same pairs with the default [align] settings (precomputed
+reference log-probs, batch 4 x 2, one epoch):
+
+* ``trl``: TRL's DPOTrainer as shipped (two rows per pair; on a CPU its fused
+  LM head projects every position, prompt included);
+* ``compact``: as shipped, but the LM head projects only answer positions;
+* ``ours``: ``dpo4rec``'s DPO stage (``compact`` plus each pair's prompt
+  evaluated once, align/shared_prompt.py).
+
+The limit (``roofline_s_per_pair``): the minimum FLOPs of a pair (reference
+forward, policy forward and backward, prompt once, LM head on answer tokens
+only) at the matrix-product rate measured here on the model's own shapes
+(benchmarks/roofline.py). Seconds are the trainer's (reference pass
+included); model loading is left out of every row.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import pandas as pd
-import torch
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from dpo4rec.align import dpo
-from dpo4rec.config import AlignConfig, ModelConfig
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from roofline import FlopCounter, measured_rate  # noqa: E402
+
+from dpo4rec.align import dpo  # noqa: E402
+from dpo4rec.align.heldout import completion_ids  # noqa: E402
+from dpo4rec.config import AlignConfig, ModelConfig  # noqa: E402
+from dpo4rec.generate.model import load_model, load_tokenizer, parse_dtype  # noqa: E402
+
+
+def build_pairs(n_pairs: int) -> pd.DataFrame:
+    """``n_pairs`` ML-1M prompts, each with two answers sampled by our sampler (chosen and rejected by sample order)."""
+    from dpo4rec.config import DataConfig, PromptConfig
+    from dpo4rec.data.stage import run_data_stage
+    from dpo4rec.generate.sampler import FastSampler, SamplerSettings, batch_generator
+    from dpo4rec.prompts.stage import run_prompt_stage
+
+    run = Path(tempfile.gettempdir()) / "dpo4rec-bench-dpo"
+    run_data_stage(DataConfig(dataset="ml-1m", n_users=max(64, n_pairs), seed=0), run)
+    prompts = pd.read_parquet(run_prompt_stage(run, PromptConfig(), ModelConfig()).folder / "prompts.parquet").head(n_pairs)
+    tokenizer = load_tokenizer("smollm2-135m")
+    model = load_model("smollm2-135m", dtype=parse_dtype("auto", "cpu"))
+    sampler = FastSampler(model, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    settings = SamplerSettings(n_samples=2, temperature=1.0, top_p=0.9, max_new_tokens=64, greedy=False)
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompts["text"]]
+    answers = sampler.sample(ids, settings, batch_generator(0, 0))
+    texts = [[tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in per_prompt] for per_prompt in answers]
+    return pd.DataFrame({"prompt": prompts["message"], "chosen": [t[0] for t in texts], "rejected": [t[1] for t in texts]})
+
+
+def time_dpo(pairs: pd.DataFrame, align: AlignConfig, compact: bool) -> dict:
+    import trl.trainer.utils as trl_utils
+
+    shipped = getattr(trl_utils, "_dpo4rec_shipped", trl_utils._use_triton)
+    trl_utils._dpo4rec_shipped = shipped
+    # train_dpo installs the compact choice unless it is marked done; "as shipped" keeps TRL's own choice
+    trl_utils._use_triton, trl_utils._dpo4rec_compact = shipped, not compact
+    with tempfile.TemporaryDirectory() as out:
+        history = dpo.train_dpo(pairs, ModelConfig(), align, [], Path(out))
+    first = history["steps"][0]
+    return {"trainer_s": history["train_runtime_s"], "s_per_pair": history["train_runtime_s"] / len(pairs),
+            "first_step_loss": first["loss"], "first_step_logps_chosen": first["logps/chosen"]}
+
+
+def pair_flops(pairs: pd.DataFrame, counter: FlopCounter, tokenizer) -> float:
+    """Mean minimum FLOPs per pair: reference forward + policy forward + policy backward (3 forwards), prompt once."""
+    total = 0.0
+    for prompt, chosen, rejected in pairs[["prompt", "chosen", "rejected"]].itertuples(index=False):
+        prompt_ids, chosen_ids = completion_ids(tokenizer, prompt, chosen)
+        total += 3 * counter.prompt_and_answers(len(prompt_ids), [len(chosen_ids), len(completion_ids(tokenizer, prompt, rejected)[1])])
+    return total / len(pairs)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", default="runs/default/round_0/preferences/pairs.parquet", help="a reward stage's pairs.parquet")
-    parser.add_argument("--n", type=int, default=16, help="pairs to train on")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--pairs", help="a reward stage's pairs.parquet (default: build pairs here)")
+    parser.add_argument("--quick", action="store_true", help="8 pairs built here; a few minutes")
+    parser.add_argument("--n", type=int, help="pairs to train on (default 16; 8 with --quick)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["trl", "compact", "ours"])
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
-    if not Path(args.pairs).is_file():
-        print(f"dpo.py: error: {args.pairs} not found; run 'dpo4rec run' first (or pass --pairs)", file=sys.stderr)
+    n = args.n or (8 if args.quick else 16)
+    if args.pairs and not Path(args.pairs).is_file():
+        print(f"dpo.py: error: {args.pairs} not found (a reward stage's pairs.parquet), or leave --pairs out", file=sys.stderr)
         return 2
-    torch.set_num_threads(args.threads)
-    pairs = pd.read_parquet(args.pairs).head(args.n)
-    import trl.trainer.utils as trl_utils
+    pairs = pd.read_parquet(args.pairs).head(n) if args.pairs and not args.quick else build_pairs(n)
+    tokenizer = load_tokenizer("smollm2-135m")
+    dtype = parse_dtype("auto", "cpu")
+    model = load_model("smollm2-135m", dtype=dtype)
+    rate = measured_rate(model, dtype)
+    roofline = pair_flops(pairs, FlopCounter(model), tokenizer) / rate
+    del model
 
-    shipped = trl_utils._use_triton
-    rows = []
-    for name in ("TRL as shipped (every position)", "completion positions only (ours)"):
-        if name.startswith("TRL"):
-            trl_utils._use_triton, trl_utils._dpo4rec_compact = shipped, True  # keep TRL's own choice
-        else:
-            trl_utils._use_triton, trl_utils._dpo4rec_compact = shipped, False  # train_dpo patches it
-        with tempfile.TemporaryDirectory() as out:
-            start = time.perf_counter()
-            history = dpo.train_dpo(pairs, ModelConfig(), AlignConfig(), [], Path(out))
-            seconds = time.perf_counter() - start
-        first = history["steps"][0]
-        rows.append({"method": name, "pairs": len(pairs), "seconds": round(seconds, 1), "train_runtime_s": history["train_runtime_s"],
-                     "s_per_pair": round(seconds / len(pairs), 2), "first_step_logps_chosen": first["logps/chosen"]})
-    ratio = rows[0]["seconds"] / rows[1]["seconds"]
-    print(f"| method | pairs | s (stage) | s (trainer) | s/pair |\n|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['method']} | {r['pairs']} | {r['seconds']} | {r['train_runtime_s']:.1f} | {r['s_per_pair']} |")
-    print(f"ours is {ratio:.2f}x faster; first-step logps/chosen {rows[0]['first_step_logps_chosen']:.3f} vs {rows[1]['first_step_logps_chosen']:.3f}")
+    base = AlignConfig(learning_rate=5e-4)
+    methods = {"trl": (dataclasses.replace(base, shared_prompt=False), False),
+               "compact": (dataclasses.replace(base, shared_prompt=False), True),
+               "ours": (base, True)}
+    rows = {name: time_dpo(pairs, align, compact) for name, (align, compact) in methods.items() if name not in args.skip}
+    threads = torch.get_num_threads()
+    print(f"\nDPO on {len(pairs)} real pairs, {dtype}, {threads} threads; matrix products here: {rate / 1e12:.2f} TFLOP/s; "
+          f"limit {roofline:.2f} s per pair\n")
+    print("| method | s per pair (trainer) | ours is | share of the limit | first-step loss |\n|---|---|---|---|---|")
+    ours = rows.get("ours", {}).get("s_per_pair")
+    for name, row in rows.items():
+        speedup = f"{row['s_per_pair'] / ours:.2f}x" if ours else "-"
+        print(f"| {name} | {row['s_per_pair']:.2f} | {speedup} | {roofline / row['s_per_pair']:.0%} | {row['first_step_loss']:.4f} |")
     if args.json:
-        info = {"machine": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__}
-        Path(args.json).write_text(json.dumps({"rows": rows, "speedup": ratio, **info}, indent=2))
+        payload = {"s_per_pair": {k: r["s_per_pair"] for k, r in rows.items()}, "roofline_s_per_pair": roofline,
+                   "matmul_flops_per_s": rate, "rows": rows, "pairs": len(pairs),
+                   "ratios": {f"ours_vs_{k}": r["s_per_pair"] / ours for k, r in rows.items() if ours and k != "ours"},
+                   "settings": {"dtype": str(dtype), "threads": threads, "align": dataclasses.asdict(base)},
+                   "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                               "torch": torch.__version__}}
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
     return 0
 
 

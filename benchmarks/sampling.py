@@ -27,6 +27,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from roofline import FlopCounter, measured_rate  # noqa: E402
 
 from dpo4rec.config import DataConfig, ModelConfig, PromptConfig  # noqa: E402
 from dpo4rec.data.stage import run_data_stage  # noqa: E402
@@ -85,6 +86,20 @@ def run_llama_cpp(tokenizer, prompts, settings) -> tuple[int, float] | None:
     return tokens, time.perf_counter() - start
 
 
+def roofline_tokens_per_s(model, dtype, prompts, n_samples: int, ours: tuple[int, float] | None) -> dict | None:
+    """New tokens per second at this machine's matrix-product rate, for the work ours did (benchmarks/roofline.py).
+
+    Each prompt runs once; each of its N answers passes through every linear layer and the LM head once
+    per new token, attending to the prompt and itself (answer lengths: ours' mean).
+    """
+    if not ours:
+        return None
+    counter, rate = FlopCounter(model), measured_rate(model, dtype)
+    mean_answer = ours[0] / (len(prompts) * n_samples)
+    flops = sum(counter.prompt_and_answers(len(p), [mean_answer] * n_samples) for p in prompts)
+    return {"tokens_per_s": rate * ours[0] / flops, "matmul_flops_per_s": rate, "flops_per_new_token": flops / ours[0]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer prompts, about a minute")
@@ -117,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rate = {k: (v[0] / v[1] if v else None) for k, v in results.items()}
     ours = rate.get("ours")
+    roofline = roofline_tokens_per_s(model, dtype, prompts, args.n, results.get("ours"))
     print(f"\nsampling {n_prompts} ML-1M prompts (mean {sum(map(len, prompts)) / len(prompts):.0f} tokens), "
           f"N = {args.n}, {args.max_new_tokens} new tokens, {dtype}, {torch.get_num_threads()} threads\n")
     print(f"{'method':<12}{'new tokens':>12}{'seconds':>10}{'tokens/s':>10}{'ours is':>10}")
@@ -127,9 +143,15 @@ def main(argv: list[str] | None = None) -> int:
         tokens, seconds = results[name]
         ratio = f"{ours / rate[name]:.1f}x" if ours and name != "ours" else ""
         print(f"{name:<12}{tokens:>12,}{seconds:>10.1f}{rate[name]:>10.1f}{ratio:>10}")
+    if roofline:
+        print(f"\nlimit here: {roofline['tokens_per_s']:.0f} tokens/s ({roofline['matmul_flops_per_s'] / 1e12:.2f} TFLOP/s on the model's "
+              f"shapes, {roofline['flops_per_new_token'] / 1e9:.2f} GFLOP per new token); ours is at {ours / roofline['tokens_per_s']:.0%} of it")
     if args.json:
         payload = {
             "tokens_per_s": rate,
+            "roofline_tokens_per_s": roofline["tokens_per_s"] if roofline else None,
+            "ours_share_of_roofline": ours / roofline["tokens_per_s"] if roofline and ours else None,
+            "roofline": roofline,
             "tokens": {k: (v[0] if v else None) for k, v in results.items()},
             "seconds": {k: (v[1] if v else None) for k, v in results.items()},
             "ratios": {f"ours_vs_{k}": (ours / r if ours and r else None) for k, r in rate.items() if k != "ours"},

@@ -81,7 +81,8 @@ def main(argv=None) -> int:
         scored_texts.to_parquet(folder / "heldout_texts.parquet")
         summary = summarize(pair_margins(validation_pairs, scored_texts, align.beta))
         steps = history["steps"]
-        row = {"variant": name, "settings": settings, "pairs": len(pairs), "optimizer_steps": len(steps),
+        summary["validation_pairs"] = summary.pop("pairs")
+        row = {"variant": name, "settings": settings, "train_pairs": len(pairs), "optimizer_steps": len(steps),
                "spread": reward_spread(rewards, pairs), "train_reward_accuracy_mean": sum(s["rewards/accuracies"] for s in steps) / max(1, len(steps)),
                "last_loss": steps[-1]["loss"] if steps else None, "dpo_s": round(dpo_s, 1),
                "heldout_s": round(time.perf_counter() - start - dpo_s, 1), **summary}
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         ci, bw = r["heldout_pair_accuracy_ci95"], r["best_worst_accuracy_ci95"]
-        print(f"| {r['variant']} | {' '.join(r['settings'])} | {r['pairs']} | {r['optimizer_steps']} | {r['train_reward_accuracy_mean']:.2f} | "
+        print(f"| {r['variant']} | {' '.join(r['settings'])} | {r['train_pairs']} | {r['optimizer_steps']} | {r['train_reward_accuracy_mean']:.2f} | "
               f"{r['heldout_pair_accuracy']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {r['best_worst_accuracy']:.3f} [{bw[0]:.3f}, {bw[1]:.3f}] | {r['dpo_s']} |")
     return 0
 

@@ -20,6 +20,7 @@ on a 2-core CPU (benchmarks/dpo.py).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -139,6 +140,7 @@ def train_dpo(pairs: pd.DataFrame, model_cfg: ModelConfig, align: AlignConfig, c
     """Fit the adapter; write it (adapter_model.safetensors, adapter_config.json) and training_log.json to ``out``."""
     import torch
     from datasets import Dataset
+    from peft.helpers import disable_input_dtype_casting
     from trl import DPOConfig, DPOTrainer
 
     from dpo4rec.align.shared_prompt import SharedPromptDPOTrainer
@@ -181,7 +183,10 @@ def train_dpo(pairs: pd.DataFrame, model_cfg: ModelConfig, align: AlignConfig, c
     trainer_cls = SharedPromptDPOTrainer if align.shared_prompt else DPOTrainer
     trainer = trainer_cls(model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config)
-    result = trainer.train()
+    # LoRA weights stay fp32 (small updates must not round away), but PEFT casts each layer's bf16 input up
+    # to them; under the trainer's bf16 autocast that copy is wasted (~10% of a CPU step)
+    with disable_input_dtype_casting(trainer.model) if dtype == torch.bfloat16 else contextlib.nullcontext():
+        result = trainer.train()
     trainer.model.save_pretrained(out, selected_adapters=["default"])
     shutil.rmtree(out / "trainer", ignore_errors=True)
     steps = [entry for entry in trainer.state.log_history if "loss" in entry]

@@ -1,0 +1,64 @@
+"""The limit a benchmark is held to: this machine's matrix-product rate on the model's own layer shapes.
+
+Machines differ (a 2-core CPU with AMX runs bf16 products ~5x faster than one
+without), so the benchmarks report their speed as a share of a limit measured
+in the same process: the FLOPs the work needs at minimum divided by the rate
+measured here. The minimum counts every linear layer for each token that must
+pass through it, the LM head only where a log-prob or a next token is needed,
+and attention from the real lengths; elementwise work, norms and the optimizer
+count as free, so the limit is optimistic.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def layer_shapes(model) -> list[tuple[int, int]]:
+    """(in, out) of every linear layer a token passes through once (one decoder layer's worth, times the layers)."""
+    shapes = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and "lm_head" not in name and "lora_" not in name:
+            shapes.append((module.in_features, module.out_features))
+    return shapes
+
+
+def measured_rate(model, dtype: torch.dtype, rows: int = 512, seconds: float = 2.0) -> float:
+    """Matrix-product FLOP/s on the model's distinct linear shapes (and its LM head), ``rows`` tokens at a time."""
+    head = model.get_output_embeddings().weight
+    shapes = sorted(set(layer_shapes(model))) + [(head.shape[1], head.shape[0])]
+    operands = [(torch.randn(rows, k, dtype=dtype), torch.randn(n, k, dtype=dtype)) for k, n in shapes]
+    for x, w in operands:  # warm up
+        x @ w.T
+    flops, start = 0.0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for x, w in operands:
+            x @ w.T
+            flops += 2.0 * x.shape[0] * x.shape[1] * w.shape[0]
+    return flops / (time.perf_counter() - start)
+
+
+class FlopCounter:
+    """Minimum forward FLOPs of a decoder-only model, from its config."""
+
+    def __init__(self, model):
+        config = model.config
+        self.linear_per_token = 2.0 * sum(i * o for i, o in layer_shapes(model))
+        head = model.get_output_embeddings().weight
+        self.head_per_token = 2.0 * head.shape[0] * head.shape[1]
+        self.layers = config.num_hidden_layers
+        self.attention_width = config.num_attention_heads * (config.hidden_size // config.num_attention_heads)
+
+    def attention(self, queries: int, context_before: int) -> float:
+        """QK^T and PV for ``queries`` causal tokens that follow ``context_before`` tokens."""
+        keys = queries * context_before + queries * (queries + 1) / 2
+        return 4.0 * self.attention_width * keys * self.layers
+
+    def prompt_and_answers(self, prompt: int, answers: list[int]) -> float:
+        """One prompt evaluated once, each answer against it, the LM head on the answers' tokens only."""
+        total = prompt * self.linear_per_token + self.attention(prompt, 0)
+        for n in answers:
+            total += n * (self.linear_per_token + self.head_per_token) + self.attention(n, prompt)
+        return total
