@@ -32,12 +32,15 @@ def measured_rate(model, dtype: torch.dtype, rows: int = 512, seconds: float = 2
     operands = [(torch.randn(rows, k, dtype=dtype), torch.randn(n, k, dtype=dtype)) for k, n in shapes]
     for x, w in operands:  # warm up
         x @ w.T
-    flops, start = 0.0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        for x, w in operands:
-            x @ w.T
-            flops += 2.0 * x.shape[0] * x.shape[1] * w.shape[0]
-    return flops / (time.perf_counter() - start)
+    best = 0.0
+    for _ in range(3):  # the best of three passes: other work on the machine only ever lowers the rate
+        flops, start = 0.0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 3:
+            for x, w in operands:
+                x @ w.T
+                flops += 2.0 * x.shape[0] * x.shape[1] * w.shape[0]
+        best = max(best, flops / (time.perf_counter() - start))
+    return best
 
 
 class FlopCounter:

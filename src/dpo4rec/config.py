@@ -239,7 +239,8 @@ class AlignConfig:
     reward_holdout: float = 0.25
     learning_rate: float = 5e-5
     epochs: int = 1
-    """Passes over the pairs. Cost: DPO time = pairs x epochs x ~6 s on a 2-core CPU with
+    """Passes over the pairs. Cost: DPO time = pairs x epochs x ~2 s on a 2-core CPU with AMX
+    (more without: ~6 s per pair was measured on an AMD EPYC before the shared prompt) with
     SmolLM2-135M and ~530-token prompts (the round's largest cost after generation)."""
     batch_size: int = 4
     """Pairs per forward/backward pass."""
@@ -260,7 +261,8 @@ class AlignConfig:
     costs ~30% more time (TRL turns it on by default; a 135M model on a CPU does not need it)."""
     shared_prompt: bool = True
     """Run each pair's prompt once for both answers (align/shared_prompt.py; same log-probs
-    and loss as TRL's two rows, ~1.7x less work with ~530-token prompts); false = TRL as shipped."""
+    and loss as TRL's two rows; 1.8x faster with ~530-token prompts, benchmarks/dpo.py);
+    false = TRL's own two-row layout."""
     seed: int = 0
 
     def __post_init__(self) -> None:
