@@ -96,8 +96,8 @@ def low_rank(modules) -> LowRank:
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, lora: LowRank, bias: torch.Tensor | None = None) -> torch.Tensor:
     out = F.linear(x, weight, bias)
-    if lora is not None:
-        out = out + F.linear(F.linear(x, lora[0]), lora[1])
+    if lora is not None:  # x W^T + (x A^T) B^T, the add fused into the second product (x is 2-D here)
+        out = torch.addmm(out, F.linear(x, lora[0]), lora[1].T)
     return out
 
 
