@@ -18,20 +18,9 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import torch
-import torch.nn.functional as F
 
-from dpo4rec.generate import fast_llama
 from dpo4rec.generate.model import load_model, load_tokenizer, parse_dtype
 from dpo4rec.generate.sampler import FastSampler, SamplerSettings, batch_generator
-
-
-def peft_prefill(self, input_ids, lengths):
-    """The prefill as it was: the model's own forward, PEFT's LoRA layers inside."""
-    out = self.model.model(input_ids=input_ids, use_cache=True)
-    cache = getattr(out, "cache", None) or out.past_key_values
-    last = out.last_hidden_state[torch.arange(len(lengths)), lengths - 1]
-    return [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], F.linear(last, self.lm_head).float()
 
 
 def main(argv=None) -> int:
@@ -46,17 +35,16 @@ def main(argv=None) -> int:
     dtype = parse_dtype("auto")
     base = load_model("smollm2-135m", dtype=dtype)
     adapted = load_model("smollm2-135m", adapters=[args.run / "round_0" / "adapter"], dtype=dtype)
-    fused = fast_llama.FastLlama._prefill_fused
     texts_by = {}
-    for name, model, prefill in (("base model", base, fused), ("adapter, PEFT prefill", adapted, peft_prefill),
-                                 ("adapter, fused prefill", adapted, fused)):
-        fast_llama.FastLlama._prefill_fused = prefill
+    for name, model, prefill in (("base model", base, "_prefill_model"), ("adapter, PEFT prefill", adapted, "_prefill_model"),
+                                 ("adapter, fused prefill", adapted, "_prefill_fused")):
         sampler = FastSampler(model, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+        # which prefill runs: the model's own forward (PEFT's LoRA layers inside) or the sampler's fused weights
+        sampler.fast.prefill = getattr(sampler.fast, prefill)
         start = time.perf_counter()
         out = sampler.sample(prompts, settings, batch_generator(0, 0))
         print(f"{name}: {time.perf_counter() - start:.1f} s for {len(prompts)} greedy users", flush=True)
         texts_by[name] = [c[0].token_ids for c in out]
-    fast_llama.FastLlama._prefill_fused = fused
     same = sum(a == b for a, b in zip(texts_by["adapter, PEFT prefill"], texts_by["adapter, fused prefill"]))
     print(f"identical greedy texts, PEFT vs fused prefill: {same} / {len(prompts)}")
     return 0

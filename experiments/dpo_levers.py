@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from dpo4rec.align.dpo import train_dpo
-from dpo4rec.align.heldout import pair_margins, score_texts, summarize
+from dpo4rec.align.heldout import pair_margins, pair_texts, score_texts, summarize
 from dpo4rec.align.pairs import make_pairs, reward_spread
 from dpo4rec.align.reward_stage import reward_scorer, split_user_indices
 from dpo4rec.config import AlignConfig, ModelConfig, RecommendConfig
@@ -59,10 +59,7 @@ def main(argv=None) -> int:
     embeddings = read_embeddings(here / "embeddings")
     train_users = split_user_indices(args.run, "train")
     sampled = sorted(set(embeddings.user_index[(embeddings.sample > 0)]) & set(train_users))
-    texts = pd.concat([
-        validation_pairs[["user_index", "sample_chosen", "chosen"]].set_axis(["user_index", "sample", "text"], axis=1),
-        validation_pairs[["user_index", "sample_rejected", "rejected"]].set_axis(["user_index", "sample", "text"], axis=1),
-    ]).drop_duplicates(["user_index", "sample"]).sort_values(["user_index", "sample"]).reset_index(drop=True)
+    texts = pair_texts(validation_pairs)
     messages = prompts.set_index("user_index")["message"]
     results = []
     for name, *settings in args.variant:

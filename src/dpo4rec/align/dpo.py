@@ -144,7 +144,6 @@ def train_dpo(pairs: pd.DataFrame, model_cfg: ModelConfig, align: AlignConfig, c
     from trl import DPOConfig, DPOTrainer
 
     from dpo4rec.align.shared_prompt import SharedPromptDPOTrainer
-
     from dpo4rec.generate.model import load_tokenizer, parse_dtype
 
     os.environ.setdefault("WANDB_DISABLED", "true")

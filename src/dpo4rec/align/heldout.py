@@ -70,10 +70,7 @@ def run_heldout_stage(run_dir: str | Path, round_index: int, model_cfg: ModelCon
         with StageFolder(folder, manifest) as tmp:
             write_json(tmp / "summary.json", summary)
         return folder, summary, False
-    texts = pd.concat([
-        pairs[["user_index", "sample_chosen", "chosen"]].set_axis(["user_index", "sample", "text"], axis=1),
-        pairs[["user_index", "sample_rejected", "rejected"]].set_axis(["user_index", "sample", "text"], axis=1),
-    ]).drop_duplicates(["user_index", "sample"]).sort_values(["user_index", "sample"]).reset_index(drop=True)
+    texts = pair_texts(pairs)
     prompts = pd.read_parquet(prompts_file).set_index("user_index")["message"]
     texts = score_texts(texts, prompts, model_cfg, [*chain, adapter])
     scored = pair_margins(pairs, texts, align.beta)
@@ -83,6 +80,14 @@ def run_heldout_stage(run_dir: str | Path, round_index: int, model_cfg: ModelCon
         write_parquet(tmp / "pairs.parquet", scored)
         write_json(tmp / "summary.json", summary)
     return folder, summary, False
+
+
+def pair_texts(pairs: pd.DataFrame) -> pd.DataFrame:
+    """The distinct texts of ``pairs`` (user_index, sample, text), each once: a text sits in many pairs."""
+    return pd.concat([
+        pairs[["user_index", "sample_chosen", "chosen"]].set_axis(["user_index", "sample", "text"], axis=1),
+        pairs[["user_index", "sample_rejected", "rejected"]].set_axis(["user_index", "sample", "text"], axis=1),
+    ]).drop_duplicates(["user_index", "sample"]).sort_values(["user_index", "sample"]).reset_index(drop=True)
 
 
 def pair_margins(pairs: pd.DataFrame, texts: pd.DataFrame, beta: float) -> pd.DataFrame:

@@ -34,7 +34,7 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: to
     the packed rows that holds its log-prob.
     """
     pairs = input_ids.size(0) // 2
-    rows, branches, positions, targets, source = [], [], [], [], [[], []]
+    rows, branches, positions, targets, source = [], [], [], [], [[], []]  # source: per pair, chosen and rejected
     for i in range(pairs):
         (prompt, chosen), (other_prompt, rejected) = (_split(input_ids[r], attention_mask[r], labels[r]) for r in (i, pairs + i))
         if not torch.equal(prompt, other_prompt):
@@ -52,8 +52,8 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: to
         targets.append(tgt)
         # where each TRL log-prob lies in this packed row (TRL's position j predicts token j + 1): a chosen
         # token keeps its index, a rejected one sits after the chosen branch (its length + 1 further on)
-        source[0].append((i, torch.arange(shared, shared + chosen.numel())))
-        source[1].append((i, torch.arange(shared + chosen.numel() + 1, shared + chosen.numel() + 1 + rejected.numel())))
+        source[0].append(torch.arange(shared, shared + chosen.numel()))
+        source[1].append(torch.arange(shared + chosen.numel() + 1, shared + chosen.numel() + 1 + rejected.numel()))
     width = max(r.numel() for r in rows)
     packed = input_ids.new_full((pairs, width), pad_id)
     branch = torch.full((pairs, width), PAD_BRANCH)
@@ -63,7 +63,7 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: to
         n = row.numel()
         packed[i, :n], branch[i, :n] = row, torch.tensor(branches[i])
         position[i, :n], shift_labels[i, :n] = torch.tensor(positions[i]), torch.tensor(targets[i])
-    flat_source = torch.cat([i * width + idx for rows_of in source for i, idx in rows_of])
+    flat_source = torch.cat([i * width + idx for per_pair in source for i, idx in enumerate(per_pair)])  # chosen rows, then rejected
     query, key = branch[:, :, None], branch[:, None, :]
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     visible = causal & ((key == SHARED) | (key == query)) & (query != PAD_BRANCH)

@@ -136,12 +136,19 @@ class FastLlama:
                 gate_up_lora=low_rank([mlp.gate_proj, mlp.up_proj]),
                 down_lora=low_rank([mlp.down_proj]),
             ))
+        self.adapted = any(lora is not None for layer in self.layers
+                           for lora in (layer.qkv_lora, layer.o_lora, layer.gate_up_lora, layer.down_lora))
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # as in LlamaRMSNorm: normalize in fp32, scale in the model's dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * x32.to(x.dtype)
+
+    def _mlp(self, x: torch.Tensor, layer: "_Layer") -> torch.Tensor:
+        """The layer's second half on the residual stream ``x`` (rows, D): norm, SwiGLU, residual add."""
+        gate, up = _linear(self._rms(x, layer.norm_post), layer.gate_up, layer.gate_up_lora).chunk(2, dim=-1)
+        return x + _linear(F.silu(gate) * up, layer.down, layer.down_lora)
 
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor):
@@ -151,8 +158,11 @@ class FastLlama:
         token never sees the pads after it, so SDPA can take its faster
         ``is_causal`` path. The pads' own keys are masked out in decoding.
         """
-        if any(layer.qkv_lora is not None or layer.gate_up_lora is not None for layer in self.layers):
-            return self._prefill_fused(input_ids, lengths)
+        return (self._prefill_fused if self.adapted else self._prefill_model)(input_ids, lengths)
+
+    @torch.inference_mode()
+    def _prefill_model(self, input_ids: torch.Tensor, lengths: torch.Tensor):
+        """The prefill by the model's own forward (without adapters: the same weights, its tuned kernels)."""
         out = self.model.model(input_ids=input_ids, use_cache=True)
         cache = getattr(out, "cache", None) or out.past_key_values  # renamed in transformers 5
         keys = [layer.keys for layer in cache.layers]  # each (U, kvh, P, d), rotary applied
@@ -160,6 +170,7 @@ class FastLlama:
         last = out.last_hidden_state[torch.arange(len(lengths)), lengths - 1]  # (U, D), final norm applied
         return keys, values, F.linear(last, self.lm_head).float()
 
+    @torch.inference_mode()
     def _prefill_fused(self, input_ids: torch.Tensor, lengths: torch.Tensor):
         """The prefill on this module's fused weights, adapters as low-rank terms (as decoding runs them).
 
@@ -183,9 +194,7 @@ class FastLlama:
             values.append(v.contiguous())
             # right padding: under causal attention no real token sees the pads after it
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != kvh)
-            x = x + _linear(attn.transpose(1, 2).reshape(U * P, H * d), layer.o, layer.o_lora)
-            gate, up = _linear(self._rms(x, layer.norm_post), layer.gate_up, layer.gate_up_lora).chunk(2, dim=-1)
-            x = x + _linear(F.silu(gate) * up, layer.down, layer.down_lora)
+            x = self._mlp(x + _linear(attn.transpose(1, 2).reshape(U * P, H * d), layer.o, layer.o_lora), layer)
         last = self._rms(x.view(U, P, -1)[torch.arange(U), lengths - 1], self.final_norm)
         return keys, values, F.linear(last, self.lm_head).float()
 
@@ -225,10 +234,7 @@ class FastLlama:
             p_suf = s_suf.mul_(inv).to(x.dtype).view(U, kvh, n, g, t + 1).permute(0, 2, 1, 3, 4)
             o_suf = torch.matmul(p_suf, state.suffix_v[i][:, :, :, : t + 1])  # (U, n, kvh, g, d)
             attn = (o_pre.view(U, kvh, n, g, d).permute(0, 2, 1, 3, 4) + o_suf).reshape(U * n, H * d)
-            x = x + _linear(attn, layer.o, layer.o_lora)
-            h = self._rms(x, layer.norm_post)
-            gate, up = _linear(h, layer.gate_up, layer.gate_up_lora).chunk(2, dim=-1)
-            x = x + _linear(F.silu(gate) * up, layer.down, layer.down_lora)
+            x = self._mlp(x + _linear(attn, layer.o, layer.o_lora), layer)
         x = self._rms(x, self.final_norm)
         return F.linear(x, self.lm_head).view(U, n, -1)  # model dtype: sampling reads it as is
 
