@@ -3,15 +3,19 @@
 A stage writes its whole output folder under a temporary name and renames it
 into place only when every file is complete, so a crash leaves either the old
 folder or nothing, never half a folder. Each folder carries ``manifest.json``
-(schema version, the stage's config, fingerprints of its inputs, package
-version); a stage reuses a folder whose manifest matches and refuses to touch
-one that was written by another config.
+(schema version, the stage's config, fingerprints of its inputs and of its own
+output files, package version); a stage reuses a folder whose manifest matches
+and whose outputs are intact, rebuilds one whose outputs were damaged, and
+refuses to touch one that was written by another config. Reads of parquet,
+JSON and safetensors files go through the helpers here, which turn a missing
+or damaged file into one line naming it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -23,6 +27,8 @@ import pandas as pd
 
 from dpo4rec import __version__
 from dpo4rec.errors import InputError
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -66,9 +72,42 @@ def round_dir(run_dir: str | Path, round_index: int) -> Path:
     return Path(run_dir) / f"round_{round_index}"
 
 
+def _damaged(path: Path, exc: BaseException) -> InputError:
+    if isinstance(exc, FileNotFoundError):
+        return InputError(f"{path}: not found; run the stage that writes it")
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return InputError(f"{path}: damaged or unreadable ({detail}); delete it and rerun the stage that writes it")
+
+
 def read_json(path: Path) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _damaged(path, exc) from None
+
+
+def read_parquet(path: Path, **kwargs) -> pd.DataFrame:
+    import pyarrow
+
+    try:
+        return pd.read_parquet(path, **kwargs)
+    except (OSError, ValueError, pyarrow.ArrowException) as exc:
+        raise _damaged(Path(path), exc) from None
+
+
+def read_safetensors(path: Path, framework: str = "pt") -> dict:
+    """All tensors of a safetensors file, as torch tensors ("pt") or numpy arrays ("np")."""
+    from safetensors import SafetensorError
+
+    if framework == "pt":
+        from safetensors.torch import load_file
+    else:
+        from safetensors.numpy import load_file
+    try:
+        return load_file(path)
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise _damaged(Path(path), exc) from None
 
 
 def _json_default(value: Any) -> Any:
@@ -88,6 +127,38 @@ def fingerprint_file(path: Path, algorithm: str = "sha256") -> str:
     return digest.hexdigest()
 
 
+def output_fingerprints(folder: Path, exclude: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Size and sha256 of every file a stage wrote (the manifest and paths under ``exclude`` excepted)."""
+    folder = Path(folder)
+    files = {path.relative_to(folder).as_posix(): path for path in sorted(folder.rglob("*")) if path.is_file()}
+    return {
+        name: {"bytes": path.stat().st_size, "sha256": fingerprint_file(path)}
+        for name, path in files.items()
+        if name != MANIFEST and not name.startswith(exclude)
+    }
+
+
+def damaged_output(folder: Path, outputs: dict[str, dict] | None) -> str | None:
+    """What is wrong with a finished folder's files (missing, resized, changed), or None when intact.
+
+    Manifests written before outputs were recorded have none: they are taken as they are.
+    """
+    for name, record in (outputs or {}).items():
+        path = Path(folder) / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != record["bytes"]:
+            return f"{name} has {path.stat().st_size:,} bytes, {record['bytes']:,} when written"
+        if fingerprint_file(path) != record["sha256"]:
+            return f"{name} changed since it was written"
+    return None
+
+
+def write_manifest(folder: Path, manifest: dict, exclude: tuple[str, ...] = ()) -> None:
+    """Record the outputs' fingerprints and write the manifest: last, since it marks the folder complete."""
+    write_json(Path(folder) / MANIFEST, {**manifest, "outputs": output_fingerprints(folder, exclude)})
+
+
 def make_manifest(stage: str, config: dict, inputs: dict[str, str]) -> dict:
     """The record that decides reuse: same schema, config and inputs -> same output."""
     return {
@@ -101,10 +172,12 @@ def make_manifest(stage: str, config: dict, inputs: dict[str, str]) -> dict:
 
 
 def existing_output(folder: Path, manifest: dict) -> bool:
-    """True when ``folder`` already holds this exact output; False when absent.
+    """True when ``folder`` already holds this exact output, intact; False when absent or damaged.
 
-    Raises ``InputError`` when the folder holds output of another config or
-    schema: we never overwrite a user's finished work silently.
+    A folder whose recorded output files are missing or changed is removed (it
+    is rebuilt from the same inputs), with a warning naming the file. Raises
+    ``InputError`` when the folder holds output of another config or schema:
+    we never overwrite a user's finished work silently.
     """
     folder = Path(folder)
     if not folder.exists():
@@ -112,10 +185,7 @@ def existing_output(folder: Path, manifest: dict) -> bool:
     path = folder / MANIFEST
     if not path.is_file():
         raise InputError(f"{folder} exists but has no {MANIFEST}: not a dpo4rec {manifest['stage']} folder; remove it or choose another --out")
-    try:
-        old = read_json(path)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: unreadable manifest ({exc})") from None
+    old = read_json(path)
     differs = [key for key in ("schema", "stage", "config", "inputs") if old.get(key) != manifest[key]]
     if differs:
         detail = first_difference(old.get(differs[0]), manifest[differs[0]], differs[0])
@@ -123,6 +193,11 @@ def existing_output(folder: Path, manifest: dict) -> bool:
             f"{folder} holds {manifest['stage']} output from another run ({detail}); "
             "choose another --out folder or remove it"
         )
+    damage = damaged_output(folder, old.get("outputs"))
+    if damage:
+        log.warning("%s: %s; rebuilding it", folder, damage)
+        shutil.rmtree(folder)
+        return False
     return True
 
 
@@ -152,14 +227,36 @@ class StageFolder:
     def __enter__(self) -> Path:
         self.final.parent.mkdir(parents=True, exist_ok=True)
         for stale in self.final.parent.glob(f".{self.final.name}.tmp-*"):  # left by a killed run
-            shutil.rmtree(stale, ignore_errors=True)
+            if not pid_alive(stale.name.rsplit("-", 1)[-1]):
+                shutil.rmtree(stale, ignore_errors=True)
         self.tmp.mkdir()
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None:
-            write_json(self.tmp / MANIFEST, self.manifest)
+            write_manifest(self.tmp, self.manifest)
             os.rename(self.tmp, self.final)
         else:
             shutil.rmtree(self.tmp, ignore_errors=True)
         return False
+
+
+def pid_alive(pid: str | int) -> bool:
+    """Whether a process with this id runs on this machine (a temporary folder's writer)."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def replace_folder(new: Path, final: Path) -> None:
+    """Put a complete folder in place of ``final`` (which may exist): the old one is removed only after the swap."""
+    new, final = Path(new), Path(final)
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        os.rename(final, old)
+    os.rename(new, final)
+    shutil.rmtree(old, ignore_errors=True)

@@ -289,31 +289,49 @@ def format_summary(summary: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+# commands that read a finished stage's output first: they never create a run folder
+_NEEDS_RUN_FOLDER = ("encode", "recommend", "reward", "align", "report")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="dpo4rec: %(message)s")
     try:
         if args.command == "data" and args.data_command == "download":
             return _download(args)
-        if args.command in ("prompts", "generate"):
-            return _generate_stages(args)
-        if args.command == "encode":
-            return _encode_stage(args)
-        if args.command == "recommend":
-            return _recommend_stage(args)
-        if args.command == "run":
-            return _run(args)
-        if args.command in ("reward", "align", "report"):
-            return _round_stage(args)
         if args.command == "compare":
             return _compare(args)
-        return _data_stage(args)
+        if args.command in _NEEDS_RUN_FOLDER and not Path(args.out).is_dir():
+            raise InputError(f"{args.out}: no such run folder; run 'dpo4rec run --out {args.out}' first")
+        from dpo4rec.runlock import RunLock
+
+        with RunLock(args.out):
+            return _dispatch(args)
     except InputError as exc:
         print(f"dpo4rec: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # disk full, permissions, a path that is a file: the user's to fix, not a bug
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"dpo4rec: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dpo4rec: interrupted; finished work is kept", file=sys.stderr)
         return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """The commands that write into a run folder (called holding its lock)."""
+    if args.command in ("prompts", "generate"):
+        return _generate_stages(args)
+    if args.command == "encode":
+        return _encode_stage(args)
+    if args.command == "recommend":
+        return _recommend_stage(args)
+    if args.command == "run":
+        return _run(args)
+    if args.command in ("reward", "align", "report"):
+        return _round_stage(args)
+    return _data_stage(args)
 
 
 if __name__ == "__main__":

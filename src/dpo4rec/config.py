@@ -361,8 +361,15 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict] | Non
                 values = tomllib.load(f)
         except FileNotFoundError:
             raise InputError(f"config file not found: {path}") from None
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read the config file ({exc.strerror})") from None
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         except tomllib.TOMLDecodeError as exc:
             raise InputError(f"{path}: not valid TOML ({exc})") from None
+    for section, entries in values.items():
+        if section in {f.name for f in dataclasses.fields(PipelineConfig)} and not isinstance(entries, dict):
+            raise InputError(f"{where}: [{section}] must be a table of settings, got {section} = {entries!r}")
     if path is not None:
         _resolve_paths(values, path.parent)
     for section, entries in (overrides or {}).items():

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dpo4rec.artifacts import MANIFEST, StageFolder, existing_output, fingerprint_file, make_manifest, read_json, round_dir, write_json
+from dpo4rec.artifacts import MANIFEST, StageFolder, damaged_output, existing_output, fingerprint_file, make_manifest, read_json, read_parquet, round_dir, write_json
 from dpo4rec.config import AlignConfig, ModelConfig, to_dict
 from dpo4rec.errors import InputError
 
@@ -42,6 +42,10 @@ def adapter_chain(run_dir: str | Path, round_index: int) -> list[Path]:
     missing = [p for p in chain if not (p / MANIFEST).is_file()]
     if missing:
         raise InputError(f"{missing[0]}: no finished DPO adapter; round {round_index} needs rounds 0..{round_index - 1} aligned first")
+    for folder in chain:
+        damage = damaged_output(folder, read_json(folder / MANIFEST).get("outputs"))
+        if damage:
+            raise InputError(f"{folder}: {damage}; delete the folder and rerun its align stage")
     return chain
 
 
@@ -59,7 +63,7 @@ def run_align_stage(run_dir: str | Path, round_index: int, model_cfg: ModelConfi
     folder = round_folder / STAGE
     if existing_output(folder, manifest):
         return folder, read_json(folder / "training_log.json"), True
-    pairs = pd.read_parquet(pairs_file)
+    pairs = read_parquet(pairs_file)
     with StageFolder(folder, manifest) as tmp:
         if len(pairs) == 0:  # every user's samples tied: nothing to learn, the next round's model is this one
             log.warning("%s: no preference pairs (every user's samples tied); round %d keeps its model", pairs_file, round_index)

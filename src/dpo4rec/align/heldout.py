@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from dpo4rec.artifacts import StageFolder, existing_output, fingerprint_file, make_manifest, read_json, round_dir, write_json, write_parquet
+from dpo4rec.artifacts import StageFolder, existing_output, fingerprint_file, make_manifest, read_json, read_parquet, round_dir, write_json, write_parquet
 from dpo4rec.config import AlignConfig, ModelConfig
 from dpo4rec.errors import InputError
 from dpo4rec.report.bootstrap import paired_bootstrap
@@ -62,7 +62,7 @@ def run_heldout_stage(run_dir: str | Path, round_index: int, model_cfg: ModelCon
     folder = here / STAGE
     if existing_output(folder, manifest):
         return folder, read_json(folder / "summary.json"), True
-    pairs = pd.read_parquet(pairs_file)
+    pairs = read_parquet(pairs_file)
     if len(pairs) == 0:  # every sampled validation user's samples tied: nothing to check, and the report says so
         log.warning("%s: no validation pairs; raise generate.sampled_validation_users or use a continuous align.reward", pairs_file)
         summary = {"pairs": 0, "users": 0, "heldout_pair_accuracy": None, "heldout_pair_accuracy_ci95": None,
@@ -71,7 +71,7 @@ def run_heldout_stage(run_dir: str | Path, round_index: int, model_cfg: ModelCon
             write_json(tmp / "summary.json", summary)
         return folder, summary, False
     texts = pair_texts(pairs)
-    prompts = pd.read_parquet(prompts_file).set_index("user_index")["message"]
+    prompts = read_parquet(prompts_file).set_index("user_index")["message"]
     texts = score_texts(texts, prompts, model_cfg, [*chain, adapter])
     scored = pair_margins(pairs, texts, align.beta)
     summary = summarize(scored, seed)

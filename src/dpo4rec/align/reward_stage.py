@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from dpo4rec.align.pairs import make_pairs, reward_spread
-from dpo4rec.artifacts import StageFolder, existing_output, fingerprint_file, make_manifest, read_json, round_dir, write_json, write_parquet
+from dpo4rec.artifacts import StageFolder, existing_output, fingerprint_file, make_manifest, read_json, read_parquet, round_dir, write_json, write_parquet
 from dpo4rec.config import AlignConfig, RecommendConfig
 from dpo4rec.errors import InputError
 
@@ -69,8 +69,8 @@ def run_reward_stage(run_dir: str | Path, round_index: int, recommend: Recommend
 
     embeddings = read_embeddings(here / "embeddings")
     scorer, split = reward_scorer(recommender, run_dir, align)
-    knowledge = pd.read_parquet(needed["knowledge"])
-    prompts = pd.read_parquet(needed["prompts"])
+    knowledge = read_parquet(needed["knowledge"])
+    prompts = read_parquet(needed["prompts"])
     summary = {"reward": align.reward, "pairing": align.pairing, "reward_lists": align.reward_lists, "recommender": recommender.name}
     outputs = {}
     for name, users, lists in (("train", split_user_indices(run_dir, "train"), split),
@@ -106,7 +106,7 @@ def reward_scorer(recommender: Path, run_dir: Path, align: AlignConfig):
 
 
 def split_user_indices(run_dir: Path, split: str) -> np.ndarray:
-    users = pd.read_parquet(run_dir / "data" / "users.parquet")
+    users = read_parquet(run_dir / "data" / "users.parquet")
     return users.loc[users["split"].astype(str) == split, "user_index"].to_numpy()
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dpo4rec.artifacts import StageFolder, existing_output, fingerprint_file, make_manifest, read_json, write_json, write_parquet
+from dpo4rec.artifacts import StageFolder, existing_output, fingerprint_file, make_manifest, read_json, read_parquet, write_json, write_parquet
 from dpo4rec.config import DataConfig, to_dict
 from dpo4rec.data import load_dataset
 from dpo4rec.data.protocol import ProtocolData, build_protocol
@@ -70,9 +70,9 @@ def read_protocol(folder: str | Path) -> ProtocolData:
     """Load what ``run_data_stage`` wrote (for later stages and tests)."""
     folder = Path(folder)
     return ProtocolData(
-        users=pd.read_parquet(folder / "users.parquet"),
-        items=pd.read_parquet(folder / "items.parquet"),
-        interactions=pd.read_parquet(folder / "interactions.parquet"),
-        lists=pd.read_parquet(folder / "lists.parquet"),
+        users=read_parquet(folder / "users.parquet"),
+        items=read_parquet(folder / "items.parquet"),
+        interactions=read_parquet(folder / "interactions.parquet"),
+        lists=read_parquet(folder / "lists.parquet"),
         summary=read_json(folder / "summary.json"),
     )

@@ -10,6 +10,7 @@ a crash loses at most the batch in flight.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import uuid
 from pathlib import Path
@@ -19,6 +20,8 @@ from safetensors.numpy import load_file, save
 
 from dpo4rec.artifacts import write_bytes_atomic, write_json
 from dpo4rec.errors import InputError
+
+log = logging.getLogger(__name__)
 
 
 def text_hash(text: str) -> bytes:
@@ -44,8 +47,10 @@ class EmbeddingCache:
         for shard in sorted(self.folder.glob("shard-*.safetensors")):
             try:
                 data = load_file(shard)
-            except Exception as exc:  # a foreign or damaged file: say which
-                raise InputError(f"{shard}: unreadable embedding cache shard ({exc}); remove it") from None
+            except Exception as exc:  # a damaged shard: its texts are encoded again
+                log.warning("%s: damaged embedding cache shard (%s); removed, its texts will be encoded again", shard, exc)
+                shard.unlink()
+                continue
             if data["vectors"].shape[1] != dim:
                 raise InputError(f"{shard}: cached vectors have dimension {data['vectors'].shape[1]}, the encoder {dim}; remove {self.folder}")
             for key, vector in zip(data["hashes"], data["vectors"]):

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from safetensors.numpy import load_file, save
+from safetensors.numpy import save
 
-from dpo4rec.artifacts import StageFolder, existing_output, round_dir, fingerprint_file, make_manifest, read_json, write_bytes_atomic, write_json
+from dpo4rec.artifacts import StageFolder, existing_output, fingerprint_file, make_manifest, read_json, read_parquet, read_safetensors, round_dir, write_bytes_atomic, write_json
 from dpo4rec.config import EncodeConfig, to_dict
 from dpo4rec.encode.cache import EmbeddingCache, cache_key, text_hash
 from dpo4rec.encode.encoder import TextEncoder
@@ -86,8 +86,8 @@ def run_encode_stage(config: EncodeConfig, run_dir: str | Path, round_index: int
         return EncodeStageResult(folder, read_json(folder / "summary.json"), reused=True)
 
     knowledge = read_knowledge(knowledge_path)
-    items = pd.read_parquet(items_path)
-    texts = item_texts(items, pd.read_parquet(item_knowledge_path) if item_knowledge_path.is_file() else None)
+    items = read_parquet(items_path)
+    texts = item_texts(items, read_parquet(item_knowledge_path) if item_knowledge_path.is_file() else None)
     encoder = TextEncoder(config.encoder, config.batch_size, config.device, config.long_texts)
     cache = EmbeddingCache(run_dir / "cache" / "embeddings" / cache_key(encoder.name, config.long_texts), encoder.dim, encoder.name)
     user_vectors, user_long = encode_cached(encoder, cache, knowledge["text"].tolist(), progress)
@@ -138,7 +138,7 @@ def encode_cached(encoder: TextEncoder, cache: EmbeddingCache, texts: list[str],
 def read_knowledge(path: Path) -> pd.DataFrame:
     """The generation stage's table, checked: (user_index, sample) unique, text a string."""
     try:
-        frame = pd.read_parquet(path, columns=["user_index", "sample", "text"])
+        frame = read_parquet(path, columns=["user_index", "sample", "text"])
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(f"{path}: needs columns user_index, sample, text ({str(exc).splitlines()[0]})") from None
     if frame["text"].isna().any():
@@ -180,6 +180,6 @@ def read_embeddings(folder: str | Path) -> Embeddings:
     folder = Path(folder)
     if not (folder / "users.safetensors").is_file():
         raise InputError(f"{folder}: no users.safetensors; run the encode stage first")
-    users, items = load_file(folder / "users.safetensors"), load_file(folder / "items.safetensors")
+    users, items = read_safetensors(folder / "users.safetensors", "np"), read_safetensors(folder / "items.safetensors", "np")
     encoder = read_json(folder / "summary.json")["encoder"]
     return Embeddings(users["user_index"], users["sample"], users["vectors"], items["item_index"], items["vectors"], encoder)

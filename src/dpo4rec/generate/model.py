@@ -165,8 +165,12 @@ def attach_adapters(model, adapters):
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise InputError(f"adapter not found: {adapter} (no adapter_config.json)")
     names = chain_names(adapters)
-    peft = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name=names[0], is_trainable=False)
-    for adapter_name, adapter in zip(names[1:], adapters[1:]):
-        peft.load_adapter(str(adapter), adapter_name=adapter_name, is_trainable=False)
+    try:
+        peft = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name=names[0], is_trainable=False)
+        for adapter_name, adapter in zip(names[1:], adapters[1:]):
+            peft.load_adapter(str(adapter), adapter_name=adapter_name, is_trainable=False)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:  # a damaged config or weights file
+        detail = " ".join(str(exc).split())[:200]
+        raise InputError(f"cannot load the DPO adapters {', '.join(map(str, adapters))} ({detail}); delete the damaged one and rerun its align stage") from None
     peft.base_model.set_adapter(names, inference_mode=True)
     return peft

@@ -31,7 +31,8 @@ import torch
 from tqdm.auto import tqdm
 
 from dpo4rec.artifacts import (
-    MANIFEST, existing_output, fingerprint_file, make_manifest, read_json, round_dir, write_json, write_parquet,
+    MANIFEST, existing_output, fingerprint_file, make_manifest, read_json, read_parquet, round_dir, write_json, write_manifest,
+    write_parquet,
 )
 from dpo4rec.config import GenerateConfig, ModelConfig, to_dict
 from dpo4rec.errors import InputError
@@ -108,8 +109,8 @@ def run_generate_stage(
     if (folder / MANIFEST).is_file() and existing_output(folder, manifest):
         return GenerateResult(folder, read_json(folder / "summary.json"), reused=True)
 
-    prompts = pd.read_parquet(prompt_dir / "prompts.parquet")
-    users = pd.read_parquet(run_dir / "data" / "users.parquet")
+    prompts = read_parquet(prompt_dir / "prompts.parquet")
+    users = read_parquet(run_dir / "data" / "users.parquet")
     plan = {"config": config, "inputs": inputs, "batches": make_plan(prompts, users, gen)}
     parts = folder / "parts"
     if (folder / "plan.json").is_file():
@@ -128,12 +129,12 @@ def run_generate_stage(
         if stop_after_batches is not None and len(todo) > stop_after_batches:
             return GenerateResult(folder, {}, reused=False)
 
-    frame = pd.concat([pd.read_parquet(parts / f"part-{i:05d}.parquet") for i in range(len(plan["batches"]))])
+    frame = pd.concat([read_parquet(parts / f"part-{i:05d}.parquet") for i in range(len(plan["batches"]))])
     frame = frame.sort_values(["user_index", "sample"]).reset_index(drop=True)
     summary = summarize(frame)
     write_parquet(folder / "knowledge.parquet", frame)
     write_json(folder / "summary.json", summary)
-    write_json(folder / MANIFEST, manifest)  # last: marks the stage complete
+    write_manifest(folder, manifest, exclude=("parts/",))  # last: marks the stage complete
     shutil.rmtree(parts)  # knowledge.parquet holds them all now
     return GenerateResult(folder, summary, reused=False)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dpo4rec.artifacts import StageFolder, existing_output, make_manifest, read_json, write_json, write_parquet
+from dpo4rec.artifacts import StageFolder, existing_output, make_manifest, read_json, read_parquet, write_json, write_parquet
 from dpo4rec.config import ModelConfig, PromptConfig, to_dict
 from dpo4rec.errors import InputError
 from dpo4rec.prompts.templates import ITEM_TEMPLATES, USER_TEMPLATES, check_template, clean_text, domain_of
@@ -69,9 +69,9 @@ def build_user_prompts(data_dir: Path, prompts: PromptConfig, tokenizer, dataset
     """Render, tokenize and (if needed) shorten one prompt per user."""
     domain = domain_of(dataset)
     template = check_template(prompts.user_template or USER_TEMPLATES[domain], "user", "prompts.user_template")
-    users = pd.read_parquet(data_dir / "users.parquet")
-    items = pd.read_parquet(data_dir / "items.parquet")
-    inter = pd.read_parquet(data_dir / "interactions.parquet")
+    users = read_parquet(data_dir / "users.parquet")
+    items = read_parquet(data_dir / "items.parquet")
+    inter = read_parquet(data_dir / "interactions.parquet")
     item_text = {int(r["item_index"]): describe_item(r, domain) for r in items.to_dict("records")}
     # stars help on MovieLens and on own data with ratings; Amazon's 5-core set has none
     with_ratings = domain == "movies" or (domain == "generic" and bool(inter["rating"].notna().any()))
@@ -115,7 +115,7 @@ def build_user_prompts(data_dir: Path, prompts: PromptConfig, tokenizer, dataset
 def build_item_prompts(data_dir: Path, prompts: PromptConfig, tokenizer, dataset: str) -> pd.DataFrame:
     domain = domain_of(dataset)
     template = check_template(prompts.item_template or ITEM_TEMPLATES[domain], "item", "prompts.item_template")
-    items = pd.read_parquet(data_dir / "items.parquet")
+    items = read_parquet(data_dir / "items.parquet")
     messages = [template.format(title=f'"{clean_text(t)}"') for t in items["title"]]
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": m}], tokenize=False, add_generation_prompt=True) for m in messages]
     return pd.DataFrame({"item_index": items["item_index"], "message": messages, "text": texts})

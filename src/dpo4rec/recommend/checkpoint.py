@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
-from dpo4rec.artifacts import read_json, write_bytes_atomic, write_json
+from dpo4rec.artifacts import read_json, read_safetensors, write_bytes_atomic, write_json
 from dpo4rec.errors import InputError
 from dpo4rec.recommend.models import ModelSpec, Reranker, build_model
 
@@ -28,7 +28,7 @@ def load_recommender(folder: str | Path, device: str = "cpu") -> Reranker:
         raise InputError(f"{folder}: no trained recommender ({WEIGHTS}, {SPEC}); run the recommend stage first")
     spec = ModelSpec(**read_json(folder / SPEC))
     model = build_model(spec)
-    state = load_file(folder / WEIGHTS)
+    state = read_safetensors(folder / WEIGHTS)
     for name in ("item_attrs", "item_knowledge"):  # shapes come from the data; size the buffers first
         if name in state:
             setattr(model, name, torch.zeros_like(state[name]))

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dpo4rec.artifacts import read_parquet
 from dpo4rec.errors import InputError
 from dpo4rec.metrics import rerank_metrics
 from dpo4rec.recommend.checkpoint import load_recommender
@@ -79,7 +80,7 @@ class RewardScorer:
         lists_path = Path(data_folder) / "lists.parquet"
         if not lists_path.is_file():
             raise InputError(f"{lists_path} not found; run the data stage first")
-        lists = pd.read_parquet(lists_path)
+        lists = read_parquet(lists_path)
         if reward_holdout > 0:
             lists = mark_reward_lists(lists, reward_holdout)
         return cls(load_recommender(recommender_folder, device), list_tensors(lists))

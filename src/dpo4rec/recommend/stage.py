@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dpo4rec.artifacts import StageFolder, existing_output, fingerprint_file, round_dir, make_manifest, read_json, write_json, write_parquet
+from dpo4rec.artifacts import StageFolder, existing_output, fingerprint_file, make_manifest, read_json, read_parquet, round_dir, write_json, write_parquet
 from dpo4rec.config import RecommendConfig, to_dict
 from dpo4rec.encode.stage import read_embeddings
 from dpo4rec.errors import InputError
@@ -80,7 +80,7 @@ def run_recommend_stage(config: RecommendConfig, run_dir: str | Path, round_inde
         log.info("recommend stage: reusing %s", folder)
         return RecommendStageResult(folder, read_json(folder / "metrics.json"), reused=True)
 
-    frames = {name: pd.read_parquet(data / name) for name in _DATA_FILES}
+    frames = {name: read_parquet(data / name) for name in _DATA_FILES}
     if reward_holdout > 0:
         if not config.knowledge:
             raise InputError("the held-out reward recommender needs knowledge (recommend.knowledge = true)")

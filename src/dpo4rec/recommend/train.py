@@ -13,6 +13,7 @@ all is an error: it belongs to another run.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -70,8 +71,25 @@ class TrainResult:
     seconds: float = 0.0
 
 
+@contextlib.contextmanager
+def deterministic_kernels():
+    """Same inputs, same weights: with PyTorch's default CPU kernels two identical trainings differed by ~1e-6 in
+    the weights, enough to flip which of two nearly tied texts wins a reward (and so the DPO pairs and the report)."""
+    before, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
 def train_recommender(model: Reranker, lists: ListTensors, knowledge: UserKnowledge | None, config: RecommendConfig, progress: bool = True) -> TrainResult:
     """Fit on train lists, select the epoch on validation MAP@5, return the best model."""
+    with deterministic_kernels():
+        return _train(model, lists, knowledge, config, progress)
+
+
+def _train(model: Reranker, lists: ListTensors, knowledge: UserKnowledge | None, config: RecommendConfig, progress: bool) -> TrainResult:
     device = resolve_device(config.device)
     model.to(device)
     train, valid = lists.of_split("train"), lists.of_split("validation")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dpo4rec.artifacts import read_json
+from dpo4rec.artifacts import fingerprint_file, first_difference, read_json, read_parquet
 from dpo4rec.errors import InputError
 from dpo4rec.report.bootstrap import paired_bootstrap
 from dpo4rec.report.report import arm_folders
@@ -28,9 +28,24 @@ def _arms(run: Path) -> dict[str, Path]:
     return {arm: folder for arm, folder in arm_folders(run, load_run_config(run)).items() if (folder / "test_lists.parquet").is_file()}
 
 
+def check_same_data(runs: dict[str, Path]) -> None:
+    """Paired intervals need the same users and lists on both sides: the data stage's outputs must be byte-identical."""
+    for name in ("users.parquet", "lists.parquet"):
+        paths = {side: run / "data" / name for side, run in runs.items()}
+        for path in paths.values():
+            if not path.is_file():
+                raise InputError(f"{path}: not found; compare needs two finished runs")
+        if fingerprint_file(paths["a"]) != fingerprint_file(paths["b"]):
+            configs = {side: read_json(run / "config.json").get("data") for side, run in runs.items()}
+            why = first_difference(configs["a"], configs["b"], "data") if configs["a"] != configs["b"] else "same data config, different data files"
+            raise InputError(f"{runs['a']} and {runs['b']} were made from different data (data/{name} differs; {why}): "
+                             "their test users cannot be paired")
+
+
 def compare_runs(run_a: str | Path, run_b: str | Path, metrics: tuple[str, ...] = ("map@5", "ndcg@5"), seed: int = 0) -> dict:
     """Per arm present in both runs, and for each run's selected arm: validation MAP@5, test means, A - B with 95% CI."""
     runs = {"a": Path(run_a), "b": Path(run_b)}
+    check_same_data(runs)
     folders = {side: _arms(run) for side, run in runs.items()}
     selected = {side: read_json(run / "report" / "metrics.json")["selected_round"] for side, run in runs.items()}
     pick = {side: "base_llm" if selected[side] == 0 else f"dpo_round_{selected[side]}" for side in runs}
@@ -38,7 +53,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, metrics: tuple[str, ...] 
     rows.append(("selected", pick["a"], pick["b"]))
     table = []
     for label, arm_a, arm_b in rows:
-        lists = {side: pd.read_parquet(folders[side][arm] / "test_lists.parquet") for side, arm in (("a", arm_a), ("b", arm_b))}
+        lists = {side: read_parquet(folders[side][arm] / "test_lists.parquet") for side, arm in (("a", arm_a), ("b", arm_b))}
         if not np.array_equal(lists["a"]["user_index"].to_numpy(), lists["b"]["user_index"].to_numpy()):
             raise InputError(f"{runs['a']} and {runs['b']} have different test lists: compare runs made from the same data config")
         entry = {"arm": label, "arm_a": arm_a, "arm_b": arm_b,

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dpo4rec.artifacts import round_dir
+from dpo4rec.artifacts import read_parquet, round_dir
 from dpo4rec.config import PipelineConfig
 from dpo4rec.report.bootstrap import paired_bootstrap
 
@@ -71,7 +71,7 @@ def validation_drift(run_dir: Path, config: PipelineConfig) -> list[dict]:
         recommender = round_dir(run_dir, t) / "recommender" / model_name(config.recommend, config.align.held_out_share)
         if not before_file.is_file() or not (after_folder / "users.safetensors").is_file():
             continue
-        before = pd.read_parquet(before_file)
+        before = read_parquet(before_file)
         users = before["user_index"].unique()
         scorer, _ = reward_scorer(recommender, run_dir, config.align)
         after = scorer.score_embeddings(read_embeddings(after_folder), split="validation", users=users, reward=config.align.reward)

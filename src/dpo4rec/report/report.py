@@ -9,12 +9,14 @@ Writes ``RUN/report/``: metrics.json, report.md, tables, PNG plots.
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from dpo4rec.artifacts import read_json, round_dir, write_json, write_text_atomic
+from dpo4rec.artifacts import read_json, read_parquet, replace_folder, round_dir, write_json, write_text_atomic
 from dpo4rec.config import PipelineConfig, to_dict
 from dpo4rec.report.bootstrap import paired_bootstrap
 from dpo4rec.report.drift import reward_drift, validation_drift
@@ -34,11 +36,24 @@ def arm_folders(run_dir: Path, config: PipelineConfig) -> dict[str, Path]:
 
 
 def write_report(run_dir: str | Path, config: PipelineConfig) -> Path:
+    """Write ``RUN/report/`` whole or not at all: built under a temporary name, then swapped in for the old one."""
     run_dir = Path(run_dir)
-    out = run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    final = run_dir / "report"
+    tmp = run_dir / f".report.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _write_report(run_dir, config, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_folder(tmp, final)
+    return final
+
+
+def _write_report(run_dir: Path, config: PipelineConfig, out: Path) -> None:
     folders = arm_folders(run_dir, config)
-    lists = {arm: pd.read_parquet(folder / "test_lists.parquet") for arm, folder in folders.items()}
+    lists = {arm: read_parquet(folder / "test_lists.parquet") for arm, folder in folders.items()}
     info = {arm: read_json(folder / "metrics.json") for arm, folder in folders.items()}
     arms = {arm: {m: float(frame[m].mean()) for m in METRICS} for arm, frame in lists.items()}
     # round 0 (the base LLM) competes too: if no DPO round beats it on validation users, we say so
@@ -69,12 +84,11 @@ def write_report(run_dir: str | Path, config: PipelineConfig) -> Path:
         "rounds": rounds,
         "reward_drift": reward_drift(run_dir, config),
         "config": to_dict(config),
-        "timings": read_json(run_dir / "timings.json") if (run_dir / "timings.json").is_file() else {},
-    }
+    }  # no times here: the same command gives a byte-identical metrics.json (times are in RUN/timings.json)
     write_json(out / "metrics.json", metrics)
     _plots(out, metrics)
-    write_text_atomic(out / "report.md", _markdown(metrics, _examples(run_dir, config)))
-    return out
+    timings = read_json(run_dir / "timings.json") if (run_dir / "timings.json").is_file() else {}
+    write_text_atomic(out / "report.md", _markdown(metrics, _examples(run_dir, config), timings))
 
 
 def alignment(run_dir: Path, config: PipelineConfig, rounds: list[dict]) -> list[dict]:
@@ -114,11 +128,11 @@ def _round_details(run_dir: Path, config: PipelineConfig) -> list[dict]:
 
 def _examples(run_dir: Path, config: PipelineConfig, n: int = 2) -> list[dict]:
     """A few texts per round for one train user, to see what DPO changed."""
-    users = pd.read_parquet(run_dir / "data" / "users.parquet")
+    users = read_parquet(run_dir / "data" / "users.parquet")
     user = int(users.loc[users["split"].astype(str) == "train", "user_index"].iloc[0])
     shown = []
     for t in range(config.run.rounds + 1):
-        frame = pd.read_parquet(round_dir(run_dir, t) / "knowledge" / "knowledge.parquet")
+        frame = read_parquet(round_dir(run_dir, t) / "knowledge" / "knowledge.parquet")
         texts = frame[frame["user_index"] == user].sort_values("sample")
         shown += [{"round": t, "sample": int(r.sample), "text": r.text} for r in texts.head(n + 1).itertuples()]
     return [{"user_index": user, **e} for e in shown]
@@ -187,7 +201,7 @@ def _plots(out: Path, metrics: dict) -> None:
         plt.close(fig)
 
 
-def _markdown(metrics: dict, examples: list[dict]) -> str:
+def _markdown(metrics: dict, examples: list[dict], timings: dict) -> str:
     lines = ["# dpo4rec report", ""]
     cfg = metrics["config"]
     lines += [f"Data: {cfg['data']['dataset']}, {metrics['test_users']} test users, {metrics['test_lists']} test lists. "
@@ -247,5 +261,5 @@ def _markdown(metrics: dict, examples: list[dict]) -> str:
         kind = "greedy" if e["sample"] == 0 else f"sample {e['sample']}"
         lines.append(f"- round {e['round']}, {kind}: {e['text'][:400]!r}")
     lines += ["", "## Time per stage (seconds)", ""]
-    lines += [f"- {k}: {v}" for k, v in metrics["timings"].items()]
+    lines += [f"- {k}: {v}" for k, v in timings.items()]
     return "\n".join(lines) + "\n"
