@@ -48,6 +48,9 @@ class DataConfig:
     positive, a number r = rating > r is positive."""
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
     """Train / validation / test fractions of users."""
+    rating_range: tuple[float, float] | None = None
+    """[lowest, highest] rating the data may hold; a rating outside is refused. None = taken from the
+    data, with a warning when the ratings look odd (negative, above 10 or fractional)."""
 
     def __post_init__(self) -> None:
         _check(bool(str(self.dataset).strip()), "data.dataset", "a name or folder", self.dataset)
@@ -60,6 +63,10 @@ class DataConfig:
             self.positive_rating in ("auto", "all") or isinstance(self.positive_rating, (int, float)),
             "data.positive_rating", '"auto", "all" or a number', self.positive_rating,
         )
+        if self.rating_range is not None:
+            self.rating_range = tuple(float(x) for x in self.rating_range)
+            _check(len(self.rating_range) == 2 and self.rating_range[0] < self.rating_range[1],
+                   "data.rating_range", "[lowest, highest] with lowest < highest", self.rating_range)
         self.split = tuple(float(x) for x in self.split)
         _check(
             len(self.split) == 3 and all(x > 0 for x in self.split) and abs(sum(self.split) - 1) < 1e-6,
@@ -95,9 +102,13 @@ class PromptConfig:
     """Also write one factual-knowledge prompt per item."""
     max_prompt_tokens: int = 1024
     """Prompts longer than this lose their oldest history items (counted)."""
+    max_item_chars: int = 300
+    """An item's line in a prompt (title and attributes) is cut to this many characters (counted), so
+    one very long title cannot push every prompt that holds it over max_prompt_tokens."""
 
     def __post_init__(self) -> None:
         _check(self.max_prompt_tokens >= 32, "prompts.max_prompt_tokens", ">= 32", self.max_prompt_tokens)
+        _check(self.max_item_chars >= 10, "prompts.max_item_chars", ">= 10", self.max_item_chars)
 
 
 @dataclass

@@ -112,11 +112,21 @@ def test_custom_folder_parquet_without_ratings(tmp_path):
     assert data.items["title"].tolist() == ["5", "6"]
 
 
+def test_custom_folder_with_string_ids_keeps_them_and_matches_the_item_table(tmp_path):
+    folder = _write_custom(tmp_path / "strings", "user_id,item_id,rating\nA3NHUQ33CFH3VM,B0001,5\nu1,B0001,4\nu1,42,2\n")
+    (folder / "items.csv").write_text("item_id,title\nB0001,Lip balm\n42,Shampoo\n")
+    data = load_dataset(folder)
+    assert sorted(data.interactions["user_id"]) == ["A3NHUQ33CFH3VM", "u1", "u1"]
+    assert dict(zip(data.items["item_id"], data.items["title"])) == {"B0001": "Lip balm", "42": "Shampoo"}
+    integers = load_dataset(_write_custom(tmp_path / "ints", "user_id,item_id\n1,2\n1,3\n"))
+    assert integers.interactions["user_id"].dtype.kind == "i" and integers.items["item_id"].tolist() == [2, 3]
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
         ("user,item_id\n1,2\n", "missing column 'user_id'"),
-        ("user_id,item_id\n1,2\nabc,3\n", "line 3: user_id 'abc' is not an integer"),
+        ("user_id,item_id\n1,2\n ,3\n", "line 3: user_id is empty"),
         ("user_id,item_id,rating\n1,2,5\n1,3,great\n", "line 3: rating 'great' is not a number"),
         ("user_id,item_id,rating\n1,2,5\n1,3,4\n1,2,5\n", "line 4: duplicated interaction .* same as line 2"),
         ("user_id,item_id\n1,2,3,4\n", "cannot read"),

@@ -56,11 +56,19 @@ def test_top_p_keeps_the_nucleus_only():
     peaked = torch.full((200, 1000), -20.0)
     peaked[:, 7] = 5.0  # ~all the mass on token 7
     assert (top_p_sample(peaked, 1.0, 0.9, generator) == 7).all()
-    # flat over 100 tokens: the top-64 hold 0.64 < p, so the full-sort path runs
-    flat = torch.full((500, 1000), -30.0)
-    flat[:, :100] = 0.0
-    picks = top_p_sample(flat, 1.0, 0.9, generator)
-    assert picks.max() < 100 and len(picks.unique()) > 50
+    # 10 tokens hold 0.8 of the mass, 90 share 0.2: a nucleus of 0.5 is 7 of the 10 (within the top 64: fast path);
+    # with top_p ignored, a fifth of 2,000 picks would land outside them
+    probs = torch.zeros(1000)
+    probs[:10], probs[10:100] = 0.08, 0.2 / 90
+    head = probs.log().expand(2000, -1)
+    picks = top_p_sample(head, 1.0, 0.5, generator)
+    assert picks.max() < 10 and 5 <= len(picks.unique()) <= 8
+    # 200 tokens hold 0.8, 800 share 0.2: the top 64 hold only 0.26 < p, so the full-sort path runs;
+    # a nucleus of 0.5 is ~125 of the 200
+    probs = torch.zeros(1000)
+    probs[:200], probs[200:] = 0.004, 0.2 / 800
+    picks = top_p_sample(probs.log().expand(2000, -1), 1.0, 0.5, generator)
+    assert picks.max() < 200 and 100 <= len(picks.unique()) <= 130
     # bf16 logits work too
     assert (top_p_sample(peaked.bfloat16(), 0.7, 0.9, generator) == 7).all()
 

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from runhelp import ENV, TINY, cli
@@ -23,11 +24,15 @@ def test_tiny_run_reports_every_arm_with_intervals(uninterrupted):
         assert all(0 <= v <= 1 for v in values.values())
     compared = {(c["a"], c["b"]) for c in metrics["comparisons"]}
     assert ("dpo_round_1", "base_llm") in compared and ("base_llm", "no_knowledge") in compared
-    for c in metrics["comparisons"]:
+    lists = {arm: pd.read_parquet(run / f"round_{t}" / "recommender" / name / "test_lists.parquet")
+             for arm, t, name in (("base_llm", 0, "prm"), ("dpo_round_1", 1, "prm"), ("no_knowledge", 0, "prm-no-knowledge"))}
+    for c in metrics["comparisons"]:  # each difference is the two arms' test lists' means (the interval: tests/report)
+        if c["metric"] == "map@5" and c["b"] in lists and c["a"] in lists:
+            assert c["diff"] == pytest.approx(lists[c["a"]]["map@5"].mean() - lists[c["b"]]["map@5"].mean())
         assert c["ci95"][0] <= c["diff"] <= c["ci95"][1]
-    candidates = {"base_llm": 0, "dpo_round_1": 1, "dpo_round_2": 2}
-    best = max(metrics["validation_map@5"], key=metrics["validation_map@5"].get)
-    assert set(metrics["validation_map@5"]) == set(candidates) and metrics["selected_round"] == candidates[best]
+    for arm, t, name in (("base_llm", 0, "prm"), ("dpo_round_1", 1, "prm"), ("dpo_round_2", 2, "prm")):
+        recorded = json.loads((run / f"round_{t}" / "recommender" / name / "metrics.json").read_text())
+        assert metrics["validation_map@5"][arm] == recorded["validation"]["map@5"]  # selection reads validation only
     assert json.loads((run / "round_0" / "preferences" / "summary.json").read_text())["reward_lists"] == "train"
     drift = metrics["reward_drift"]  # every round's texts under round 0's reward model
     assert [r["round"] for r in drift] == [0, 1, 2] and drift[1]["ci95"][0] <= drift[1]["sampled_minus_round_0"] <= drift[1]["ci95"][1]
@@ -105,12 +110,22 @@ def test_single_stage_commands_reuse_the_run_and_another_config_is_refused(unint
     reward = cli("reward", "--config", str(held), "--out", str(copy), "--round", "0")
     assert reward.returncode == 0 and "held-out lists" in reward.stdout, reward.stderr[-2000:]
     assert (copy / "round_0" / "recommender" / "prm-reward-holdout" / "model.safetensors").is_file()
-    # two runs of the same data compare pairwise; a run against itself differs by exactly 0
-    compared = cli("compare", str(run), str(run), "--json", str(tmp_path / "cmp.json"))
+    # two runs of the same data compare pairwise, arm by arm: B is A with dpo_round_1 0.05 MAP@5 better on every list
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    tested = other / "round_1" / "recommender" / "prm" / "test_lists.parquet"
+    frame = pd.read_parquet(tested)
+    frame["map@5"] += 0.05
+    frame.to_parquet(tested, index=False)
+    compared = cli("compare", str(run), str(other), "--json", str(tmp_path / "cmp.json"))
     assert compared.returncode == 0, compared.stderr[-2000:]
     result = json.loads((tmp_path / "cmp.json").read_text())
     assert sorted(row["arm"] for row in result["arms"]) == sorted([*metrics["arms"], "selected"])
-    assert all(row["map@5"]["diff"] == 0 and row["map@5"]["ci95"] == [0, 0] for row in result["arms"])
+    for row in result["arms"]:
+        expected = -0.05 if row["arm_a"] == "dpo_round_1" else 0.0
+        assert row["map@5"]["diff"] == pytest.approx(expected, abs=1e-12)
+        assert row["map@5"]["ci95"] == pytest.approx([expected, expected], abs=1e-12)
+        assert row["ndcg@5"]["diff"] == 0
 
 
 @pytest.mark.parametrize("setting", ["generate.n_samples=1", "align.beta=0", "run.rounds=0", "data.n_users=0",

@@ -82,7 +82,7 @@ def write_identity_adapter(model_cfg: ModelConfig, align: AlignConfig, chain: li
     model = load_base_model(model_cfg.name, device="cpu")  # the adapter's shapes come from the base alone
     get_peft_model(model, _lora_config(align)).save_pretrained(out)
     history = {"pairs": 0, "train_runtime_s": 0.0, "steps": [], "skipped": "no preference pairs: every user's samples tied",
-               "reference": _reference(chain), "chain": [str(p) for p in chain]}
+               "reference": _reference(chain), "chain": [f"{p.parent.name}/{p.name}" for p in chain]}
     write_json(out / "training_log.json", history)
     return history
 
@@ -200,7 +200,7 @@ def train_dpo(pairs: pd.DataFrame, model_cfg: ModelConfig, align: AlignConfig, c
                                              "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")}
                   for entry in steps],
         "reference": _reference(chain),
-        "chain": [str(p) for p in chain],
+        "chain": [f"{p.parent.name}/{p.name}" for p in chain],
     }
     write_json(out / "training_log.json", history)
     return history

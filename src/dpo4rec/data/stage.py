@@ -20,6 +20,7 @@ from dpo4rec.artifacts import StageFolder, existing_output, fingerprint_file, ma
 from dpo4rec.config import DataConfig, to_dict
 from dpo4rec.data import load_dataset
 from dpo4rec.data.protocol import ProtocolData, build_protocol
+from dpo4rec.errors import InputError
 
 log = logging.getLogger(__name__)
 STAGE = "data"
@@ -36,6 +37,7 @@ def run_data_stage(config: DataConfig, run_dir: str | Path) -> DataStageResult:
     """Write the protocol artifacts to ``run_dir/data``, or reuse them if they match."""
     folder = Path(run_dir) / STAGE
     dataset = load_dataset(config.dataset, config.path)
+    check_ratings(dataset, config.rating_range)
     inputs = {p.name: fingerprint_file(p) for p in dataset.source_files}
     manifest = make_manifest(STAGE, to_dict(config), inputs)
     if existing_output(folder, manifest):
@@ -45,6 +47,27 @@ def run_data_stage(config: DataConfig, run_dir: str | Path) -> DataStageResult:
     with StageFolder(folder, manifest) as tmp:
         write_protocol(protocol, tmp)
     return DataStageResult(folder, protocol.summary, reused=False)
+
+
+def check_ratings(dataset, rating_range: tuple[float, float] | None) -> None:
+    """Refuse ratings outside a declared range; without one, warn when they look like no star scale."""
+    ratings = dataset.interactions["rating"]
+    known = ratings.dropna()
+    if known.empty:
+        return
+    source = dataset.source_files[0] if dataset.source_files else dataset.name
+    if rating_range is not None:
+        low, high = rating_range
+        outside = ratings.notna() & ((ratings < low) | (ratings > high))
+        if outside.any():
+            row = dataset.interactions[outside].iloc[0]
+            raise InputError(f"{source}: rating {row['rating']:g} (user {row['user_id']!r}, item {row['item_id']!r}) is outside "
+                             f"data.rating_range [{low:g}, {high:g}]; {int(outside.sum()):,} ratings are")
+        return
+    odd = [why for why, bad in (("negative", known < 0), ("above 10", known > 10), ("fractional", known != known.round())) if bad.any()]
+    if odd:
+        log.warning("%s: ratings run from %g to %g (%s): set data.rating_range = [lowest, highest] to check them",
+                    source, known.min(), known.max(), ", ".join(odd))
 
 
 def write_protocol(protocol: ProtocolData, folder: Path) -> None:

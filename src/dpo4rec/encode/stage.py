@@ -137,10 +137,11 @@ def encode_cached(encoder: TextEncoder, cache: EmbeddingCache, texts: list[str],
 
 def read_knowledge(path: Path) -> pd.DataFrame:
     """The generation stage's table, checked: (user_index, sample) unique, text a string."""
-    try:
-        frame = read_parquet(path, columns=["user_index", "sample", "text"])
-    except (OSError, ValueError, KeyError) as exc:
-        raise InputError(f"{path}: needs columns user_index, sample, text ({str(exc).splitlines()[0]})") from None
+    frame = read_parquet(path)
+    missing = [c for c in ("user_index", "sample", "text") if c not in frame.columns]
+    if missing:
+        raise InputError(f"{path}: needs columns user_index, sample, text ({', '.join(missing)} missing)")
+    frame = frame[["user_index", "sample", "text"]]
     if frame["text"].isna().any():
         row = int(np.flatnonzero(frame["text"].isna().to_numpy())[0])
         raise InputError(f"{path}: text is missing in row {row}")

@@ -58,7 +58,6 @@ def _write_report(run_dir: Path, config: PipelineConfig, out: Path) -> None:
     arms = {arm: {m: float(frame[m].mean()) for m in METRICS} for arm, frame in lists.items()}
     # round 0 (the base LLM) competes too: if no DPO round beats it on validation users, we say so
     validation = {arm: info[arm]["validation"]["map@5"] for arm in folders if arm != "no_knowledge"}
-    selected = max(validation, key=validation.get)
     dpo_arms = [arm for arm in validation if arm.startswith("dpo_round_")]
     pairs = [("base_llm", "no_knowledge"), *[(arm, "base_llm") for arm in dpo_arms]]
     pairs += [(arm, "no_knowledge") for arm in dpo_arms]
@@ -76,7 +75,7 @@ def _write_report(run_dir: Path, config: PipelineConfig, out: Path) -> None:
         "alignment": alignment(run_dir, config, rounds),
         "arms": arms,
         "comparisons": comparisons,
-        "selected_round": 0 if selected == "base_llm" else int(selected.rsplit("_", 1)[1]),
+        "selected_round": select_round(validation),
         "validation_map@5": validation,
         "baselines": info["base_llm"]["baselines"],
         "test_users": int(lists["base_llm"]["user_index"].nunique()),
@@ -89,6 +88,13 @@ def _write_report(run_dir: Path, config: PipelineConfig, out: Path) -> None:
     _plots(out, metrics)
     timings = read_json(run_dir / "timings.json") if (run_dir / "timings.json").is_file() else {}
     write_text_atomic(out / "report.md", _markdown(metrics, _examples(run_dir, config), timings))
+
+
+def select_round(validation: dict[str, float]) -> int:
+    """The round whose recommender has the best validation MAP@5 (base_llm = round 0, dpo_round_t = t);
+    a tie goes to the earlier round, the one with fewer DPO rounds. Test users play no part."""
+    rounds = {0 if arm == "base_llm" else int(arm.removeprefix("dpo_round_")): value for arm, value in validation.items()}
+    return min(rounds, key=lambda t: (-rounds[t], t))
 
 
 def alignment(run_dir: Path, config: PipelineConfig, rounds: list[dict]) -> list[dict]:
@@ -121,7 +127,8 @@ def _round_details(run_dir: Path, config: PipelineConfig) -> list[dict]:
         if (here / "preferences" / "summary.json").is_file():
             entry["preferences"] = read_json(here / "preferences" / "summary.json")
         if (here / "adapter" / "training_log.json").is_file():
-            entry["dpo"] = read_json(here / "adapter" / "training_log.json")
+            log = read_json(here / "adapter" / "training_log.json")
+            entry["dpo"] = {k: v for k, v in log.items() if k != "train_runtime_s"}  # times: RUN/timings.json
         details.append(entry)
     return details
 

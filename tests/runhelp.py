@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.toml"
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
