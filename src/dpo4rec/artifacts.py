@@ -127,6 +127,14 @@ def fingerprint_file(path: Path, algorithm: str = "sha256") -> str:
     return digest.hexdigest()
 
 
+def manifest_fingerprint(path: Path) -> str:
+    """What a finished upstream folder holds (its config, inputs and outputs' hashes), not when it was written:
+    a folder rebuilt with the same bytes keeps its fingerprint, so what was built from it stays valid."""
+    manifest = read_json(path)
+    manifest.pop("created", None)
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
 def output_fingerprints(folder: Path, exclude: tuple[str, ...] = ()) -> dict[str, dict]:
     """Size and sha256 of every file a stage wrote (the manifest and paths under ``exclude`` excepted)."""
     folder = Path(folder)
@@ -205,8 +213,10 @@ def first_difference(old: Any, new: Any, key: str) -> str:
     """The first differing leaf, e.g. ``config.generate.batch_rows: 50 there, 256 now``."""
     if isinstance(old, dict) and isinstance(new, dict):
         for field in sorted(set(old) | set(new)):
-            if old.get(field) != new.get(field):
-                return first_difference(old.get(field), new.get(field), f"{key}.{field}")
+            if field not in old or field not in new:
+                return f"{key}.{field}: {'absent' if field not in old else repr(old[field])} there, {'absent' if field not in new else repr(new[field])} now"
+            if old[field] != new[field]:
+                return first_difference(old[field], new[field], f"{key}.{field}")
     return f"{key}: {old!r} there, {new!r} now"
 
 

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dpo4rec.artifacts import (
-    MANIFEST, existing_output, fingerprint_file, make_manifest, read_json, read_parquet, round_dir, write_json, write_manifest,
+    MANIFEST, existing_output, fingerprint_file, make_manifest, manifest_fingerprint, read_json, read_parquet, round_dir, write_json, write_manifest,
     write_parquet,
 )
 from dpo4rec.config import GenerateConfig, ModelConfig, to_dict
@@ -99,7 +99,7 @@ def run_generate_stage(
     if not (prompt_dir / MANIFEST).is_file():
         raise InputError(f"{prompt_dir}: no prompts stage output; run `dpo4rec prompts --out {run_dir}` first")
     folder = round_dir(run_dir, round_index) / STAGE
-    inputs = {"prompts/manifest.json": fingerprint_file(prompt_dir / MANIFEST)}
+    inputs = {"prompts/manifest.json": manifest_fingerprint(prompt_dir / MANIFEST)}
     for number, adapter in enumerate(map(Path, adapters)):
         if not (adapter / "adapter_model.safetensors").is_file():
             raise InputError(f"adapter not found: {adapter} (no adapter_model.safetensors)")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dpo4rec.artifacts import StageFolder, existing_output, make_manifest, read_json, read_parquet, write_json, write_parquet
+from dpo4rec.artifacts import StageFolder, existing_output, make_manifest, manifest_fingerprint, read_json, read_parquet, write_json, write_parquet
 from dpo4rec.config import ModelConfig, PromptConfig, to_dict
 from dpo4rec.errors import InputError
 from dpo4rec.prompts.templates import ITEM_TEMPLATES, USER_TEMPLATES, check_template, clean_text, domain_of
@@ -134,7 +134,7 @@ def run_prompt_stage(run_dir: str | Path, prompts: PromptConfig, model: ModelCon
     folder = run_dir / STAGE
     manifest = make_manifest(
         STAGE, {"prompts": to_dict(prompts), "model": model.name},
-        {"data/manifest.json": fingerprint_file(data_dir / "manifest.json")},
+        {"data/manifest.json": manifest_fingerprint(data_dir / "manifest.json")},
     )
     if existing_output(folder, manifest):
         return PromptStageResult(folder, read_json(folder / "summary.json"), reused=True)
