@@ -71,11 +71,13 @@ def run_encode_stage(config: EncodeConfig, run_dir: str | Path, round_index: int
     run_dir = Path(run_dir)
     knowledge_path = round_dir(run_dir, round_index) / "knowledge" / "knowledge.parquet"
     items_path = run_dir / "data" / "items.parquet"
+    lists_path, interactions_path = run_dir / "data" / "lists.parquet", run_dir / "data" / "interactions.parquet"
     item_knowledge_path = knowledge_path.with_name("item_knowledge.parquet")
-    for path in (knowledge_path, items_path):
+    for path in (knowledge_path, items_path, lists_path, interactions_path):
         if not path.is_file():
             raise InputError(f"{path} not found; run the {'generate' if path == knowledge_path else 'data'} stage first")
-    inputs = {"knowledge.parquet": fingerprint_file(knowledge_path), "items.parquet": fingerprint_file(items_path)}
+    inputs = {"knowledge.parquet": fingerprint_file(knowledge_path), "items.parquet": fingerprint_file(items_path),
+              "lists.parquet": fingerprint_file(lists_path), "interactions.parquet": fingerprint_file(interactions_path)}
     if item_knowledge_path.is_file():
         inputs["item_knowledge.parquet"] = fingerprint_file(item_knowledge_path)
     settings = {k: v for k, v in to_dict(config).items() if k not in ("device", "batch_size")}  # neither changes a vector
@@ -87,11 +89,15 @@ def run_encode_stage(config: EncodeConfig, run_dir: str | Path, round_index: int
 
     knowledge = read_knowledge(knowledge_path)
     items = read_parquet(items_path)
-    texts = item_texts(items, read_parquet(item_knowledge_path) if item_knowledge_path.is_file() else None)
+    used = used_items(read_parquet(lists_path), read_parquet(interactions_path))
+    encoded = items["item_index"].isin(used).to_numpy()  # a data set's other items are never scored in this run
+    texts = item_texts(items[encoded], read_parquet(item_knowledge_path) if item_knowledge_path.is_file() else None)
     encoder = TextEncoder(config.encoder, config.batch_size, config.device, config.long_texts)
     cache = EmbeddingCache(run_dir / "cache" / "embeddings" / cache_key(encoder.name, config.long_texts), encoder.dim, encoder.name)
     user_vectors, user_long = encode_cached(encoder, cache, knowledge["text"].tolist(), progress)
-    item_vectors, item_long = encode_cached(encoder, cache, texts, progress)
+    encoded_vectors, item_long = encode_cached(encoder, cache, texts, progress)
+    item_vectors = np.zeros((len(items), encoder.dim), dtype=np.float32)
+    item_vectors[encoded] = encoded_vectors
 
     summary = {
         "encoder": encoder.name,
@@ -101,6 +107,7 @@ def run_encode_stage(config: EncodeConfig, run_dir: str | Path, round_index: int
         "user_texts": len(knowledge),
         "samples_per_user": int(knowledge.groupby("user_index").size().max()),
         "items": len(items),
+        "items_encoded": int(encoded.sum()),
         "long_texts": {"policy": config.long_texts, "user_texts": user_long, "item_texts": item_long},
     }
     manifest["encoder"] = {k: summary[k] for k in ("encoder", "dim", "max_seq_length")}
@@ -133,6 +140,15 @@ def encode_cached(encoder: TextEncoder, cache: EmbeddingCache, texts: list[str],
         cache.add(batch, vectors)
         n_long += report.count
     return cache.get(hashes), n_long
+
+
+def used_items(lists: pd.DataFrame, interactions: pd.DataFrame) -> np.ndarray:
+    """Item indices the run's recommenders can see: list candidates, the histories beside them, the users' interactions."""
+    parts = [interactions["item_index"].to_numpy()]
+    for column in ("items", "history"):
+        if len(lists):
+            parts.append(np.concatenate(lists[column].to_numpy()))
+    return np.unique(np.concatenate(parts).astype(np.int64))
 
 
 def read_knowledge(path: Path) -> pd.DataFrame:

@@ -73,6 +73,9 @@ def build_user_prompts(data_dir: Path, prompts: PromptConfig, tokenizer, dataset
     items = read_parquet(data_dir / "items.parquet")
     inter = read_parquet(data_dir / "interactions.parquet")
     item_text = {int(r["item_index"]): describe_item(r, domain) for r in items.to_dict("records")}
+    long_items = {i for i, text in item_text.items() if len(text) > prompts.max_item_chars}
+    for i in long_items:  # cut, not refused: one huge title must not make every prompt holding it too long
+        item_text[i] = item_text[i][: prompts.max_item_chars - 1].rstrip() + "…"
     # stars help on MovieLens and on own data with ratings; Amazon's 5-core set has none
     with_ratings = domain == "movies" or (domain == "generic" and bool(inter["rating"].notna().any()))
     histories = inter[inter["in_prompt"]].groupby("user_index", sort=True)
@@ -106,7 +109,10 @@ def build_user_prompts(data_dir: Path, prompts: PromptConfig, tokenizer, dataset
         "prompt_tokens_max": int(frame["n_tokens"].max()),
         "users_truncated": int((frame["n_dropped"] > 0).sum()),
         "history_items_dropped": int(frame["n_dropped"].sum()),
+        "item_texts_cut": len(long_items),
     }
+    if long_items:
+        log.warning("%d item descriptions longer than prompts.max_item_chars = %d were cut", len(long_items), prompts.max_item_chars)
     if summary["users_truncated"]:
         log.warning("%d prompts lost their oldest history items to fit %d tokens", summary["users_truncated"], prompts.max_prompt_tokens)
     return frame, summary

@@ -1,0 +1,57 @@
+"""A user's own data as most logs look: string ids, odd and very long titles, a declared rating scale."""
+
+import json
+
+import pandas as pd
+import pytest
+from runhelp import TINY, cli
+
+from dpo4rec.data import load_dataset
+
+pytestmark = pytest.mark.slow
+
+ODD_TITLES = ['Quotes "inside" and {braces} {0}', "Tab\tand\nnewline", "Émoji 🎬 and ünïcode", "x" * 100_000]
+
+
+def own_folder(folder, ratings_scale=1):
+    """ML-100k rewritten with string ids (u12, i345), a few odd titles, ratings multiplied by ``ratings_scale``."""
+    data = load_dataset("ml-100k")
+    folder.mkdir()
+    inter = data.interactions.copy()
+    inter["user_id"] = "u" + inter["user_id"].astype(str)
+    inter["item_id"] = "i" + inter["item_id"].astype(str)
+    inter["rating"] = inter["rating"] * ratings_scale
+    inter[["user_id", "item_id", "rating", "timestamp"]].to_csv(folder / "interactions.csv", index=False)
+    items = data.items[["item_id", "title"]].copy()
+    popular = inter["item_id"].value_counts().index[: len(ODD_TITLES)]  # in many users' histories
+    items["item_id"] = "i" + items["item_id"].astype(str)
+    items.loc[items["item_id"].isin(popular), "title"] = ODD_TITLES[: len(popular)]
+    items.to_csv(folder / "items.csv", index=False)
+    return folder
+
+
+def test_a_folder_with_string_ids_and_odd_titles_runs_end_to_end(tmp_path):
+    folder = own_folder(tmp_path / "shop")
+    run = tmp_path / "run"
+    result = cli("run", "--config", TINY, "--out", run, "--set", f"data.dataset={json.dumps(str(folder))}",
+                 "--set", "run.rounds=1", "--set", "data.rating_range=[1, 5]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run / "report" / "metrics.json").read_text())
+    assert set(metrics["arms"]) == {"no_knowledge", "base_llm", "dpo_round_1"}
+    assert pd.read_parquet(run / "data" / "users.parquet")["user_id"].str.startswith("u").all()  # the ids as given, beside dense indices
+    prompts = json.loads((run / "prompts" / "summary.json").read_text())
+    assert prompts["item_texts_cut"] == 1 and prompts["prompt_tokens_max"] <= 256  # the 100,000-character title, cut
+    encoded = json.loads((run / "round_0" / "embeddings" / "summary.json").read_text())
+    assert encoded["items_encoded"] < encoded["items"]  # only the items this run's lists and histories hold
+
+
+def test_ratings_outside_the_declared_range_are_one_line(tmp_path):
+    folder = own_folder(tmp_path / "shop", ratings_scale=20)  # 20-100 "stars"
+    result = cli("data", "--config", TINY, "--dataset", folder, "--out", tmp_path / "run")
+    assert result.returncode == 0 and "set data.rating_range" in result.stderr  # odd: warned, not refused
+    strict = tmp_path / "strict.toml"
+    strict.write_text(TINY.read_text().replace("[data]\n", "[data]\nrating_range = [1, 5]\n"))
+    refused = cli("data", "--config", strict, "--dataset", folder, "--out", tmp_path / "strict")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "interactions.csv" in refused.stderr and "outside data.rating_range [1, 5]" in refused.stderr
+    assert not (tmp_path / "strict").exists()
