@@ -102,9 +102,10 @@ class PromptConfig:
     """Also write one factual-knowledge prompt per item."""
     max_prompt_tokens: int = 1024
     """Prompts longer than this lose their oldest history items (counted)."""
-    max_item_chars: int = 300
+    max_item_chars: int = 1000
     """An item's line in a prompt (title and attributes) is cut to this many characters (counted), so
-    one very long title cannot push every prompt that holds it over max_prompt_tokens."""
+    one very long title cannot push every prompt that holds it over max_prompt_tokens. (The longest
+    in the built-in data sets: 904 characters, Amazon-Beauty; ML-1M's: 84.)"""
 
     def __post_init__(self) -> None:
         _check(self.max_prompt_tokens >= 32, "prompts.max_prompt_tokens", ">= 32", self.max_prompt_tokens)

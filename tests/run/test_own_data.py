@@ -34,7 +34,7 @@ def test_a_folder_with_string_ids_and_odd_titles_runs_end_to_end(tmp_path):
     folder = own_folder(tmp_path / "shop")
     run = tmp_path / "run"
     result = cli("run", "--config", TINY, "--out", run, "--set", f"data.dataset={json.dumps(str(folder))}",
-                 "--set", "run.rounds=1", "--set", "data.rating_range=[1, 5]")
+                 "--set", "run.rounds=1", "--set", "data.rating_range=[1, 5]", "--set", "prompts.max_item_chars=200")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run / "report" / "metrics.json").read_text())
     assert set(metrics["arms"]) == {"no_knowledge", "base_llm", "dpo_round_1"}
