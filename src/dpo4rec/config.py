@@ -176,6 +176,9 @@ class RecommendConfig:
     """A registered re-ranker: dlcm, prm, setrank."""
     knowledge: bool = True
     """Feed the knowledge vectors through the hybrid-expert adapter; false = the ID-only baseline."""
+    item_knowledge: bool = True
+    """The item tower reads the LLM's item texts with each title when the run generated them
+    (prompts.item_prompts); false = titles and attributes only."""
     train_sample: int = 0
     """Which knowledge sample trains and evaluates the model (0 = the greedy text)."""
     unknown_rate: float = 0.05

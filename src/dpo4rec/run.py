@@ -63,6 +63,9 @@ def run_pipeline(config: PipelineConfig, run_dir: str | Path) -> Path:
               adapters=adapter_chain(run_dir, t))
         timed(f"round_{t}/encode", run_encode_stage, config.encode, run_dir, t)
         timed(f"round_{t}/recommend", run_recommend_stage, replace(config.recommend, knowledge=True), run_dir, t)
+        if t == 0 and config.prompts.item_prompts and config.run.baselines:  # KAR without its item knowledge
+            timed("recommend_no_item_knowledge", run_recommend_stage,
+                  replace(config.recommend, knowledge=True, item_knowledge=False), run_dir, 0)
         if t < config.run.rounds:
             if config.align.held_out_share:
                 timed(f"round_{t}/recommend_reward", train_reward_recommender, config, run_dir, t)

@@ -116,3 +116,42 @@ def test_item_texts_use_title_and_attributes():
     assert item_texts(items) == ["Heat (1995). year: 1995. genres: Action, Crime", "Fargo (1996). year: 1996. genres: Crime"]
     extra = pd.DataFrame({"item_index": [2], "text": ["A dark comedy."]})
     assert item_texts(items, extra)[1].endswith("genres: Crime. A dark comedy.")
+
+
+def test_item_knowledge_reaches_the_item_tower_and_changes_scores(run, tmp_path):
+    """Round 0's item_knowledge.parquet (KAR's item texts) is encoded with each title for every round; the
+    recommender's item tower reads it (items_plain.safetensors keeps the titles-only vectors for the arm without)."""
+    import shutil
+
+    from dpo4rec.config import RecommendConfig
+    from dpo4rec.recommend.features import list_tensors, user_knowledge
+    from dpo4rec.recommend.train import build_recommender, predict
+
+    copy = tmp_path / "run"
+    shutil.copytree(run / "data", copy / "data")
+    write_knowledge(copy, 0, base_text)
+    write_knowledge(copy, 1, base_text)
+    items = pd.read_parquet(copy / "data" / "items.parquet")
+    known = items["item_index"].to_numpy()[:40]
+    pd.DataFrame({"item_index": known, "text": [f"A film about topic {i % 7}, loved by critics." for i in range(40)]}).to_parquet(
+        copy / "round_0" / "knowledge" / "item_knowledge.parquet", index=False)
+    run_encode_stage(EncodeConfig(), copy, 0, progress=False)
+    run_encode_stage(EncodeConfig(), copy, 1, progress=False)  # later rounds read round 0's item texts too
+    for round_index in (0, 1):
+        folder = copy / f"round_{round_index}" / "embeddings"
+        assert json.loads((folder / "summary.json").read_text())["item_knowledge_texts"] > 0
+        with_texts, plain = read_embeddings(folder), read_embeddings(folder, item_knowledge=False)
+        changed = ~np.isclose(with_texts.item_vectors, plain.item_vectors).all(axis=1)
+        used = np.abs(plain.item_vectors).sum(axis=1) > 0
+        assert changed[np.isin(with_texts.item_index, known) & used].all() and not changed[~np.isin(with_texts.item_index, known)].any()
+    data = read_protocol(copy / "data")
+    lists = list_tensors(data.lists)
+    emb = with_texts
+    users, vectors = emb.for_sample(0)
+    knowledge = user_knowledge(len(data.users), users, vectors)
+    scores = {}
+    for name, vectors_of_items in (("with", with_texts), ("plain", plain)):
+        model = build_recommender(RecommendConfig(), data.items, lists, emb.dim, (vectors_of_items.item_index, vectors_of_items.item_vectors))
+        assert model.item_knowledge.abs().sum(dim=1).gt(0).sum() > 0.5 * len(np.unique(lists.items))  # the tower's input: non-zero
+        scores[name] = predict(model, lists, knowledge)
+    assert not np.allclose(scores["with"], scores["plain"])  # same weights, other item texts: other scores

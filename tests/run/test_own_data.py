@@ -30,14 +30,26 @@ def own_folder(folder, ratings_scale=1):
     return folder
 
 
-def test_a_folder_with_string_ids_and_odd_titles_runs_end_to_end(tmp_path):
+def test_a_folder_with_string_ids_and_odd_titles_runs_end_to_end_with_item_knowledge(tmp_path):
     folder = own_folder(tmp_path / "shop")
     run = tmp_path / "run"
     result = cli("run", "--config", TINY, "--out", run, "--set", f"data.dataset={json.dumps(str(folder))}",
-                 "--set", "run.rounds=1", "--set", "data.rating_range=[1, 5]", "--set", "prompts.max_item_chars=200")
+                 "--set", "run.rounds=1", "--set", "data.rating_range=[1, 5]", "--set", "prompts.max_item_chars=200",
+                 "--set", "prompts.item_prompts=true")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run / "report" / "metrics.json").read_text())
-    assert set(metrics["arms"]) == {"no_knowledge", "base_llm", "dpo_round_1"}
+    assert set(metrics["arms"]) == {"no_knowledge", "base_llm", "base_llm_no_item_knowledge", "dpo_round_1"}
+    gain = [c for c in metrics["comparisons"] if (c["a"], c["b"], c["metric"]) == ("base_llm", "base_llm_no_item_knowledge", "map@5")]
+    assert len(gain) == 1 and gain[0]["ci95"][0] <= gain[0]["diff"] <= gain[0]["ci95"][1]
+    assert set(metrics["validation_map@5"]) == {"base_llm", "dpo_round_1"}  # the item-knowledge arm is a baseline, not a round
+    # KAR's item knowledge: one greedy text per item the run uses, once (round 0), read by every round's encoding
+    item_prompts = pd.read_parquet(run / "prompts" / "item_prompts.parquet")
+    item_texts = pd.read_parquet(run / "round_0" / "knowledge" / "item_knowledge.parquet")
+    assert sorted(item_texts["item_index"]) == sorted(item_prompts["item_index"]) and (item_texts["text"].str.len() > 0).mean() > 0.9
+    assert item_prompts["message"].str.len().max() < 1000  # the 100,000-character title, cut here too
+    assert not (run / "round_1" / "knowledge" / "item_knowledge.parquet").exists()
+    for t in (0, 1):
+        assert json.loads((run / f"round_{t}" / "embeddings" / "summary.json").read_text())["item_knowledge_texts"] == len(item_texts)
     assert pd.read_parquet(run / "data" / "users.parquet")["user_id"].str.startswith("u").all()  # the ids as given, beside dense indices
     prompts = json.loads((run / "prompts" / "summary.json").read_text())
     assert prompts["item_texts_cut"] == 1 and prompts["prompt_tokens_max"] <= 256  # the 100,000-character title, cut

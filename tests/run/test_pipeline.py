@@ -84,6 +84,8 @@ def test_killed_during_dpo_and_generation_then_resumed_gives_the_same_metrics(un
     metrics = json.loads((run / "report" / "metrics.json").read_text())
     assert metrics["arms"] == expected["arms"]
     assert metrics["comparisons"] == expected["comparisons"]
+    # the same command gives the same report: rewards, pairs, held-out checks, round details, all of it
+    assert (run / "report" / "metrics.json").read_bytes() == (uninterrupted[0] / "report" / "metrics.json").read_bytes()
 
 
 @pytest.mark.slow

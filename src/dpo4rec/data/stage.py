@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from dpo4rec.artifacts import StageFolder, existing_output, fingerprint_file, make_manifest, read_json, read_parquet, write_json, write_parquet
@@ -87,6 +88,15 @@ def _text_safe(frame: pd.DataFrame) -> pd.DataFrame:
             if len(kinds) > 1:
                 frame[column] = frame[column].astype("string")
     return frame
+
+
+def used_items(lists: pd.DataFrame, interactions: pd.DataFrame) -> np.ndarray:
+    """Item indices the run's recommenders can see: list candidates, the histories beside them, the users' interactions."""
+    parts = [interactions["item_index"].to_numpy()]
+    for column in ("items", "history"):
+        if len(lists):
+            parts.append(np.concatenate(lists[column].to_numpy()))
+    return np.unique(np.concatenate(parts).astype(np.int64))
 
 
 def read_protocol(folder: str | Path) -> ProtocolData:

@@ -28,11 +28,13 @@ from safetensors.numpy import save
 
 from dpo4rec.artifacts import StageFolder, existing_output, fingerprint_file, make_manifest, read_json, read_parquet, read_safetensors, round_dir, write_bytes_atomic, write_json
 from dpo4rec.config import EncodeConfig, to_dict
+from dpo4rec.data.stage import used_items
 from dpo4rec.encode.cache import EmbeddingCache, cache_key, text_hash
 from dpo4rec.encode.encoder import TextEncoder
 from dpo4rec.errors import InputError
 
 log = logging.getLogger(__name__)
+PLAIN_ITEMS = "items_plain.safetensors"  # item vectors without the LLM's item texts (written only when the run has them)
 STAGE = "encode"
 _FLUSH = 2048  # texts per cache shard: the most a crash can lose
 
@@ -72,7 +74,7 @@ def run_encode_stage(config: EncodeConfig, run_dir: str | Path, round_index: int
     knowledge_path = round_dir(run_dir, round_index) / "knowledge" / "knowledge.parquet"
     items_path = run_dir / "data" / "items.parquet"
     lists_path, interactions_path = run_dir / "data" / "lists.parquet", run_dir / "data" / "interactions.parquet"
-    item_knowledge_path = knowledge_path.with_name("item_knowledge.parquet")
+    item_knowledge_path = round_dir(run_dir, 0) / "knowledge" / "item_knowledge.parquet"  # generated once, in round 0
     for path in (knowledge_path, items_path, lists_path, interactions_path):
         if not path.is_file():
             raise InputError(f"{path} not found; run the {'generate' if path == knowledge_path else 'data'} stage first")
@@ -91,13 +93,18 @@ def run_encode_stage(config: EncodeConfig, run_dir: str | Path, round_index: int
     items = read_parquet(items_path)
     used = used_items(read_parquet(lists_path), read_parquet(interactions_path))
     encoded = items["item_index"].isin(used).to_numpy()  # a data set's other items are never scored in this run
-    texts = item_texts(items[encoded], read_parquet(item_knowledge_path) if item_knowledge_path.is_file() else None)
+    item_knowledge = read_item_knowledge(item_knowledge_path) if item_knowledge_path.is_file() else None
+    texts = item_texts(items[encoded], item_knowledge)
     encoder = TextEncoder(config.encoder, config.batch_size, config.device, config.long_texts)
     cache = EmbeddingCache(run_dir / "cache" / "embeddings" / cache_key(encoder.name, config.long_texts), encoder.dim, encoder.name)
     user_vectors, user_long = encode_cached(encoder, cache, knowledge["text"].tolist(), progress)
     encoded_vectors, item_long = encode_cached(encoder, cache, texts, progress)
     item_vectors = np.zeros((len(items), encoder.dim), dtype=np.float32)
     item_vectors[encoded] = encoded_vectors
+    plain_vectors = None
+    if item_knowledge is not None:  # also without the LLM's item texts: the arm that measures what they add
+        plain_vectors = np.zeros_like(item_vectors)
+        plain_vectors[encoded], _ = encode_cached(encoder, cache, item_texts(items[encoded]), progress)
 
     summary = {
         "encoder": encoder.name,
@@ -108,6 +115,7 @@ def run_encode_stage(config: EncodeConfig, run_dir: str | Path, round_index: int
         "samples_per_user": int(knowledge.groupby("user_index").size().max()),
         "items": len(items),
         "items_encoded": int(encoded.sum()),
+        "item_knowledge_texts": 0 if item_knowledge is None else int(items[encoded]["item_index"].isin(item_knowledge["item_index"]).sum()),
         "long_texts": {"policy": config.long_texts, "user_texts": user_long, "item_texts": item_long},
     }
     manifest["encoder"] = {k: summary[k] for k in ("encoder", "dim", "max_seq_length")}
@@ -118,10 +126,10 @@ def run_encode_stage(config: EncodeConfig, run_dir: str | Path, round_index: int
             "sample": knowledge["sample"].to_numpy(np.int64),
             "vectors": user_vectors,
         }, metadata={"encoder": encoder.name}))
-        write_bytes_atomic(tmp / "items.safetensors", save({
-            "item_index": items["item_index"].to_numpy(np.int64),
-            "vectors": item_vectors,
-        }, metadata={"encoder": encoder.name}))
+        for name, vectors in (("items.safetensors", item_vectors), (PLAIN_ITEMS, plain_vectors)):
+            if vectors is not None:
+                write_bytes_atomic(tmp / name, save({"item_index": items["item_index"].to_numpy(np.int64), "vectors": vectors},
+                                                    metadata={"encoder": encoder.name}))
         write_json(tmp / "summary.json", summary)
     return EncodeStageResult(folder, summary, reused=False)
 
@@ -142,13 +150,11 @@ def encode_cached(encoder: TextEncoder, cache: EmbeddingCache, texts: list[str],
     return cache.get(hashes), n_long
 
 
-def used_items(lists: pd.DataFrame, interactions: pd.DataFrame) -> np.ndarray:
-    """Item indices the run's recommenders can see: list candidates, the histories beside them, the users' interactions."""
-    parts = [interactions["item_index"].to_numpy()]
-    for column in ("items", "history"):
-        if len(lists):
-            parts.append(np.concatenate(lists[column].to_numpy()))
-    return np.unique(np.concatenate(parts).astype(np.int64))
+def read_item_knowledge(path: Path) -> pd.DataFrame:
+    frame = read_parquet(path)
+    if not {"item_index", "text"} <= set(frame.columns):
+        raise InputError(f"{path}: needs columns item_index, text")
+    return frame
 
 
 def read_knowledge(path: Path) -> pd.DataFrame:
@@ -192,11 +198,17 @@ def _is_identifier(column: pd.Series) -> bool:
     return column.nunique() > 0.9 * len(column) and not pd.api.types.is_numeric_dtype(column) and len(column) > 10
 
 
-def read_embeddings(folder: str | Path) -> Embeddings:
+def item_vectors_file(folder: str | Path, item_knowledge: bool = True) -> Path:
+    """The item vectors a recommender reads: with the LLM's item texts when the run has them, unless told not to."""
+    plain = Path(folder) / PLAIN_ITEMS
+    return plain if not item_knowledge and plain.is_file() else Path(folder) / "items.safetensors"
+
+
+def read_embeddings(folder: str | Path, item_knowledge: bool = True) -> Embeddings:
     """Load what ``run_encode_stage`` wrote."""
     folder = Path(folder)
     if not (folder / "users.safetensors").is_file():
         raise InputError(f"{folder}: no users.safetensors; run the encode stage first")
-    users, items = read_safetensors(folder / "users.safetensors", "np"), read_safetensors(folder / "items.safetensors", "np")
+    users, items = read_safetensors(folder / "users.safetensors", "np"), read_safetensors(item_vectors_file(folder, item_knowledge), "np")
     encoder = read_json(folder / "summary.json")["encoder"]
     return Embeddings(users["user_index"], users["sample"], users["vectors"], items["item_index"], items["vectors"], encoder)

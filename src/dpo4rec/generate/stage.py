@@ -41,6 +41,8 @@ from dpo4rec.generate.sampler import SamplerSettings, batch_generator, make_samp
 
 log = logging.getLogger(__name__)
 STAGE = "knowledge"
+ITEM_PROMPTS = "item_prompts.parquet"
+ITEM_KNOWLEDGE = "item_knowledge.parquet"  # round 0 only: KAR's factual knowledge, one greedy text per item
 
 
 @dataclass
@@ -132,6 +134,12 @@ def run_generate_stage(
     frame = pd.concat([read_parquet(parts / f"part-{i:05d}.parquet") for i in range(len(plan["batches"]))])
     frame = frame.sort_values(["user_index", "sample"]).reset_index(drop=True)
     summary = summarize(frame)
+    item_prompts = prompt_dir / ITEM_PROMPTS
+    if round_index == 0 and item_prompts.is_file():  # KAR's item knowledge: once, from the base LLM (DPO aligns only user texts)
+        items = generate_item_knowledge(read_parquet(item_prompts), model_cfg, gen)
+        write_parquet(folder / ITEM_KNOWLEDGE, items)
+        summary["item_texts"] = len(items)
+        summary["item_mean_tokens"] = float(items["n_tokens"].mean())
     write_parquet(folder / "knowledge.parquet", frame)
     write_json(folder / "summary.json", summary)
     write_manifest(folder, manifest, exclude=("parts/",))  # last: marks the stage complete
@@ -139,12 +147,34 @@ def run_generate_stage(
     return GenerateResult(folder, summary, reused=False)
 
 
-def _generate(prompts, batches, todo, parts, model_cfg, gen, adapters, stop_after_batches) -> None:
+def _open_sampler(model_cfg: ModelConfig, gen: GenerateConfig, adapters=()):
     tokenizer = load_tokenizer(model_cfg.name)
     dtype = parse_dtype(model_cfg.dtype, model_cfg.device)
     model = load_model(model_cfg.name, adapters=adapters, dtype=dtype, device=model_cfg.device)
     eos = [tokenizer.eos_token_id] + list(_as_list(getattr(model.generation_config, "eos_token_id", None)))
-    sampler = make_sampler(gen.backend, model, eos, tokenizer.pad_token_id)
+    return tokenizer, make_sampler(gen.backend, model, eos, tokenizer.pad_token_id), dtype
+
+
+def generate_item_knowledge(item_prompts: pd.DataFrame, model_cfg: ModelConfig, gen: GenerateConfig) -> pd.DataFrame:
+    """One greedy factual text per item prompt: (item_index, text, n_tokens), by item."""
+    tokenizer, sampler, _ = _open_sampler(model_cfg, gen)
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in item_prompts["text"]]
+    settings = _settings(gen, sampled=False)
+    batches = plan_batches([len(i) for i in ids], settings.rows_per_prompt, gen.batch_rows, gen.max_prefill_tokens)
+    rows = []
+    with tqdm(total=len(ids), unit="item", desc="item knowledge") as bar:
+        for number, batch in enumerate(batches):
+            completions = sampler.sample([ids[i] for i in batch], settings, batch_generator(gen.seed, number))
+            for i, per_item in zip(batch, completions):
+                tokens = per_item[0].token_ids  # the greedy text
+                rows.append({"item_index": int(item_prompts["item_index"].iloc[i]),
+                             "text": tokenizer.decode(tokens, skip_special_tokens=True).strip(), "n_tokens": len(tokens)})
+            bar.update(len(batch))
+    return pd.DataFrame(rows, columns=["item_index", "text", "n_tokens"]).sort_values("item_index").reset_index(drop=True)
+
+
+def _generate(prompts, batches, todo, parts, model_cfg, gen, adapters, stop_after_batches) -> None:
+    tokenizer, sampler, dtype = _open_sampler(model_cfg, gen, adapters)
     text_of = prompts.set_index("user_index")["text"]
     total_users = sum(len(batches[i]["users"]) for i in todo)
     log.info("generating for %d users in %d batches with the %s sampler (%s)", total_users, len(todo), sampler.name, dtype)

@@ -17,6 +17,7 @@ import pandas as pd
 
 from dpo4rec.artifacts import StageFolder, existing_output, make_manifest, manifest_fingerprint, read_json, read_parquet, write_json, write_parquet
 from dpo4rec.config import ModelConfig, PromptConfig, to_dict
+from dpo4rec.data.stage import used_items
 from dpo4rec.errors import InputError
 from dpo4rec.prompts.templates import ITEM_TEMPLATES, USER_TEMPLATES, check_template, clean_text, domain_of
 
@@ -75,7 +76,7 @@ def build_user_prompts(data_dir: Path, prompts: PromptConfig, tokenizer, dataset
     item_text = {int(r["item_index"]): describe_item(r, domain) for r in items.to_dict("records")}
     long_items = {i for i, text in item_text.items() if len(text) > prompts.max_item_chars}
     for i in long_items:  # cut, not refused: one huge title must not make every prompt holding it too long
-        item_text[i] = item_text[i][: prompts.max_item_chars - 1].rstrip() + "…"
+        item_text[i] = shorten(item_text[i], prompts.max_item_chars)
     # stars help on MovieLens and on own data with ratings; Amazon's 5-core set has none
     with_ratings = domain == "movies" or (domain == "generic" and bool(inter["rating"].notna().any()))
     histories = inter[inter["in_prompt"]].groupby("user_index", sort=True)
@@ -118,11 +119,17 @@ def build_user_prompts(data_dir: Path, prompts: PromptConfig, tokenizer, dataset
     return frame, summary
 
 
+def shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
 def build_item_prompts(data_dir: Path, prompts: PromptConfig, tokenizer, dataset: str) -> pd.DataFrame:
+    """One factual-knowledge prompt per item that the run's lists and histories hold (KAR's item prompt)."""
     domain = domain_of(dataset)
     template = check_template(prompts.item_template or ITEM_TEMPLATES[domain], "item", "prompts.item_template")
     items = read_parquet(data_dir / "items.parquet")
-    messages = [template.format(title=f'"{clean_text(t)}"') for t in items["title"]]
+    items = items[items["item_index"].isin(used_items(read_parquet(data_dir / "lists.parquet"), read_parquet(data_dir / "interactions.parquet")))]
+    messages = [template.format(title=f'"{shorten(clean_text(t), prompts.max_item_chars)}"') for t in items["title"]]
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": m}], tokenize=False, add_generation_prompt=True) for m in messages]
     return pd.DataFrame({"item_index": items["item_index"], "message": messages, "text": texts})
 

@@ -26,7 +26,7 @@ import pandas as pd
 
 from dpo4rec.artifacts import StageFolder, existing_output, fingerprint_file, make_manifest, read_json, read_parquet, round_dir, write_json, write_parquet
 from dpo4rec.config import RecommendConfig, to_dict
-from dpo4rec.encode.stage import read_embeddings
+from dpo4rec.encode.stage import item_vectors_file, read_embeddings
 from dpo4rec.errors import InputError
 from dpo4rec.metrics import mean_metrics
 from dpo4rec.recommend.baselines import baseline_metrics
@@ -49,7 +49,9 @@ class RecommendStageResult:
 def model_name(config: RecommendConfig, reward_holdout: float = 0.0) -> str:
     if reward_holdout > 0:
         return f"{config.backbone}-reward-holdout"
-    return config.backbone if config.knowledge else f"{config.backbone}-no-knowledge"
+    if not config.knowledge:
+        return f"{config.backbone}-no-knowledge"
+    return config.backbone if config.item_knowledge else f"{config.backbone}-no-item-knowledge"
 
 
 def run_recommend_stage(config: RecommendConfig, run_dir: str | Path, round_index: int = 0, progress: bool = True,
@@ -67,10 +69,10 @@ def run_recommend_stage(config: RecommendConfig, run_dir: str | Path, round_inde
             raise InputError(f"{data / name} not found; run the data stage first")
     inputs = {name: fingerprint_file(data / name) for name in _DATA_FILES}
     if config.knowledge:
-        for name in ("users.safetensors", "items.safetensors"):
-            if not (embeddings_dir / name).is_file():
-                raise InputError(f"{embeddings_dir / name} not found; run the encode stage for round {round_index} first (or set recommend.knowledge = false)")
-            inputs[f"embeddings/{name}"] = fingerprint_file(embeddings_dir / name)
+        for path in (embeddings_dir / "users.safetensors", item_vectors_file(embeddings_dir, config.item_knowledge)):
+            if not path.is_file():
+                raise InputError(f"{path} not found; run the encode stage for round {round_index} first (or set recommend.knowledge = false)")
+            inputs[f"embeddings/{path.name}"] = fingerprint_file(path)
     settings = {k: v for k, v in to_dict(config).items() if k != "device"}
     if reward_holdout > 0:
         settings["reward_holdout"] = reward_holdout
@@ -88,7 +90,7 @@ def run_recommend_stage(config: RecommendConfig, run_dir: str | Path, round_inde
     lists = list_tensors(frames["lists.parquet"])
     knowledge, model = None, None
     if config.knowledge:
-        emb = read_embeddings(embeddings_dir)
+        emb = read_embeddings(embeddings_dir, config.item_knowledge)
         users, vectors = emb.for_sample(config.train_sample)
         if len(users) == 0:
             raise InputError(f"{embeddings_dir}: no vectors for sample {config.train_sample} (recommend.train_sample)")

@@ -1,7 +1,8 @@
 """The report stage: every arm on the test users, with paired bootstrap intervals.
 
 Arms: ``no_knowledge`` (the ID-only backbone), ``base_llm`` (knowledge from
-the base LLM: KAR), ``dpo_round_t`` (knowledge from the LLM after t DPO
+the base LLM: KAR), ``base_llm_no_item_knowledge`` (KAR's item tower on titles and
+attributes alone, when the run generated item knowledge), ``dpo_round_t`` (knowledge from the LLM after t DPO
 rounds: DPO4Rec). Test-time knowledge is each user's greedy text. The round
 to report is picked by validation MAP@5 only; test users decide nothing.
 Writes ``RUN/report/``: metrics.json, report.md, tables, PNG plots.
@@ -29,6 +30,8 @@ def arm_folders(run_dir: Path, config: PipelineConfig) -> dict[str, Path]:
     arms = {}
     if config.run.baselines:
         arms["no_knowledge"] = round_dir(run_dir, 0) / "recommender" / f"{backbone}-no-knowledge"
+    if config.run.baselines and config.prompts.item_prompts:
+        arms["base_llm_no_item_knowledge"] = round_dir(run_dir, 0) / "recommender" / f"{backbone}-no-item-knowledge"
     arms["base_llm"] = round_dir(run_dir, 0) / "recommender" / backbone
     for t in range(1, config.run.rounds + 1):
         arms[f"dpo_round_{t}"] = round_dir(run_dir, t) / "recommender" / backbone
@@ -57,9 +60,9 @@ def _write_report(run_dir: Path, config: PipelineConfig, out: Path) -> None:
     info = {arm: read_json(folder / "metrics.json") for arm, folder in folders.items()}
     arms = {arm: {m: float(frame[m].mean()) for m in METRICS} for arm, frame in lists.items()}
     # round 0 (the base LLM) competes too: if no DPO round beats it on validation users, we say so
-    validation = {arm: info[arm]["validation"]["map@5"] for arm in folders if arm != "no_knowledge"}
+    validation = {arm: info[arm]["validation"]["map@5"] for arm in folders if arm == "base_llm" or arm.startswith("dpo_round_")}
     dpo_arms = [arm for arm in validation if arm.startswith("dpo_round_")]
-    pairs = [("base_llm", "no_knowledge"), *[(arm, "base_llm") for arm in dpo_arms]]
+    pairs = [("base_llm", "no_knowledge"), ("base_llm", "base_llm_no_item_knowledge"), *[(arm, "base_llm") for arm in dpo_arms]]
     pairs += [(arm, "no_knowledge") for arm in dpo_arms]
     comparisons = []
     for a, b in pairs:
