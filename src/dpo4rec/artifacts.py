@@ -225,11 +225,12 @@ class StageFolder:
 
     >>> with StageFolder(run / "data", manifest) as tmp:
     ...     write_parquet(tmp / "lists.parquet", lists)
-    On success the manifest is written last and the folder renamed into
-    place; on any error the temporary folder is removed.
+    On success the manifest is written last (none when ``manifest`` is None:
+    the report, rebuilt on every run) and the folder swapped in for any old
+    one; on any error the temporary folder is removed and the old one stays.
     """
 
-    def __init__(self, final: Path, manifest: dict):
+    def __init__(self, final: Path, manifest: dict | None):
         self.final = Path(final)
         self.manifest = manifest
         self.tmp = self.final.parent / f".{self.final.name}.tmp-{os.getpid()}"
@@ -244,8 +245,9 @@ class StageFolder:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None:
-            write_manifest(self.tmp, self.manifest)
-            os.rename(self.tmp, self.final)
+            if self.manifest is not None:
+                write_manifest(self.tmp, self.manifest)
+            replace_folder(self.tmp, self.final)
         else:
             shutil.rmtree(self.tmp, ignore_errors=True)
         return False

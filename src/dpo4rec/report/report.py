@@ -10,14 +10,12 @@ Writes ``RUN/report/``: metrics.json, report.md, tables, PNG plots.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from dpo4rec.artifacts import read_json, read_parquet, replace_folder, round_dir, write_json, write_text_atomic
+from dpo4rec.artifacts import StageFolder, read_json, read_parquet, round_dir, write_json, write_text_atomic
 from dpo4rec.config import PipelineConfig, to_dict
 from dpo4rec.report.bootstrap import paired_bootstrap
 from dpo4rec.report.drift import reward_drift, validation_drift
@@ -41,17 +39,9 @@ def arm_folders(run_dir: Path, config: PipelineConfig) -> dict[str, Path]:
 def write_report(run_dir: str | Path, config: PipelineConfig) -> Path:
     """Write ``RUN/report/`` whole or not at all: built under a temporary name, then swapped in for the old one."""
     run_dir = Path(run_dir)
-    final = run_dir / "report"
-    tmp = run_dir / f".report.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        _write_report(run_dir, config, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_folder(tmp, final)
-    return final
+    with StageFolder(run_dir / "report", manifest=None) as out:
+        _write_report(run_dir, config, out)
+    return run_dir / "report"
 
 
 def _write_report(run_dir: Path, config: PipelineConfig, out: Path) -> None:
