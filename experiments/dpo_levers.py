@@ -30,7 +30,7 @@ from dpo4rec.align.pairs import make_pairs, reward_spread
 from dpo4rec.align.reward_stage import reward_scorer, split_user_indices
 from dpo4rec.config import AlignConfig, ModelConfig, RecommendConfig
 from dpo4rec.encode import read_embeddings
-from dpo4rec.recommend import model_name
+from dpo4rec.recommend import reward_model_name
 
 
 def parse_value(text: str):
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         folder = args.out / name
         folder.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        recommender = here / "recommender" / model_name(recommend, align.held_out_share)
+        recommender = here / "recommender" / reward_model_name(recommend, align.held_out_share)
         scorer, lists = reward_scorer(recommender, args.run, align)
         rewards = scorer.score_embeddings(embeddings, split=lists, users=sampled, reward=align.reward)
         pairs = make_pairs(rewards, knowledge, prompts, align.min_reward_gap, align.pairing, align.pairs_per_user)

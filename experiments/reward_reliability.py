@@ -30,7 +30,7 @@ import pandas as pd
 
 from dpo4rec.align.reward_stage import reward_scorer, split_user_indices
 from dpo4rec.encode import read_embeddings
-from dpo4rec.recommend import model_name
+from dpo4rec.recommend import reward_model_name
 from dpo4rec.recommend.reward import REWARDS
 from dpo4rec.report.bootstrap import paired_bootstrap
 from dpo4rec.run import load_run_config
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     config = load_run_config(args.run)
     here = args.run / f"round_{args.round}"
-    recommender = here / "recommender" / model_name(config.recommend, config.align.held_out_share)
+    recommender = here / "recommender" / reward_model_name(config.recommend, config.align.held_out_share)
     scorer, _ = reward_scorer(recommender, args.run, config.align)
     embeddings = read_embeddings(here / "embeddings")
     validation = split_user_indices(args.run, "validation")

@@ -181,6 +181,12 @@ class RecommendConfig:
     (prompts.item_prompts); false = titles and attributes only."""
     train_sample: int = 0
     """Which knowledge sample trains and evaluates the model (0 = the greedy text)."""
+    train_text: str = "greedy"
+    """Which text of a train user trains the re-ranker that each round reports: greedy, or best (the
+    sample with the highest reward in the round's reward stage, as the paper feeds back each round's
+    best text; train users without samples, and every validation and test user, keep the greedy
+    text). "best" costs, per round, one more recommender training, and in the last round N samples
+    for the sampled train users and their rewards. Reward models always train on greedy texts."""
     unknown_rate: float = 0.05
     """Share of training lists whose knowledge is swapped for the learned "unknown" vector, so
     that vector (used for users missing from the knowledge file) learns an average user."""
@@ -218,6 +224,7 @@ class RecommendConfig:
         _check(self.shared_experts >= 0 and self.specific_experts >= 0 and self.shared_experts + self.specific_experts >= 1,
                "recommend.shared_experts", "with specific_experts >= 0 and at least one expert in all", (self.shared_experts, self.specific_experts))
         _check(self.train_sample >= 0, "recommend.train_sample", ">= 0", self.train_sample)
+        _check(self.train_text in ("greedy", "best"), "recommend.train_text", "greedy or best", self.train_text)
         _check(0 <= self.unknown_rate < 1, "recommend.unknown_rate", "in [0, 1)", self.unknown_rate)
         _check(0 <= self.dropout < 1, "recommend.dropout", "in [0, 1)", self.dropout)
         _check(self.lr > 0, "recommend.lr", "> 0", self.lr)

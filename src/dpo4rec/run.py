@@ -5,6 +5,10 @@
                     -> round T: generate (base + adapters 0..T-1) -> encode -> recommend
                     -> report
 
+With ``recommend.train_text = "best"`` every round also trains the recommender
+it reports on the train users' best-rewarded texts, after the reward stage
+(which the last round then runs too).
+
 Round 0's recommender is the KAR baseline (base-LLM knowledge); round t's is
 DPO4Rec after t DPO rounds. Every stage reuses finished output, so a rerun
 after a crash, or with a larger T, continues instead of starting over.
@@ -56,29 +60,34 @@ def run_pipeline(config: PipelineConfig, run_dir: str | Path) -> Path:
 
     timed("data", run_data_stage, config.data, run_dir)
     timed("prompts", run_prompt_stage, run_dir, config.prompts, config.model)
+    greedy = replace(config.recommend, knowledge=True, train_text="greedy")
+    best_text = config.recommend.train_text == "best"
     if config.run.baselines:
-        timed("recommend_no_knowledge", run_recommend_stage, replace(config.recommend, knowledge=False), run_dir, 0)
+        timed("recommend_no_knowledge", run_recommend_stage, replace(greedy, knowledge=False), run_dir, 0)
     for t in range(config.run.rounds + 1):
         timed(f"round_{t}/generate", run_generate_stage, run_dir, t, config.model, round_generate_config(config, t),
               adapters=adapter_chain(run_dir, t))
         timed(f"round_{t}/encode", run_encode_stage, config.encode, run_dir, t)
-        timed(f"round_{t}/recommend", run_recommend_stage, replace(config.recommend, knowledge=True), run_dir, t)
+        timed(f"round_{t}/recommend", run_recommend_stage, greedy, run_dir, t)
+        if t < config.run.rounds or best_text:  # rewards: for DPO, or for picking the best texts
+            if config.align.held_out_share:
+                timed(f"round_{t}/recommend_reward", train_reward_recommender, config, run_dir, t)
+            timed(f"round_{t}/reward", run_reward_stage, run_dir, t, config.recommend, config.align)
+        if best_text:  # the round's reported recommender: train users' best texts
+            timed(f"round_{t}/recommend_best_text", run_recommend_stage, replace(greedy, train_text="best"), run_dir, t)
         if t == 0 and config.prompts.item_prompts and config.run.baselines:  # KAR without its item knowledge
             timed("recommend_no_item_knowledge", run_recommend_stage,
                   replace(config.recommend, knowledge=True, item_knowledge=False), run_dir, 0)
         if t < config.run.rounds:
-            if config.align.held_out_share:
-                timed(f"round_{t}/recommend_reward", train_reward_recommender, config, run_dir, t)
-            timed(f"round_{t}/reward", run_reward_stage, run_dir, t, config.recommend, config.align)
             timed(f"round_{t}/align", run_align_stage, run_dir, t, config.model, config.align)
             timed(f"round_{t}/heldout", run_heldout_stage, run_dir, t, config.model, config.align, config.data.seed)
     return timed("report", write_report, run_dir, config)
 
 
 def round_generate_config(config: PipelineConfig, round_index: int):
-    """The last round feeds no DPO, so its train users get the greedy text only (validation users still get N samples:
-    the held-out reward drift compares them with the previous round's)."""
-    if round_index == config.run.rounds:
+    """The last round feeds no DPO, so its train users get the greedy text only, unless the recommender trains on their
+    best texts (validation users still get N samples: the held-out reward drift compares them with the previous round's)."""
+    if round_index == config.run.rounds and config.recommend.train_text != "best":
         return replace(config.generate, sampled_train_users=0)
     return config.generate
 
@@ -89,7 +98,8 @@ def train_reward_recommender(config: PipelineConfig, run_dir: str | Path, round_
 
     if not config.align.held_out_share:
         return None
-    return run_recommend_stage(replace(config.recommend, knowledge=True), run_dir, round_index, reward_holdout=config.align.held_out_share)
+    return run_recommend_stage(replace(config.recommend, knowledge=True, train_text="greedy"), run_dir, round_index,
+                               reward_holdout=config.align.held_out_share)
 
 
 def check_run_config(config: PipelineConfig, run_dir: Path) -> None:

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -112,3 +113,26 @@ def test_held_out_reward_recommender_never_trains_on_the_reward_lists(ml100k_run
     table = scorer.score_embeddings(emb, split="reward", users=train_users)
     assert table["user_index"].isin(train_users).all() and table["reward"].between(0, 1).all()
     assert run_recommend_stage(config, ml100k_run, 0, progress=False, reward_holdout=0.25).reused
+
+
+def test_best_text_vectors_take_each_train_users_highest_reward():
+    from dpo4rec.encode.stage import Embeddings
+    from dpo4rec.recommend.stage import best_text_vectors
+
+    # users 0..4, samples 0..2; the vector of (user u, sample s) is [u, s]
+    user_index, sample = np.repeat(np.arange(5), 3), np.tile(np.arange(3), 5)
+    emb = Embeddings(user_index, sample, np.stack([user_index, sample], 1).astype(np.float32), np.arange(1), np.zeros((1, 2)), "x")
+    rewards = pd.DataFrame({
+        "user_index": [0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 4, 4],
+        "sample": [0, 1, 2, 0, 1, 2, 0, 1, 0, 2, 0, 1],
+        "reward": [0.1, 0.3, 0.5, 0.4, 0.4, 0.2, np.nan, np.nan, 0.1, 0.9, 0.0, 0.7],
+    })
+    users_table = pd.DataFrame({"user_index": range(5), "split": ["train", "train", "train", "validation", "train"]})
+    greedy_users = np.array([0, 1, 2, 3])  # user 4 has no greedy vector here: its best one is added
+    users, vectors, counts = best_text_vectors(emb, greedy_users, emb.user_vectors[sample == 0][:4], rewards, users_table)
+    chosen = {int(u): int(v[1]) for u, v in zip(users, vectors)}
+    # 0: the highest reward; 1: a tie goes to the greedy text; 2: no finite reward keeps greedy;
+    # 3: a validation user's reward never chooses; 4: added with its best sample
+    assert chosen == {0: 2, 1: 0, 2: 0, 3: 0, 4: 1}
+    assert counts == {"train_users_rewarded": 3, "train_users_not_greedy": 2}
+    assert (vectors[:, 0] == users).all()  # each vector is its own user's

@@ -42,13 +42,13 @@ STAGE = "preferences"
 def run_reward_stage(run_dir: str | Path, round_index: int, recommend: RecommendConfig, align: AlignConfig) -> tuple[Path, dict, bool]:
     """Rewards and preference pairs for round ``round_index``; returns (folder, summary, reused)."""
     from dpo4rec.encode import read_embeddings
-    from dpo4rec.recommend import model_name
+    from dpo4rec.recommend import reward_model_name
 
     run_dir = Path(run_dir)
     here = round_dir(run_dir, round_index)
     if not recommend.knowledge:
         raise InputError("the reward needs the knowledge-augmented recommender (recommend.knowledge = true)")
-    recommender = here / "recommender" / model_name(recommend, align.held_out_share)
+    recommender = here / "recommender" / reward_model_name(recommend, align.held_out_share)
     needed = {
         "embeddings": here / "embeddings" / "users.safetensors",
         "recommender": recommender / "model.safetensors",

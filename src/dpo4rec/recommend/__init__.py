@@ -3,9 +3,9 @@
 from dpo4rec.recommend.checkpoint import load_recommender, save_recommender
 from dpo4rec.recommend.models import MODELS, ModelSpec, Reranker, build_model, register
 from dpo4rec.recommend.reward import RewardScorer
-from dpo4rec.recommend.stage import model_name, run_recommend_stage
+from dpo4rec.recommend.stage import model_name, reward_model_name, run_recommend_stage
 
 __all__ = [
     "MODELS", "ModelSpec", "Reranker", "RewardScorer", "build_model", "load_recommender",
-    "model_name", "register", "run_recommend_stage", "save_recommender",
+    "model_name", "register", "reward_model_name", "run_recommend_stage", "save_recommender",
 ]

@@ -1,24 +1,26 @@
 """The recommend stage: train one re-ranker, write ``RUN/round_<t>/recommender/<name>/``.
 
 ``<name>`` is the backbone (``prm``), ``prm-no-knowledge`` for the ID-only
-baseline, or ``prm-reward-holdout`` for the reward model trained without each
-train user's last lists (the reward is then computed on those), so every
-variant keeps its own folder. Files:
+baseline, ``prm-reward-holdout`` for the reward model trained without each
+train user's last lists (the reward is then computed on those),
+``prm-best-text`` for the model trained on train users' best-rewarded texts
+(``recommend.train_text = "best"``), so every variant keeps its own folder. Files:
 
 * ``model.safetensors`` + ``model.json``: weights and the spec to rebuild them;
 * ``curve.json``: per epoch, train loss and validation metrics;
 * ``metrics.json``: test metrics (mean over lists), the best validation
   metrics, random and popularity rankings on the same test lists, users
   without knowledge per split, timings;
-* ``test_lists.parquet``: per test list, user_index and every metric (for
-  paired bootstrap intervals over users in the report);
+* ``test_lists.parquet`` / ``validation_lists.parquet``: per test (validation)
+  list, user_index and every metric (for paired bootstrap intervals over users
+  in the report);
 * ``manifest.json``.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +53,13 @@ def model_name(config: RecommendConfig, reward_holdout: float = 0.0) -> str:
         return f"{config.backbone}-reward-holdout"
     if not config.knowledge:
         return f"{config.backbone}-no-knowledge"
-    return config.backbone if config.item_knowledge else f"{config.backbone}-no-item-knowledge"
+    name = config.backbone if config.item_knowledge else f"{config.backbone}-no-item-knowledge"
+    return f"{name}-best-text" if config.train_text == "best" else name
+
+
+def reward_model_name(config: RecommendConfig, reward_holdout: float = 0.0) -> str:
+    """The recommender that gives a round's rewards: trained on greedy texts (the best ones come from its rewards)."""
+    return model_name(replace(config, knowledge=True, train_text="greedy"), reward_holdout)
 
 
 def run_recommend_stage(config: RecommendConfig, run_dir: str | Path, round_index: int = 0, progress: bool = True,
@@ -68,6 +76,13 @@ def run_recommend_stage(config: RecommendConfig, run_dir: str | Path, round_inde
         if not (data / name).is_file():
             raise InputError(f"{data / name} not found; run the data stage first")
     inputs = {name: fingerprint_file(data / name) for name in _DATA_FILES}
+    rewards_path = round_dir(run_dir, round_index) / "preferences" / "rewards.parquet"
+    if config.knowledge and config.train_text == "best":
+        if reward_holdout > 0:
+            raise InputError("the held-out reward recommender trains on greedy texts (recommend.train_text = greedy)")
+        if not rewards_path.is_file():
+            raise InputError(f"{rewards_path} not found; recommend.train_text = best needs the reward stage of round {round_index} first")
+        inputs["preferences/rewards.parquet"] = fingerprint_file(rewards_path)
     if config.knowledge:
         for path in (embeddings_dir / "users.safetensors", item_vectors_file(embeddings_dir, config.item_knowledge)):
             if not path.is_file():
@@ -94,15 +109,20 @@ def run_recommend_stage(config: RecommendConfig, run_dir: str | Path, round_inde
         users, vectors = emb.for_sample(config.train_sample)
         if len(users) == 0:
             raise InputError(f"{embeddings_dir}: no vectors for sample {config.train_sample} (recommend.train_sample)")
+        if config.train_text == "best":
+            users, vectors, best_text = best_text_vectors(emb, users, vectors, read_parquet(rewards_path), frames["users.parquet"])
         knowledge = user_knowledge(len(frames["users.parquet"]), users, vectors, str(embeddings_dir))
         model = build_recommender(config, frames["items.parquet"], lists, emb.dim, (emb.item_index, emb.item_vectors), emb.encoder)
     else:
         model = build_recommender(config, frames["items.parquet"], lists)
     metrics = fit_and_evaluate(model, lists, knowledge, config, frames, progress)
+    if config.knowledge and config.train_text == "best":
+        metrics["best_text"] = best_text
     with StageFolder(folder, manifest) as tmp:
         save_recommender(model, tmp)
         write_json(tmp / "curve.json", metrics.pop("_curve"))
         write_parquet(tmp / "test_lists.parquet", metrics.pop("_test_lists"))
+        write_parquet(tmp / "validation_lists.parquet", metrics.pop("_validation_lists"))
         write_json(tmp / "metrics.json", metrics)
     return RecommendStageResult(folder, metrics, reused=False)
 
@@ -133,4 +153,37 @@ def fit_and_evaluate(model, lists, knowledge, config: RecommendConfig, frames: d
         "users_without_knowledge": missing,
     }
     test_table = pd.DataFrame({"user_index": test.user_index.numpy(), **per_list})
-    return {**metrics, "_curve": result.curve, "_test_lists": test_table}
+    validation = lists.of_split("validation")
+    validation_table = pd.DataFrame({"user_index": validation.user_index.numpy(), **evaluate(model, validation, knowledge, config)})
+    return {**metrics, "_curve": result.curve, "_test_lists": test_table, "_validation_lists": validation_table}
+
+
+def best_text_vectors(emb, users: np.ndarray, vectors: np.ndarray, rewards: pd.DataFrame, users_table: pd.DataFrame):
+    """``(users, vectors, counts)`` with each rewarded train user's vector swapped for that of their best text.
+
+    Best = the highest reward among the user's scored texts (greedy included), ties to the lower sample
+    (the greedy text first); users with no finite reward keep what they had. Only train users'
+    rewards are used, whatever the table holds: validation and test labels never choose a text.
+    """
+    train = users_table.loc[users_table["split"].astype(str) == "train", "user_index"].to_numpy()
+    scored = rewards[np.isfinite(rewards["reward"].to_numpy(float)) & rewards["user_index"].isin(train)]
+    best = scored.sort_values(["user_index", "reward", "sample"], ascending=[True, False, True]).drop_duplicates("user_index")
+    row_of = {(int(u), int(s)): i for i, (u, s) in enumerate(zip(emb.user_index, emb.sample))}
+    position = {int(u): i for i, u in enumerate(users)}
+    vectors = np.array(vectors, dtype=np.float32, copy=True)
+    users = np.asarray(users, dtype=np.int64)
+    extra_users, extra_vectors, swapped = [], [], 0
+    for user, sample in zip(best["user_index"].astype(int), best["sample"].astype(int)):
+        row = row_of.get((user, sample))
+        if row is None:
+            raise InputError(f"rewards.parquet: user {user} sample {sample} has no vector in the round's embeddings")
+        swapped += int(sample != 0)
+        if user in position:
+            vectors[position[user]] = emb.user_vectors[row]
+        else:
+            extra_users.append(user)
+            extra_vectors.append(emb.user_vectors[row])
+    if extra_users:
+        users = np.concatenate([users, np.asarray(extra_users, np.int64)])
+        vectors = np.concatenate([vectors, np.stack(extra_vectors)])
+    return users, vectors, {"train_users_rewarded": int(len(best)), "train_users_not_greedy": swapped}

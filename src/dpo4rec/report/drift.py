@@ -25,9 +25,9 @@ def reward_drift(run_dir: Path, config: PipelineConfig) -> list[dict]:
     """Per round: mean reward of greedy and sampled texts under round 0's reward model, and the change since round 0."""
     from dpo4rec.align.reward_stage import reward_scorer, train_user_indices
     from dpo4rec.encode import read_embeddings
-    from dpo4rec.recommend import model_name
+    from dpo4rec.recommend import reward_model_name
 
-    recommender = round_dir(run_dir, 0) / "recommender" / model_name(config.recommend, config.align.held_out_share)
+    recommender = round_dir(run_dir, 0) / "recommender" / reward_model_name(config.recommend, config.align.held_out_share)
     if not (recommender / "model.safetensors").is_file():
         return []
     scorer, split = reward_scorer(recommender, run_dir, config.align)
@@ -62,13 +62,13 @@ def validation_drift(run_dir: Path, config: PipelineConfig) -> list[dict]:
     """
     from dpo4rec.align.reward_stage import reward_scorer
     from dpo4rec.encode import read_embeddings
-    from dpo4rec.recommend import model_name
+    from dpo4rec.recommend import reward_model_name
 
     rows = []
     for t in range(config.run.rounds):
         before_file = round_dir(run_dir, t) / "preferences" / "validation_rewards.parquet"
         after_folder = round_dir(run_dir, t + 1) / "embeddings"
-        recommender = round_dir(run_dir, t) / "recommender" / model_name(config.recommend, config.align.held_out_share)
+        recommender = round_dir(run_dir, t) / "recommender" / reward_model_name(config.recommend, config.align.held_out_share)
         if not before_file.is_file() or not (after_folder / "users.safetensors").is_file():
             continue
         before = read_parquet(before_file)

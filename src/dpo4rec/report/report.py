@@ -10,6 +10,7 @@ Writes ``RUN/report/``: metrics.json, report.md, tables, PNG plots.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,16 +25,40 @@ METRICS = [f"{m}@{k}" for k in (1, 3, 5, 7) for m in ("map", "ndcg")]
 
 
 def arm_folders(run_dir: Path, config: PipelineConfig) -> dict[str, Path]:
-    backbone = config.recommend.backbone
+    from dpo4rec.recommend import model_name
+
+    reported = replace(config.recommend, knowledge=True)  # trained on greedy or on best texts (recommend.train_text)
     arms = {}
     if config.run.baselines:
-        arms["no_knowledge"] = round_dir(run_dir, 0) / "recommender" / f"{backbone}-no-knowledge"
+        arms["no_knowledge"] = round_dir(run_dir, 0) / "recommender" / model_name(replace(reported, knowledge=False))
     if config.run.baselines and config.prompts.item_prompts:
-        arms["base_llm_no_item_knowledge"] = round_dir(run_dir, 0) / "recommender" / f"{backbone}-no-item-knowledge"
-    arms["base_llm"] = round_dir(run_dir, 0) / "recommender" / backbone
+        arms["base_llm_no_item_knowledge"] = round_dir(run_dir, 0) / "recommender" / model_name(replace(reported, item_knowledge=False))
+    arms["base_llm"] = round_dir(run_dir, 0) / "recommender" / model_name(reported)
     for t in range(1, config.run.rounds + 1):
-        arms[f"dpo_round_{t}"] = round_dir(run_dir, t) / "recommender" / backbone
+        arms[f"dpo_round_{t}"] = round_dir(run_dir, t) / "recommender" / model_name(reported)
     return arms
+
+
+def train_text_comparison(run_dir: Path, config: PipelineConfig) -> list[dict]:
+    """Per round, the recommender trained on best texts minus the one trained on greedy texts, on validation users
+    (what a choice between them may look at) and on test users, MAP@5 and NDCG@5, paired over users."""
+    from dpo4rec.recommend import model_name
+
+    if config.recommend.train_text != "best":
+        return []
+    rows = []
+    for t in range(config.run.rounds + 1):
+        folders = {text: round_dir(run_dir, t) / "recommender" / model_name(replace(config.recommend, knowledge=True, train_text=text))
+                   for text in ("best", "greedy")}
+        for split in ("validation", "test"):
+            best, greedy = (read_parquet(folders[text] / f"{split}_lists.parquet") for text in ("best", "greedy"))
+            for metric in ("map@5", "ndcg@5"):
+                diff, ci = paired_bootstrap(best["user_index"].to_numpy(), best[metric].to_numpy(), greedy[metric].to_numpy(),
+                                            seed=config.data.seed)
+                rows.append({"round": t, "split": split, "metric": metric, "best": float(best[metric].mean()),
+                             "greedy": float(greedy[metric].mean()), "diff": diff, "ci95": list(ci),
+                             "users": int(best["user_index"].nunique())})
+    return rows
 
 
 def write_report(run_dir: str | Path, config: PipelineConfig) -> Path:
@@ -75,6 +100,7 @@ def _write_report(run_dir: Path, config: PipelineConfig, out: Path) -> None:
         "test_lists": len(lists["base_llm"]),
         "rounds": rounds,
         "reward_drift": reward_drift(run_dir, config),
+        "train_text": train_text_comparison(run_dir, config),
         "config": to_dict(config),
     }  # no times here: the same command gives a byte-identical metrics.json (times are in RUN/timings.json)
     write_json(out / "metrics.json", metrics)
@@ -255,6 +281,15 @@ def _markdown(metrics: dict, examples: list[dict], timings: dict) -> str:
             change = f"{r['sampled_minus_round_0']:+.4f} [{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}]" if "ci95" in r else "-"
             sampled = f"{r['sampled']:.4f}" if "sampled" in r else "- (no train samples)"
             lines.append(f"| {r['round']} | {r['greedy']:.4f} | {sampled} | {change} |")
+        lines.append("")
+    if metrics.get("train_text"):
+        lines += ["## Which text trains the recommender: best minus greedy (recommend.train_text)", "",
+                  "The arms above train on each sampled train user's best-rewarded text; beside each, the same recommender "
+                  "trained on greedy texts. Validation and test users see their greedy text in both.", "",
+                  "| round | users | metric | best | greedy | best - greedy [95% CI] |", "|---|---|---|---|---|---|"]
+        for r in metrics["train_text"]:
+            lines.append(f"| {r['round']} | {r['split']} ({r['users']}) | {r['metric']} | {r['best']:.4f} | {r['greedy']:.4f} "
+                         f"| {r['diff']:+.4f} [{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}] |")
         lines.append("")
     lines += ["## Example texts (one train user)", ""]
     for e in examples:
