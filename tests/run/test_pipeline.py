@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from runhelp import ENV, TINY, cli
 
@@ -134,7 +135,8 @@ def test_single_stage_commands_reuse_the_run_and_another_config_is_refused(unint
                                      "align.reward_lists=sometimes", "align.no_such_key=1", "nonsense",
                                      "align.reward=clicks", "align.pairing=random", "align.epochs=0", "align.learning_rate=0",
                                      "generate.sampled_validation_users=0", "generate.sampled_train_users=-1",
-                                     "recommend.train_text=bestest"])
+                                     "recommend.train_text=bestest", "model.device=tpu", "encode.device=gpu",
+                                     *([] if torch.cuda.is_available() else ["model.device=cuda"])])
 def test_impossible_run_settings_are_one_line_and_write_nothing(setting, tmp_path):
     result = cli("run", "--config", str(TINY), "--out", str(tmp_path / "run"), "--set", setting)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -123,20 +123,20 @@ def policy_and_reference(model_cfg: ModelConfig, align: AlignConfig, chain: list
     "default"; the reference is base + the earlier adapters, given to TRL as
     a model of its own because switching adapters off would fall back to the base.
     """
-    from dpo4rec.generate.model import attach_adapters, chain_names, load_base_model, load_model
+    from dpo4rec.generate.model import attach_adapters, chain_names, load_base_model, load_model, model_device
 
     if not chain:
-        return load_base_model(model_cfg.name, dtype, model_cfg.device).train(), None, _lora_config(align)
+        return load_base_model(model_cfg.name, dtype, model_device(model_cfg)).train(), None, _lora_config(align)
     from transformers import set_seed
 
-    policy = attach_adapters(load_base_model(model_cfg.name, dtype, model_cfg.device), chain)
+    policy = attach_adapters(load_base_model(model_cfg.name, dtype, model_device(model_cfg)), chain)
     set_seed(align.seed)  # the new adapter's random init (TRL seeds only the adapters it adds itself)
     policy.add_adapter("default", _lora_config(align))
     frozen = chain_names(chain)
     policy.base_model.set_adapter([*frozen, "default"])
     for name, param in policy.named_parameters():
         param.requires_grad = ".default." in name
-    reference = load_model(model_cfg.name, adapters=chain, dtype=dtype, device=model_cfg.device)
+    reference = load_model(model_cfg.name, adapters=chain, dtype=dtype, device=model_device(model_cfg))
     return policy.train(), reference, None
 
 
@@ -148,12 +148,12 @@ def train_dpo(pairs: pd.DataFrame, model_cfg: ModelConfig, align: AlignConfig, c
     from trl import DPOConfig, DPOTrainer
 
     from dpo4rec.align.shared_prompt import SharedPromptDPOTrainer
-    from dpo4rec.generate.model import load_tokenizer, parse_dtype
+    from dpo4rec.generate.model import load_tokenizer, model_device, parse_dtype
 
     os.environ.setdefault("WANDB_DISABLED", "true")
     _score_completion_tokens_only()
     tokenizer = load_tokenizer(model_cfg.name)
-    dtype = parse_dtype(model_cfg.dtype, model_cfg.device)
+    dtype = parse_dtype(model_cfg.dtype, model_device(model_cfg))
     model, ref_model, peft_config = policy_and_reference(model_cfg, align, chain, dtype)
     # conversational rows: TRL applies the same chat template the sampler used
     dataset = Dataset.from_dict({
@@ -179,7 +179,7 @@ def train_dpo(pairs: pd.DataFrame, model_cfg: ModelConfig, align: AlignConfig, c
         report_to=[],
         seed=align.seed,
         data_seed=align.seed,
-        use_cpu=model_cfg.device == "cpu",
+        use_cpu=model_device(model_cfg) == "cpu",
         dataloader_num_workers=0,
         disable_tqdm=False,
     )

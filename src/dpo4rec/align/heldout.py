@@ -127,13 +127,13 @@ def summarize(scored: pd.DataFrame, seed: int = 0) -> dict:
 
 def score_texts(texts: pd.DataFrame, prompts: pd.Series, model_cfg: ModelConfig, adapters: list[Path]) -> pd.DataFrame:
     """Each text's answer log-prob under the policy (all ``adapters``) and the reference (all but the last)."""
-    from dpo4rec.generate.model import attach_adapters, chain_names, load_base_model, load_tokenizer, parse_dtype
+    from dpo4rec.generate.model import attach_adapters, chain_names, load_base_model, load_tokenizer, model_device, parse_dtype
 
     tokenizer = load_tokenizer(model_cfg.name)
-    dtype = parse_dtype(model_cfg.dtype, model_cfg.device)
+    dtype = parse_dtype(model_cfg.dtype, model_device(model_cfg))
     # the weights as trained (bf16 base, adapters), in fp32 arithmetic: the margins are small differences of
     # large log-probs, and bf16 rounding noise in the activations would blur them (see test_exact_policy)
-    model = attach_adapters(load_base_model(model_cfg.name, dtype, model_cfg.device), adapters).float().eval()
+    model = attach_adapters(load_base_model(model_cfg.name, dtype, model_device(model_cfg)), adapters).float().eval()
     names = chain_names(adapters)
     groups = []
     for user, frame in texts.groupby("user_index", sort=True):

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from dpo4rec.devices import resolve_device
 from dpo4rec.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -67,10 +68,7 @@ class TextEncoder:
         from sentence_transformers import SentenceTransformer
 
         self.name, location = resolve_encoder(name)
-        if device == "auto":
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = str(resolve_device(device, "encode.device"))
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the default encoder is local; never stall on the network
         try:
             self.model = SentenceTransformer(location, device=device)

@@ -167,7 +167,7 @@ class FastLlama:
         cache = getattr(out, "cache", None) or out.past_key_values  # renamed in transformers 5
         keys = [layer.keys for layer in cache.layers]  # each (U, kvh, P, d), rotary applied
         values = [layer.values for layer in cache.layers]
-        last = out.last_hidden_state[torch.arange(len(lengths)), lengths - 1]  # (U, D), final norm applied
+        last = out.last_hidden_state[torch.arange(len(lengths), device=lengths.device), lengths - 1]  # (U, D), final norm applied
         return keys, values, F.linear(last, self.lm_head).float()
 
     @torch.inference_mode()
@@ -195,7 +195,7 @@ class FastLlama:
             # right padding: under causal attention no real token sees the pads after it
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != kvh)
             x = self._mlp(x + _linear(attn.transpose(1, 2).reshape(U * P, H * d), layer.o, layer.o_lora), layer)
-        last = self._rms(x.view(U, P, -1)[torch.arange(U), lengths - 1], self.final_norm)
+        last = self._rms(x.view(U, P, -1)[torch.arange(U, device=x.device), lengths - 1], self.final_norm)
         return keys, values, F.linear(last, self.lm_head).float()
 
     @torch.inference_mode()
@@ -253,10 +253,11 @@ class DecodeState:
         U, kvh, P, d = keys[0].shape
         dtype = keys[0].dtype
         self.prefix_k, self.prefix_v = keys, values
-        padding = torch.arange(P)[None, :] >= lengths[:, None]  # (U, P): right padding
-        self.prefix_bias = torch.zeros(U, 1, 1, P).masked_fill_(padding[:, None, None, :], float("-inf"))
-        self.suffix_k = [torch.zeros(U, n_rows, kvh, max_new_tokens, d, dtype=dtype) for _ in keys]
-        self.suffix_v = [torch.zeros(U, n_rows, kvh, max_new_tokens, d, dtype=dtype) for _ in keys]
+        device = keys[0].device
+        padding = torch.arange(P, device=device)[None, :] >= lengths[:, None]  # (U, P): right padding
+        self.prefix_bias = torch.zeros(U, 1, 1, P, device=device).masked_fill_(padding[:, None, None, :], float("-inf"))
+        self.suffix_k = [torch.zeros(U, n_rows, kvh, max_new_tokens, d, dtype=dtype, device=device) for _ in keys]
+        self.suffix_v = [torch.zeros(U, n_rows, kvh, max_new_tokens, d, dtype=dtype, device=device) for _ in keys]
         self.step = 0
 
     def keep(self, users: torch.Tensor) -> None:

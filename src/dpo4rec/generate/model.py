@@ -102,6 +102,13 @@ def best_dtype(device: str = "cpu") -> torch.dtype:
     return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
 
 
+def model_device(model_cfg) -> str:
+    """``model.device`` resolved: "auto" is CUDA when present, else the CPU."""
+    from dpo4rec.devices import resolve_device
+
+    return str(resolve_device(model_cfg.device, "model.device"))
+
+
 def parse_dtype(name: str, device: str = "cpu") -> torch.dtype:
     if name == "auto":
         return best_dtype(device)

@@ -36,7 +36,7 @@ from dpo4rec.artifacts import (
 )
 from dpo4rec.config import GenerateConfig, ModelConfig, to_dict
 from dpo4rec.errors import InputError
-from dpo4rec.generate.model import load_model, load_tokenizer, parse_dtype
+from dpo4rec.generate.model import load_model, load_tokenizer, model_device, parse_dtype, resolve_model
 from dpo4rec.generate.sampler import SamplerSettings, batch_generator, make_sampler, plan_batches
 
 log = logging.getLogger(__name__)
@@ -93,8 +93,8 @@ def run_generate_stage(
 ) -> GenerateResult:
     """Generate (or reuse, or resume) the round's knowledge texts.
 
-    ``adapters``: LoRA folders from earlier rounds' DPO stages, merged in order
-    into the base model. ``stop_after_batches`` exists for tests of resume.
+    ``adapters``: LoRA folders from earlier rounds' DPO stages, applied together
+    (unmerged) to the base model. ``stop_after_batches`` exists for tests of resume.
     """
     run_dir = Path(run_dir)
     prompt_dir = run_dir / "prompts"
@@ -149,8 +149,20 @@ def run_generate_stage(
 
 def _open_sampler(model_cfg: ModelConfig, gen: GenerateConfig, adapters=()):
     tokenizer = load_tokenizer(model_cfg.name)
-    dtype = parse_dtype(model_cfg.dtype, model_cfg.device)
-    model = load_model(model_cfg.name, adapters=adapters, dtype=dtype, device=model_cfg.device)
+    if gen.backend == "vllm":  # vLLM loads the weights itself: no Hugging Face copy of the model beside it
+        from transformers import GenerationConfig
+
+        from dpo4rec.generate.vllm_backend import VLLMSampler
+
+        folder = resolve_model(model_cfg.name)
+        try:
+            extra = GenerationConfig.from_pretrained(folder).eos_token_id
+        except OSError:  # a folder without generation_config.json
+            extra = None
+        eos = [tokenizer.eos_token_id] + list(_as_list(extra))
+        return tokenizer, VLLMSampler(folder, list(adapters), eos, model_cfg.dtype), model_cfg.dtype
+    dtype = parse_dtype(model_cfg.dtype, model_device(model_cfg))
+    model = load_model(model_cfg.name, adapters=adapters, dtype=dtype, device=model_device(model_cfg))
     eos = [tokenizer.eos_token_id] + list(_as_list(getattr(model.generation_config, "eos_token_id", None)))
     return tokenizer, make_sampler(gen.backend, model, eos, tokenizer.pad_token_id), dtype
 
@@ -164,7 +176,7 @@ def generate_item_knowledge(item_prompts: pd.DataFrame, model_cfg: ModelConfig, 
     rows = []
     with tqdm(total=len(ids), unit="item", desc="item knowledge") as bar:
         for number, batch in enumerate(batches):
-            completions = sampler.sample([ids[i] for i in batch], settings, batch_generator(gen.seed, number))
+            completions = sampler.sample([ids[i] for i in batch], settings, batch_generator(gen.seed, number, sampler.device))
             for i, per_item in zip(batch, completions):
                 tokens = per_item[0].token_ids  # the greedy text
                 rows.append({"item_index": int(item_prompts["item_index"].iloc[i]),
@@ -186,7 +198,7 @@ def _generate(prompts, batches, todo, parts, model_cfg, gen, adapters, stop_afte
             batch = batches[number]
             ids = [tokenizer(text_of[u], add_special_tokens=False)["input_ids"] for u in batch["users"]]
             settings = _settings(gen, batch["sampled"])
-            completions = sampler.sample(ids, settings, batch_generator(gen.seed, number))
+            completions = sampler.sample(ids, settings, batch_generator(gen.seed, number, sampler.device))
             rows = []
             for user, per_user in zip(batch["users"], completions):
                 for sample, completion in enumerate(per_user):

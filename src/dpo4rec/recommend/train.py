@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dpo4rec.config import RecommendConfig
+from dpo4rec.devices import resolve_device
 from dpo4rec.errors import InputError
 from dpo4rec.metrics import mean_metrics, rerank_metrics
 from dpo4rec.recommend.features import ListTensors, UserKnowledge, attribute_table, item_knowledge, user_knowledge
@@ -33,14 +34,6 @@ from dpo4rec.recommend.models import ModelSpec, Reranker, build_model
 
 log = logging.getLogger(__name__)
 SELECT_METRIC = "map@5"
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"recommend.device={device} but no CUDA device is available")
-    return torch.device(device)
 
 
 def build_recommender(config: RecommendConfig, items: pd.DataFrame, lists: ListTensors, knowledge_dim: int | None = None,
@@ -90,7 +83,7 @@ def train_recommender(model: Reranker, lists: ListTensors, knowledge: UserKnowle
 
 
 def _train(model: Reranker, lists: ListTensors, knowledge: UserKnowledge | None, config: RecommendConfig, progress: bool) -> TrainResult:
-    device = resolve_device(config.device)
+    device = resolve_device(config.device, "recommend.device")
     model.to(device)
     train, valid = lists.of_split("train"), lists.of_split("validation")
     if len(train) == 0 or len(valid) == 0:

@@ -48,16 +48,21 @@ def train_text_comparison(run_dir: Path, config: PipelineConfig) -> list[dict]:
         return []
     rows = []
     for t in range(config.run.rounds + 1):
-        folders = {text: round_dir(run_dir, t) / "recommender" / model_name(replace(config.recommend, knowledge=True, train_text=text))
-                   for text in ("best", "greedy")}
-        for split in ("validation", "test"):
-            best, greedy = (read_parquet(folders[text] / f"{split}_lists.parquet") for text in ("best", "greedy"))
-            for metric in ("map@5", "ndcg@5"):
-                diff, ci = paired_bootstrap(best["user_index"].to_numpy(), best[metric].to_numpy(), greedy[metric].to_numpy(),
-                                            seed=config.data.seed)
-                rows.append({"round": t, "split": split, "metric": metric, "best": float(best[metric].mean()),
-                             "greedy": float(greedy[metric].mean()), "diff": diff, "ci95": list(ci),
-                             "users": int(best["user_index"].nunique())})
+        best, greedy = (round_dir(run_dir, t) / "recommender" / model_name(replace(config.recommend, knowledge=True, train_text=text))
+                        for text in ("best", "greedy"))
+        rows += [{"round": t, **row} for row in best_minus_greedy(best, greedy, config.data.seed)]
+    return rows
+
+
+def best_minus_greedy(best: Path, greedy: Path, seed: int = 0) -> list[dict]:
+    """Two recommender folders' per-list metrics, paired over users, on validation and on test users."""
+    rows = []
+    for split in ("validation", "test"):
+        a, b = (read_parquet(folder / f"{split}_lists.parquet") for folder in (best, greedy))
+        for metric in ("map@5", "ndcg@5"):
+            diff, ci = paired_bootstrap(a["user_index"].to_numpy(), a[metric].to_numpy(), b[metric].to_numpy(), seed=seed)
+            rows.append({"split": split, "metric": metric, "best": float(a[metric].mean()), "greedy": float(b[metric].mean()),
+                         "diff": diff, "ci95": list(ci), "users": int(a["user_index"].nunique())})
     return rows
 
 
