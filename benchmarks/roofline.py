@@ -28,17 +28,23 @@ def layer_shapes(model) -> list[tuple[int, int]]:
 def measured_rate(model, dtype: torch.dtype, rows: int = 512, seconds: float = 2.0) -> float:
     """Matrix-product FLOP/s on the model's distinct linear shapes (and its LM head), ``rows`` tokens at a time."""
     head = model.get_output_embeddings().weight
+    device = head.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # GPU products run asynchronously
     shapes = sorted(set(layer_shapes(model))) + [(head.shape[1], head.shape[0])]
-    operands = [(torch.randn(rows, k, dtype=dtype), torch.randn(n, k, dtype=dtype)) for k, n in shapes]
+    operands = [(torch.randn(rows, k, dtype=dtype, device=device), torch.randn(n, k, dtype=dtype, device=device)) for k, n in shapes]
     for x, w in operands:  # warm up
         x @ w.T
     best = 0.0
     for _ in range(3):  # the best of three passes: other work on the machine only ever lowers the rate
-        flops, start = 0.0, time.perf_counter()
+        flops = 0.0
+        sync()
+        start = time.perf_counter()
         while time.perf_counter() - start < seconds / 3:
-            for x, w in operands:
-                x @ w.T
-                flops += 2.0 * x.shape[0] * x.shape[1] * w.shape[0]
+            for _ in range(10 if device.type == "cuda" else 1):  # enough queued work between clock reads
+                for x, w in operands:
+                    x @ w.T
+                    flops += 2.0 * x.shape[0] * x.shape[1] * w.shape[0]
+            sync()
         best = max(best, flops / (time.perf_counter() - start))
     return best
 

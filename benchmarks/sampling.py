@@ -11,6 +11,8 @@ top-p 0.9, temperature 1.0, and count new tokens (EOS excluded) per wall second.
     python benchmarks/sampling.py                 # 64 prompts, N = 10, 64 new tokens
     python benchmarks/sampling.py --quick         # a smaller version, about a minute
     python benchmarks/sampling.py --json out.json
+    python benchmarks/sampling.py --device cuda --model FOLDER --batch-rows 2816 --hf-batch-rows 2816 --skip naive llama_cpp
+                                                  # a GPU, any Llama-family folder, model.generate at the same batch
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from roofline import FlopCounter, measured_rate  # noqa: E402
 
 from dpo4rec.config import DataConfig, ModelConfig, PromptConfig  # noqa: E402
 from dpo4rec.data.stage import run_data_stage  # noqa: E402
+from dpo4rec.devices import resolve_device  # noqa: E402
 from dpo4rec.generate.model import best_dtype, load_model, load_tokenizer, packaged_gguf  # noqa: E402
 from dpo4rec.generate.sampler import FastSampler, HFSampler, SamplerSettings, batch_generator, plan_batches  # noqa: E402
 from dpo4rec.prompts.stage import run_prompt_stage  # noqa: E402
@@ -58,7 +61,7 @@ def run_naive(model, tokenizer, prompts, settings) -> tuple[int, float]:
     start, tokens = time.perf_counter(), 0
     for i, prompt in enumerate(prompts):
         for s in range(settings.n_samples):
-            tokens += count(sampler.sample([prompt], one, batch_generator(0, i * 1000 + s)))
+            tokens += count(sampler.sample([prompt], one, batch_generator(0, i * 1000 + s, sampler.device)))
     return tokens, time.perf_counter() - start
 
 
@@ -67,7 +70,7 @@ def run_batched(sampler_cls, model, tokenizer, prompts, settings, batch_rows) ->
     batches = plan_batches([len(p) for p in prompts], settings.rows_per_prompt, batch_rows, 1 << 30)
     start, tokens = time.perf_counter(), 0
     for number, batch in enumerate(batches):
-        tokens += count(sampler.sample([prompts[i] for i in batch], settings, batch_generator(0, number)))
+        tokens += count(sampler.sample([prompts[i] for i in batch], settings, batch_generator(0, number, sampler.device)))
     return tokens, time.perf_counter() - start
 
 
@@ -110,14 +113,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-rows", type=int, default=256, help="rows per batch for ours")
     parser.add_argument("--hf-batch-rows", type=int, default=40, help="rows per batch for model.generate")
     parser.add_argument("--skip", nargs="*", default=[], choices=["naive", "batched", "ours", "llama_cpp"])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto")
+    parser.add_argument("--model", default="smollm2-135m", help="the model: the offline default, a GGUF file or a Hugging Face folder")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     n_prompts = args.prompts or (16 if args.quick else 64)
     n_naive = args.naive_prompts or (1 if args.quick else 4)
 
-    tokenizer = load_tokenizer("smollm2-135m")
-    dtype = best_dtype()
-    model = load_model("smollm2-135m", dtype=dtype)
+    device = str(resolve_device(args.device, "--device"))
+    tokenizer = load_tokenizer(args.model)
+    dtype = best_dtype(device)
+    model = load_model(args.model, dtype=dtype, device=device)
     prompts = ml1m_prompts(n_prompts, tokenizer)
     settings = SamplerSettings(n_samples=args.n, temperature=1.0, top_p=0.9, max_new_tokens=args.max_new_tokens, greedy=False)
 
@@ -128,13 +134,14 @@ def main(argv: list[str] | None = None) -> int:
         results["batched"] = run_batched(HFSampler, model, tokenizer, prompts, settings, args.hf_batch_rows)
     if "naive" not in args.skip:
         results["naive"] = run_naive(model, tokenizer, prompts[:n_naive], settings)
-    results["llama_cpp"] = None if "llama_cpp" in args.skip else run_llama_cpp(tokenizer, prompts, settings)
+    skip_llama = "llama_cpp" in args.skip or device != "cpu" or args.model != "smollm2-135m"  # it runs the packaged GGUF on CPUs
+    results["llama_cpp"] = None if skip_llama else run_llama_cpp(tokenizer, prompts, settings)
 
     rate = {k: (v[0] / v[1] if v else None) for k, v in results.items()}
     ours = rate.get("ours")
     roofline = roofline_tokens_per_s(model, dtype, prompts, args.n, results.get("ours"))
     print(f"\nsampling {n_prompts} ML-1M prompts (mean {sum(map(len, prompts)) / len(prompts):.0f} tokens), "
-          f"N = {args.n}, {args.max_new_tokens} new tokens, {dtype}, {torch.get_num_threads()} threads\n")
+          f"N = {args.n}, {args.max_new_tokens} new tokens, {args.model}, {dtype} on {device}, {torch.get_num_threads()} threads\n")
     print(f"{'method':<12}{'new tokens':>12}{'seconds':>10}{'tokens/s':>10}{'ours is':>10}")
     for name in ("naive", "batched", "ours", "llama_cpp"):
         if results.get(name) is None:
@@ -156,10 +163,11 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": {k: (v[1] if v else None) for k, v in results.items()},
             "ratios": {f"ours_vs_{k}": (ours / r if ours and r else None) for k, r in rate.items() if k != "ours"},
             "settings": {"prompts": n_prompts, "naive_prompts": n_naive, "n": args.n, "max_new_tokens": args.max_new_tokens,
-                         "dtype": str(dtype), "threads": torch.get_num_threads(), "batch_rows": args.batch_rows,
+                         "dtype": str(dtype), "device": device, "model": args.model, "threads": torch.get_num_threads(),
+                         "batch_rows": args.batch_rows,
                          "hf_batch_rows": args.hf_batch_rows},
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
-                        "torch": torch.__version__},
+                        "torch": torch.__version__, "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None},
         }
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
     return 0

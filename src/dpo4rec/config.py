@@ -285,6 +285,9 @@ class AlignConfig:
     """Kept for the adapter's config; TRL's DPO turns dropout off (disable_dropout), so it does not act in training."""
     max_length: int = 1024
     """Prompt + answer tokens per example (longer ones are cut)."""
+    processes: int = 1
+    """Processes that train together (`accelerate launch`, DDP: one per GPU, or CPU processes over gloo).
+    Each takes batch_size pairs per pass: pairs per optimizer step = processes x batch_size x grad_accumulation."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: saves memory for big models on GPUs,
     costs ~30% more time (TRL turns it on by default; a 135M model on a CPU does not need it)."""
@@ -308,6 +311,7 @@ class AlignConfig:
             _check(getattr(self, name) >= 1, f"align.{name}", ">= 1", getattr(self, name))
         _check(0 <= self.lora_dropout < 1, "align.lora_dropout", "in [0, 1)", self.lora_dropout)
         _check(self.max_length >= 64, "align.max_length", ">= 64", self.max_length)
+        _check(self.processes >= 1, "align.processes", ">= 1", self.processes)
 
     @property
     def held_out_share(self) -> float:

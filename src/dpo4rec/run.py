@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 def run_pipeline(config: PipelineConfig, run_dir: str | Path) -> Path:
     """Run (or resume) every stage; returns the report folder."""
-    from dpo4rec.align.dpo import adapter_chain, run_align_stage
+    from dpo4rec.align.dpo import adapter_chain, launch_align_stage
     from dpo4rec.align.heldout import run_heldout_stage
     from dpo4rec.align.reward_stage import run_reward_stage
     from dpo4rec.data.stage import run_data_stage
@@ -79,7 +79,7 @@ def run_pipeline(config: PipelineConfig, run_dir: str | Path) -> Path:
             timed("recommend_no_item_knowledge", run_recommend_stage,
                   replace(config.recommend, knowledge=True, item_knowledge=False), run_dir, 0)
         if t < config.run.rounds:
-            timed(f"round_{t}/align", run_align_stage, run_dir, t, config.model, config.align)
+            timed(f"round_{t}/align", launch_align_stage, run_dir, t, config.model, config.align)
             timed(f"round_{t}/heldout", run_heldout_stage, run_dir, t, config.model, config.align, config.data.seed)
     return timed("report", write_report, run_dir, config)
 

@@ -11,6 +11,12 @@ to rebuild a round's model.
 Reference log-probabilities are computed once per round, before training
 (``precompute_ref_log_probs``), not at every step.
 
+Several processes (GPUs, or CPU processes over gloo): ``accelerate launch
+--num_processes K -m dpo4rec align --out RUN --round t`` runs TRL's trainer
+under DDP; each process takes ``batch_size`` pairs per pass, so pairs per
+optimizer step = K x batch_size x grad_accumulation; rank 0 alone writes the
+adapter and holds the run folder's lock.
+
 Speed on CPUs: TRL's fused LM head scores only the completion tokens on
 CUDA, but on other devices it projects every position (prompt included)
 through the 49k-word head in fp32; ``_score_completion_tokens_only`` makes
@@ -24,6 +30,7 @@ import contextlib
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -64,13 +71,56 @@ def run_align_stage(run_dir: str | Path, round_index: int, model_cfg: ModelConfi
     if existing_output(folder, manifest):
         return folder, read_json(folder / "training_log.json"), True
     pairs = read_parquet(pairs_file)
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    shared = round_folder / ".dpo-dataset" if launched else None
+    if launched_rank() > 0:  # another process of `accelerate launch`: trains along (DDP needs every rank), writes nothing
+        with tempfile.TemporaryDirectory() as scratch:
+            history = (train_dpo(pairs, model_cfg, align, chain, Path(scratch), shared) if len(pairs)
+                       else write_identity_adapter(model_cfg, align, chain, Path(scratch)))
+        _barrier()  # rank 0 removes the shared pairs after this
+        return folder, history, False
     with StageFolder(folder, manifest) as tmp:
         if len(pairs) == 0:  # every user's samples tied: nothing to learn, the next round's model is this one
             log.warning("%s: no preference pairs (every user's samples tied); round %d keeps its model", pairs_file, round_index)
             history = write_identity_adapter(model_cfg, align, chain, tmp)
         else:
-            history = train_dpo(pairs, model_cfg, align, chain, tmp)
+            history = train_dpo(pairs, model_cfg, align, chain, tmp, shared)
+    if shared is not None:
+        _barrier()  # every rank is done with the shared pairs
+        shutil.rmtree(shared, ignore_errors=True)
     return folder, history, False
+
+
+def _barrier() -> None:
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
+
+
+def launch_align_stage(run_dir: str | Path, round_index: int, model_cfg: ModelConfig, align: AlignConfig) -> tuple[Path, dict, bool]:
+    """``run_align_stage``, as ``align.processes`` processes of ``accelerate launch`` when that is more than one.
+
+    The launched processes read the run's config.json and run ``dpo4rec align``; this process keeps the run
+    folder's lock (they are told so by DPO4REC_RUN_LOCKED) and reads back what rank 0 wrote.
+    """
+    import subprocess
+    import sys
+
+    if align.processes == 1:
+        return run_align_stage(run_dir, round_index, model_cfg, align)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(align.processes),
+               "--num_machines", "1", "--dynamo_backend", "no", "-m", "dpo4rec", "align", "--out", str(run_dir), "--round", str(round_index)]
+    log.info("align: %s", " ".join(command[2:]))
+    done = subprocess.run(command, env={**os.environ, "DPO4REC_RUN_LOCKED": str(os.getpid())}, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        last = [line for line in done.stderr.splitlines() if line.strip()][-1:] or ["no output"]
+        raise InputError(f"accelerate launch of the align stage (round {round_index}, {align.processes} processes) failed: {last[0]}")
+    return run_align_stage(run_dir, round_index, model_cfg, align)  # reused: rank 0 wrote it
+
+
+def launched_rank() -> int:
+    """This process's rank under ``accelerate launch`` / ``torchrun`` (0 when run alone): only rank 0 writes."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def write_identity_adapter(model_cfg: ModelConfig, align: AlignConfig, chain: list[Path], out: Path) -> dict:
@@ -140,8 +190,25 @@ def policy_and_reference(model_cfg: ModelConfig, align: AlignConfig, chain: list
     return policy.train(), reference, None
 
 
-def train_dpo(pairs: pd.DataFrame, model_cfg: ModelConfig, align: AlignConfig, chain: list[Path], out: Path) -> dict:
-    """Fit the adapter; write it (adapter_model.safetensors, adapter_config.json) and training_log.json to ``out``."""
+def _shared_dataset(rows: dict, folder: Path, args):
+    """The pairs as a dataset on disk that every process of a launch reads: TRL finds the files it maps (tokens,
+    reference log-probs) beside a dataset's own files, and rank 0 writes them for all (in-memory datasets would
+    each keep them in a private temporary folder). ``args``: the trainer's arguments, whose setup joins the
+    processes (so rank 0 really goes first)."""
+    from datasets import Dataset, load_from_disk
+
+    with args.main_process_first(local=False, desc="the shared DPO pairs"):
+        if args.process_index == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+            Dataset.from_dict(rows).save_to_disk(str(folder))
+        return load_from_disk(str(folder))
+
+
+def train_dpo(pairs: pd.DataFrame, model_cfg: ModelConfig, align: AlignConfig, chain: list[Path], out: Path,
+              shared_dir: Path | None = None) -> dict:
+    """Fit the adapter; write it (adapter_model.safetensors, adapter_config.json) and training_log.json to ``out``.
+
+    ``shared_dir``: a folder every process can read, for the pairs of a multi-process launch."""
     import torch
     from datasets import Dataset
     from peft.helpers import disable_input_dtype_casting
@@ -155,12 +222,6 @@ def train_dpo(pairs: pd.DataFrame, model_cfg: ModelConfig, align: AlignConfig, c
     tokenizer = load_tokenizer(model_cfg.name)
     dtype = parse_dtype(model_cfg.dtype, model_device(model_cfg))
     model, ref_model, peft_config = policy_and_reference(model_cfg, align, chain, dtype)
-    # conversational rows: TRL applies the same chat template the sampler used
-    dataset = Dataset.from_dict({
-        "prompt": [[{"role": "user", "content": p}] for p in pairs["prompt"]],
-        "chosen": [[{"role": "assistant", "content": c}] for c in pairs["chosen"]],
-        "rejected": [[{"role": "assistant", "content": r}] for r in pairs["rejected"]],
-    })
     args = DPOConfig(
         output_dir=str(out / "trainer"),
         beta=align.beta,
@@ -183,6 +244,13 @@ def train_dpo(pairs: pd.DataFrame, model_cfg: ModelConfig, align: AlignConfig, c
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
+    # conversational rows: TRL applies the same chat template the sampler used
+    rows = {
+        "prompt": [[{"role": "user", "content": p}] for p in pairs["prompt"]],
+        "chosen": [[{"role": "assistant", "content": c}] for c in pairs["chosen"]],
+        "rejected": [[{"role": "assistant", "content": r}] for r in pairs["rejected"]],
+    }
+    dataset = Dataset.from_dict(rows) if shared_dir is None else _shared_dataset(rows, shared_dir, args)
     trainer_cls = SharedPromptDPOTrainer if align.shared_prompt else DPOTrainer
     trainer = trainer_cls(model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config)

@@ -68,7 +68,7 @@ def run_reward_stage(run_dir: str | Path, round_index: int, recommend: Recommend
         return folder, read_json(folder / "summary.json"), True
 
     embeddings = read_embeddings(here / "embeddings")
-    scorer, split = reward_scorer(recommender, run_dir, align)
+    scorer, split = reward_scorer(recommender, run_dir, align, recommend.device)
     knowledge = read_parquet(needed["knowledge"])
     prompts = read_parquet(needed["prompts"])
     summary = {"reward": align.reward, "pairing": align.pairing, "reward_lists": align.reward_lists, "recommender": recommender.name}
@@ -97,11 +97,14 @@ def run_reward_stage(run_dir: str | Path, round_index: int, recommend: Recommend
     return folder, summary, False
 
 
-def reward_scorer(recommender: Path, run_dir: Path, align: AlignConfig):
-    """The reward recommender's scorer, and the split of lists its rewards average over."""
+def reward_scorer(recommender: Path, run_dir: Path, align: AlignConfig, device: str = "auto"):
+    """The reward recommender's scorer (on ``device``, a recommend.device value), and the split of lists its rewards
+    average over."""
+    from dpo4rec.devices import resolve_device
     from dpo4rec.recommend import RewardScorer
 
-    scorer = RewardScorer.from_folders(recommender, run_dir / "data", reward_holdout=align.held_out_share)
+    scorer = RewardScorer.from_folders(recommender, run_dir / "data", str(resolve_device(device, "recommend.device")),
+                                       reward_holdout=align.held_out_share)
     return scorer, "reward" if align.held_out_share else "train"
 
 

@@ -30,7 +30,7 @@ def reward_drift(run_dir: Path, config: PipelineConfig) -> list[dict]:
     recommender = round_dir(run_dir, 0) / "recommender" / reward_model_name(config.recommend, config.align.held_out_share)
     if not (recommender / "model.safetensors").is_file():
         return []
-    scorer, split = reward_scorer(recommender, run_dir, config.align)
+    scorer, split = reward_scorer(recommender, run_dir, config.align, config.recommend.device)
     embeddings = {t: read_embeddings(round_dir(run_dir, t) / "embeddings") for t in range(config.run.rounds + 1)
                   if (round_dir(run_dir, t) / "embeddings" / "users.safetensors").is_file()}
     if 0 not in embeddings:
@@ -73,7 +73,7 @@ def validation_drift(run_dir: Path, config: PipelineConfig) -> list[dict]:
             continue
         before = read_parquet(before_file)
         users = before["user_index"].unique()
-        scorer, _ = reward_scorer(recommender, run_dir, config.align)
+        scorer, _ = reward_scorer(recommender, run_dir, config.align, config.recommend.device)
         after = scorer.score_embeddings(read_embeddings(after_folder), split="validation", users=users, reward=config.align.reward)
         row = sampled_drift(before, after, config.data.seed)
         if row:
