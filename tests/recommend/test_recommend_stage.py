@@ -26,7 +26,8 @@ def test_stage_with_and_without_knowledge(ml100k_run, ml100k):
     assert on.folder.name == "prm" and off.folder.name == "prm-no-knowledge"
     for result in (on, off):
         names = {p.name for p in result.folder.iterdir()}
-        assert names == {"model.safetensors", "model.json", "curve.json", "metrics.json", "test_lists.parquet", "manifest.json"}
+        assert names == {"model.safetensors", "model.json", "curve.json", "metrics.json", "test_lists.parquet",
+                         "validation_lists.parquet", "manifest.json"}
         metrics = json.loads((result.folder / "metrics.json").read_text())
         assert metrics["test"]["map@5"] > metrics["baselines"]["random"]["map@5"]
         assert len(json.loads((result.folder / "curve.json").read_text())) == metrics["epochs"]
