@@ -6,8 +6,8 @@ Bad input (``InputError``) becomes one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
-import os
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -241,11 +241,12 @@ def _round_stage(args: argparse.Namespace) -> int:
               f"best - worst {spread['best_minus_worst_mean']:.4f} on average, {spread['users_with_tied_samples']:,} users tied; "
               f"{train['pairs']:,} pairs ({summary['pairing']}); {summary['validation']['pairs']:,} held-out validation pairs")
     else:
-        from dpo4rec.align.dpo import adapter_chain, launched_rank, run_align_stage
+        from dpo4rec.align.dpo import adapter_chain, run_align_stage
+        from dpo4rec.runlock import launch_rank
 
         adapter_chain(args.out, args.round)  # rounds before this one must be aligned
         folder, history, reused = run_align_stage(args.out, args.round, config.model, config.align)
-        if launched_rank() > 0:  # rank 0 reports what the launch wrote
+        if launch_rank() > 0:  # rank 0 reports what the launch wrote
             return 0
         last = history["steps"][-1] if history["steps"] else {}
         print(f"DPO on {history['pairs']:,} pairs, {len(history['steps'])} steps; last step: loss {last.get('loss', float('nan')):.4f}, "
@@ -306,12 +307,12 @@ def main(argv: list[str] | None = None) -> int:
             return _compare(args)
         if args.command in _NEEDS_RUN_FOLDER and not Path(args.out).is_dir():
             raise InputError(f"{args.out}: no such run folder; run 'dpo4rec run --out {args.out}' first")
-        from dpo4rec.runlock import RunLock
+        from dpo4rec.runlock import RunLock, launch_rank, launched
 
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by accelerate launch / torchrun
+        if launched():  # started by accelerate launch / torchrun
             if args.command != "align":
                 raise InputError(f"only 'dpo4rec align' runs as several processes (accelerate launch); run '{args.command}' alone")
-            if int(os.environ.get("RANK", "0")) > 0 or os.environ.get("DPO4REC_RUN_LOCKED"):
+            if launch_rank() > 0 or os.environ.get("DPO4REC_RUN_LOCKED"):
                 return _dispatch(args)  # rank 0 holds the lock (or the `dpo4rec run` that launched it); the others train along
         with RunLock(args.out):
             return _dispatch(args)

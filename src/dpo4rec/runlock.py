@@ -19,6 +19,16 @@ from dpo4rec.errors import InputError
 LOCK_NAME = ".lock"
 
 
+def launched() -> bool:
+    """True in a process started by ``accelerate launch`` / ``torchrun`` with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def launch_rank() -> int:
+    """This process's rank in such a launch (0 when run alone): rank 0 alone writes into the run folder."""
+    return int(os.environ.get("RANK", "0"))
+
+
 class RunLock:
     """``with RunLock(run_dir):`` holds the folder's lock (the folder is created if needed)."""
 

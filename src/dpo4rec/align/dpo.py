@@ -38,6 +38,7 @@ import pandas as pd
 from dpo4rec.artifacts import MANIFEST, StageFolder, damaged_output, existing_output, fingerprint_file, make_manifest, read_json, read_parquet, round_dir, write_json
 from dpo4rec.config import AlignConfig, ModelConfig, to_dict
 from dpo4rec.errors import InputError
+from dpo4rec.runlock import launch_rank, launched
 
 log = logging.getLogger(__name__)
 STAGE = "adapter"
@@ -71,12 +72,12 @@ def run_align_stage(run_dir: str | Path, round_index: int, model_cfg: ModelConfi
     if existing_output(folder, manifest):
         return folder, read_json(folder / "training_log.json"), True
     pairs = read_parquet(pairs_file)
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    shared = round_folder / ".dpo-dataset" if launched else None
-    if launched_rank() > 0:  # another process of `accelerate launch`: trains along (DDP needs every rank), writes nothing
-        with tempfile.TemporaryDirectory() as scratch:
-            history = (train_dpo(pairs, model_cfg, align, chain, Path(scratch), shared) if len(pairs)
-                       else write_identity_adapter(model_cfg, align, chain, Path(scratch)))
+    shared = round_folder / ".dpo-dataset" if launched() else None
+    if launch_rank() > 0:  # another process of `accelerate launch`: trains along (DDP needs every rank), writes nothing
+        history = {}
+        if len(pairs):  # without pairs rank 0 only writes an untrained adapter: nothing to do along
+            with tempfile.TemporaryDirectory() as scratch:
+                history = train_dpo(pairs, model_cfg, align, chain, Path(scratch), shared)
         _barrier()  # rank 0 removes the shared pairs after this
         return folder, history, False
     with StageFolder(folder, manifest) as tmp:
@@ -116,11 +117,6 @@ def launch_align_stage(run_dir: str | Path, round_index: int, model_cfg: ModelCo
         last = [line for line in done.stderr.splitlines() if line.strip()][-1:] or ["no output"]
         raise InputError(f"accelerate launch of the align stage (round {round_index}, {align.processes} processes) failed: {last[0]}")
     return run_align_stage(run_dir, round_index, model_cfg, align)  # reused: rank 0 wrote it
-
-
-def launched_rank() -> int:
-    """This process's rank under ``accelerate launch`` / ``torchrun`` (0 when run alone): only rank 0 writes."""
-    return int(os.environ.get("RANK", "0"))
 
 
 def write_identity_adapter(model_cfg: ModelConfig, align: AlignConfig, chain: list[Path], out: Path) -> dict:
@@ -175,18 +171,19 @@ def policy_and_reference(model_cfg: ModelConfig, align: AlignConfig, chain: list
     """
     from dpo4rec.generate.model import attach_adapters, chain_names, load_base_model, load_model, model_device
 
+    device = model_device(model_cfg)
     if not chain:
-        return load_base_model(model_cfg.name, dtype, model_device(model_cfg)).train(), None, _lora_config(align)
+        return load_base_model(model_cfg.name, dtype, device).train(), None, _lora_config(align)
     from transformers import set_seed
 
-    policy = attach_adapters(load_base_model(model_cfg.name, dtype, model_device(model_cfg)), chain)
+    policy = attach_adapters(load_base_model(model_cfg.name, dtype, device), chain)
     set_seed(align.seed)  # the new adapter's random init (TRL seeds only the adapters it adds itself)
     policy.add_adapter("default", _lora_config(align))
     frozen = chain_names(chain)
     policy.base_model.set_adapter([*frozen, "default"])
     for name, param in policy.named_parameters():
         param.requires_grad = ".default." in name
-    reference = load_model(model_cfg.name, adapters=chain, dtype=dtype, device=model_device(model_cfg))
+    reference = load_model(model_cfg.name, adapters=chain, dtype=dtype, device=device)
     return policy.train(), reference, None
 
 
@@ -220,7 +217,8 @@ def train_dpo(pairs: pd.DataFrame, model_cfg: ModelConfig, align: AlignConfig, c
     os.environ.setdefault("WANDB_DISABLED", "true")
     _score_completion_tokens_only()
     tokenizer = load_tokenizer(model_cfg.name)
-    dtype = parse_dtype(model_cfg.dtype, model_device(model_cfg))
+    device = model_device(model_cfg)
+    dtype = parse_dtype(model_cfg.dtype, device)
     model, ref_model, peft_config = policy_and_reference(model_cfg, align, chain, dtype)
     args = DPOConfig(
         output_dir=str(out / "trainer"),
@@ -240,7 +238,7 @@ def train_dpo(pairs: pd.DataFrame, model_cfg: ModelConfig, align: AlignConfig, c
         report_to=[],
         seed=align.seed,
         data_seed=align.seed,
-        use_cpu=model_device(model_cfg) == "cpu",
+        use_cpu=device == "cpu",
         dataloader_num_workers=0,
         disable_tqdm=False,
     )

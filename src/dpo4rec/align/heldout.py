@@ -130,10 +130,11 @@ def score_texts(texts: pd.DataFrame, prompts: pd.Series, model_cfg: ModelConfig,
     from dpo4rec.generate.model import attach_adapters, chain_names, load_base_model, load_tokenizer, model_device, parse_dtype
 
     tokenizer = load_tokenizer(model_cfg.name)
-    dtype = parse_dtype(model_cfg.dtype, model_device(model_cfg))
+    device = model_device(model_cfg)
+    dtype = parse_dtype(model_cfg.dtype, device)
     # the weights as trained (bf16 base, adapters), in fp32 arithmetic: the margins are small differences of
     # large log-probs, and bf16 rounding noise in the activations would blur them (see test_exact_policy)
-    model = attach_adapters(load_base_model(model_cfg.name, dtype, model_device(model_cfg)), adapters).float().eval()
+    model = attach_adapters(load_base_model(model_cfg.name, dtype, device), adapters).float().eval()
     names = chain_names(adapters)
     groups = []
     for user, frame in texts.groupby("user_index", sort=True):

@@ -161,8 +161,9 @@ def _open_sampler(model_cfg: ModelConfig, gen: GenerateConfig, adapters=()):
             extra = None
         eos = [tokenizer.eos_token_id] + list(_as_list(extra))
         return tokenizer, VLLMSampler(folder, list(adapters), eos, model_cfg.dtype), model_cfg.dtype
-    dtype = parse_dtype(model_cfg.dtype, model_device(model_cfg))
-    model = load_model(model_cfg.name, adapters=adapters, dtype=dtype, device=model_device(model_cfg))
+    device = model_device(model_cfg)
+    dtype = parse_dtype(model_cfg.dtype, device)
+    model = load_model(model_cfg.name, adapters=adapters, dtype=dtype, device=device)
     eos = [tokenizer.eos_token_id] + list(_as_list(getattr(model.generation_config, "eos_token_id", None)))
     return tokenizer, make_sampler(gen.backend, model, eos, tokenizer.pad_token_id), dtype
 

@@ -77,7 +77,8 @@ def run_recommend_stage(config: RecommendConfig, run_dir: str | Path, round_inde
             raise InputError(f"{data / name} not found; run the data stage first")
     inputs = {name: fingerprint_file(data / name) for name in _DATA_FILES}
     rewards_path = round_dir(run_dir, round_index) / "preferences" / "rewards.parquet"
-    if config.knowledge and config.train_text == "best":
+    on_best_texts = config.knowledge and config.train_text == "best"
+    if on_best_texts:
         if reward_holdout > 0:
             raise InputError("the held-out reward recommender trains on greedy texts (recommend.train_text = greedy)")
         if not rewards_path.is_file():
@@ -109,14 +110,14 @@ def run_recommend_stage(config: RecommendConfig, run_dir: str | Path, round_inde
         users, vectors = emb.for_sample(config.train_sample)
         if len(users) == 0:
             raise InputError(f"{embeddings_dir}: no vectors for sample {config.train_sample} (recommend.train_sample)")
-        if config.train_text == "best":
+        if on_best_texts:
             users, vectors, best_text = best_text_vectors(emb, users, vectors, read_parquet(rewards_path), frames["users.parquet"])
         knowledge = user_knowledge(len(frames["users.parquet"]), users, vectors, str(embeddings_dir))
         model = build_recommender(config, frames["items.parquet"], lists, emb.dim, (emb.item_index, emb.item_vectors), emb.encoder)
     else:
         model = build_recommender(config, frames["items.parquet"], lists)
     metrics = fit_and_evaluate(model, lists, knowledge, config, frames, progress)
-    if config.knowledge and config.train_text == "best":
+    if on_best_texts:
         metrics["best_text"] = best_text
     with StageFolder(folder, manifest) as tmp:
         save_recommender(model, tmp)
