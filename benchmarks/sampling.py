@@ -24,6 +24,7 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,12 +42,12 @@ from dpo4rec.prompts.stage import run_prompt_stage  # noqa: E402
 
 def ml1m_prompts(n_prompts: int, tokenizer) -> list[list[int]]:
     """Real ML-1M prompts: the first ``n_prompts`` users of a seeded subset."""
-    run = Path(tempfile.gettempdir()) / "dpo4rec-bench-sampling"
-    run_data_stage(DataConfig(dataset="ml-1m", n_users=256, seed=0), run)
-    folder = run_prompt_stage(run, PromptConfig(), ModelConfig()).folder
     import pandas as pd
 
-    texts = pd.read_parquet(folder / "prompts.parquet")["text"].tolist()[:n_prompts]
+    with tempfile.TemporaryDirectory() as run:  # fresh each time: a folder left by another version would be refused
+        run_data_stage(DataConfig(dataset="ml-1m", n_users=max(256, n_prompts), seed=0), run)
+        folder = run_prompt_stage(run, PromptConfig(), ModelConfig()).folder
+        texts = pd.read_parquet(folder / "prompts.parquet")["text"].tolist()[:n_prompts]
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
@@ -68,6 +69,9 @@ def run_naive(model, tokenizer, prompts, settings) -> tuple[int, float]:
 def run_batched(sampler_cls, model, tokenizer, prompts, settings, batch_rows) -> tuple[int, float]:
     sampler = sampler_cls(model, [tokenizer.eos_token_id], tokenizer.pad_token_id)
     batches = plan_batches([len(p) for p in prompts], settings.rows_per_prompt, batch_rows, 1 << 30)
+    if sampler.device.type == "cuda":  # CUDA's first calls (context, cuBLAS handles, kernel loading) are not sampling
+        sampler.sample(prompts[:2], replace(settings, max_new_tokens=4), batch_generator(0, 0, sampler.device))
+        torch.cuda.synchronize(sampler.device)
     start, tokens = time.perf_counter(), 0
     for number, batch in enumerate(batches):
         tokens += count(sampler.sample([prompts[i] for i in batch], settings, batch_generator(0, number, sampler.device)))
