@@ -4,19 +4,21 @@
 # random-init SmolLM2-135M and MiniLM weights, runs the tiny pipeline on CUDA with the default backend, the sampling
 # benchmark on CUDA (ours and model.generate at the same batch), a slice of the paper's ML-1M run (its per-stage
 # times project the whole), the tiny pipeline with the other backends, and ours at a larger batch, each step bounded
-# by what is left of DEADLINE seconds. One line per result, also in $OUT/results.txt; logs and JSON in $OUT.
+# by what is left of DEADLINE seconds. One line per result, also in $OUT/results.txt; logs and JSON in
+# $OUT/gpu-check.tar.gz (one file: the device tool brings back only a few files from $OUT).
 #   bash benchmarks/gpu_check.sh            (OUT defaults to /tmp/gpu-check; the device tool sets $OUT)
 #   DEVICE=cpu PROMPTS=4 SLICE_USERS=30 bash benchmarks/gpu_check.sh      (tries the script on a CPU machine)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/gpu-check}
-WORK=${WORK:-/tmp/gpu-work}   # wheels, weights and runs: large, so outside $OUT (which travels back)
+FINAL=${OUT:-/tmp/gpu-check}
+WORK=${WORK:-/tmp/gpu-work}   # wheels, weights and runs: large, so outside $FINAL (which travels back)
+OUT=$WORK/out                 # logs and JSON, packed into $FINAL at the end
 DEVICE=${DEVICE:-cuda}
 PROMPTS=${PROMPTS:-256}
 SLICE_USERS=${SLICE_USERS:-600}
 DEADLINE=${DEADLINE:-420}
-mkdir -p "$OUT" "$WORK"
-RESULTS="$OUT/results.txt"
+mkdir -p "$FINAL" "$OUT"
+RESULTS="$FINAL/results.txt"
 say() { echo "gpu_check: $*" | tee -a "$RESULTS"; }
 left() { local s=$(( DEADLINE - SECONDS )); (( s < $1 )) && echo "$s" || echo "$1"; }   # min(wanted, time left)
 out_of_time() { (( $(left 20) < 20 )) && say "$1: skipped, under 20 s left of DEADLINE=$DEADLINE"; }
@@ -70,5 +72,6 @@ python -c "import vllm" 2>/dev/null && backends="$backends vllm"
 for backend in $backends; do
     pipeline "tiny-$backend" 120 --config configs/tiny.toml --set generate.backend="\"$backend\""
 done
-sampling sampling-large 60 $(( PROMPTS * 2 )) --skip naive llama_cpp batched
+sampling sampling-large 60 $(( PROMPTS * 4 )) --skip naive llama_cpp batched
 say "done in $SECONDS s"
+tar czf "$FINAL/gpu-check.tar.gz" -C "$OUT" .

@@ -40,13 +40,13 @@ from dpo4rec.generate.sampler import FastSampler, HFSampler, SamplerSettings, ba
 from dpo4rec.prompts.stage import run_prompt_stage  # noqa: E402
 
 
-def ml1m_prompts(n_prompts: int, tokenizer) -> list[list[int]]:
+def ml1m_prompts(n_prompts: int, tokenizer, model: str) -> list[list[int]]:
     """Real ML-1M prompts: the first ``n_prompts`` users of a seeded subset."""
     import pandas as pd
 
     with tempfile.TemporaryDirectory() as run:  # fresh each time: a folder left by another version would be refused
         run_data_stage(DataConfig(dataset="ml-1m", n_users=max(256, n_prompts), seed=0), run)
-        folder = run_prompt_stage(run, PromptConfig(), ModelConfig()).folder
+        folder = run_prompt_stage(run, PromptConfig(), ModelConfig(name=model)).folder  # its tokenizer truncates
         texts = pd.read_parquet(folder / "prompts.parquet")["text"].tolist()[:n_prompts]
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(args.model)
     dtype = best_dtype(device)
     model = load_model(args.model, dtype=dtype, device=device)
-    prompts = ml1m_prompts(n_prompts, tokenizer)
+    prompts = ml1m_prompts(n_prompts, tokenizer, args.model)
     settings = SamplerSettings(n_samples=args.n, temperature=1.0, top_p=0.9, max_new_tokens=args.max_new_tokens, greedy=False)
 
     results: dict[str, tuple[int, float] | None] = {}
