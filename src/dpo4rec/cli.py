@@ -84,6 +84,7 @@ def _add_generate_parsers(commands) -> None:
     generate.add_argument("--temperature", type=float)
     generate.add_argument("--top-p", type=float, dest="top_p")
     generate.add_argument("--backend", choices=("auto", "fast", "hf", "vllm"))
+    generate.add_argument("--processes", type=int, help="processes that share the batches (one per GPU; default 1)")
 
 
 def _add_encode_parser(commands) -> None:
@@ -131,7 +132,7 @@ def _generate_stages(args: argparse.Namespace) -> int:
         "model": {"name": args.model},
     }
     if args.command == "generate":
-        overrides["generate"] = {k: getattr(args, k) for k in ("n_samples", "max_new_tokens", "temperature", "top_p", "backend")}
+        overrides["generate"] = {k: getattr(args, k) for k in ("n_samples", "max_new_tokens", "temperature", "top_p", "backend", "processes")}
     config = load_config(args.config, overrides)
     run_data_stage(config.data, args.out)
     prompts = run_prompt_stage(args.out, config.prompts, config.model)

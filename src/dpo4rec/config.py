@@ -141,9 +141,14 @@ class GenerateConfig:
     sampled_validation_users: int | None = None
     """Validation users who get N samples (a seeded subset; None = all): the held-out check
     of what DPO learned (pair accuracy, reward drift). They never feed DPO or training."""
+    processes: int = 1
+    """Processes that generate together, process i taking every K-th batch and writing its own part files: one
+    per GPU (process i sees GPU i alone when the model is on CUDA), or CPU processes sharing the cores. Seeds
+    are per batch, so the texts do not depend on it."""
 
     def __post_init__(self) -> None:
         _check(self.n_samples >= 0, "generate.n_samples", ">= 0", self.n_samples)
+        _check(self.processes >= 1, "generate.processes", ">= 1", self.processes)
         _check(self.temperature > 0, "generate.temperature", "> 0", self.temperature)
         _check(0 < self.top_p <= 1, "generate.top_p", "in (0, 1]", self.top_p)
         _check(self.max_new_tokens >= 1, "generate.max_new_tokens", ">= 1", self.max_new_tokens)

@@ -105,7 +105,7 @@ def train_reward_recommender(config: PipelineConfig, run_dir: str | Path, round_
 def check_run_config(config: PipelineConfig, run_dir: Path) -> None:
     """Refuse a run folder made with another config (or config version) before any stage runs.
 
-    Only ``run.rounds`` may change: a larger T continues the run. The config is
+    Only ``run.rounds`` (a larger T continues the run) and ``generate.processes`` may change. The config is
     recorded in ``RUN/config.json``, which the single-stage commands read too.
     (Folders written by single-stage commands have no record; their stages'
     manifests still refuse output of another config.)
@@ -128,12 +128,20 @@ def check_run_config(config: PipelineConfig, run_dir: Path) -> None:
             previous = read_json(record)
         except (OSError, ValueError) as exc:
             raise InputError(f"{record}: unreadable ({exc})") from None
-        mine = {**current, "run": {**current["run"], "rounds": None}}
-        theirs = {**previous, "run": {**previous.get("run", {}), "rounds": None}} if isinstance(previous, dict) else previous
+        mine, theirs = _comparable(current), _comparable(previous)
         if mine != theirs:
             raise InputError(f"{run_dir} was made with another config ({first_difference(theirs, mine, 'config')}); "
                              "choose another --out folder or remove it")
     write_json(record, current)
+
+
+def _comparable(record):
+    """A config record without what may change between a run and its continuation: the number of rounds, and
+    the number of generating processes (texts do not depend on it)."""
+    if not isinstance(record, dict):
+        return record
+    generate = {k: v for k, v in record.get("generate", {}).items() if k != "processes"}
+    return {**record, "run": {**record.get("run", {}), "rounds": None}, "generate": generate}
 
 
 def load_run_config(run_dir: str | Path) -> PipelineConfig:

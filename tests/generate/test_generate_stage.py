@@ -95,3 +95,36 @@ def test_kill_9_then_rerun_loses_nothing_and_duplicates_nothing(tiny_run, tmp_pa
     resumed = pd.read_parquet(run / "round_0" / "knowledge" / "knowledge.parquet")
     pd.testing.assert_frame_equal(pd.read_parquet(reference.folder / "knowledge.parquet"), resumed)
     assert not resumed.duplicated(["user_index", "sample"]).any()
+
+
+def test_two_processes_write_the_texts_of_one(tiny_run, tmp_path):
+    """generate.processes = 2: each spawned process takes every other batch and writes its own part files; the
+    merged texts equal one process's (seeds are per batch). Both sides compute with one thread: bf16 products
+    round differently with another thread count."""
+    from dataclasses import replace
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = run_generate_stage(_copy_run(tiny_run, tmp_path / "one"), 0, ModelConfig(), GEN)
+        two = run_generate_stage(_copy_run(tiny_run, tmp_path / "two"), 0, ModelConfig(), replace(GEN, processes=2))
+    finally:
+        torch.set_num_threads(threads)
+    pd.testing.assert_frame_equal(pd.read_parquet(one.folder / "knowledge.parquet"), pd.read_parquet(two.folder / "knowledge.parquet"))
+    assert not (two.folder / "parts").exists()
+    assert run_generate_stage(two.folder.parents[1], 0, ModelConfig(), GEN).reused  # the number of processes is not in the manifest
+    with pytest.raises(InputError, match="generate.processes must be >= 1, got 0"):
+        replace(GEN, processes=0)
+
+
+def test_a_run_continues_with_another_number_of_generating_processes(tmp_path):
+    from dataclasses import replace
+
+    from dpo4rec.config import PipelineConfig
+    from dpo4rec.run import check_run_config
+
+    config = PipelineConfig()
+    check_run_config(config, tmp_path)
+    check_run_config(replace(config, generate=replace(config.generate, processes=4)), tmp_path)  # accepted
+    with pytest.raises(InputError, match="another config .*generate.n_samples"):
+        check_run_config(replace(config, generate=replace(config.generate, n_samples=3)), tmp_path)

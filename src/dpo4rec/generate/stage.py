@@ -20,9 +20,10 @@ get samples.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -89,12 +90,14 @@ def make_plan(prompts: pd.DataFrame, users: pd.DataFrame, gen: GenerateConfig) -
 
 def run_generate_stage(
     run_dir: str | Path, round_index: int, model_cfg: ModelConfig, gen: GenerateConfig,
-    adapters=(), stop_after_batches: int | None = None,
+    adapters=(), stop_after_batches: int | None = None, shard: tuple[int, int] | None = None,
 ) -> GenerateResult:
     """Generate (or reuse, or resume) the round's knowledge texts.
 
     ``adapters``: LoRA folders from earlier rounds' DPO stages, applied together
     (unmerged) to the base model. ``stop_after_batches`` exists for tests of resume.
+    ``shard = (i, k)``: one of ``generate.processes`` processes, started by this function: it writes
+    the part files of batches i, i + k, ... and leaves the merge to its parent.
     """
     run_dir = Path(run_dir)
     prompt_dir = run_dir / "prompts"
@@ -106,7 +109,9 @@ def run_generate_stage(
         if not (adapter / "adapter_model.safetensors").is_file():
             raise InputError(f"adapter not found: {adapter} (no adapter_model.safetensors)")
         inputs[f"adapter_{number}"] = fingerprint_file(adapter / "adapter_model.safetensors")
-    config = {"generate": to_dict(gen), "model": {"name": model_cfg.name, "dtype": model_cfg.dtype}}
+    how_many = ("processes",)  # how the work is spread: the texts do not depend on it
+    config = {"generate": {k: v for k, v in to_dict(gen).items() if k not in how_many},
+              "model": {"name": model_cfg.name, "dtype": model_cfg.dtype}}
     manifest = make_manifest(STAGE, config, inputs)
     if (folder / MANIFEST).is_file() and existing_output(folder, manifest):
         return GenerateResult(folder, read_json(folder / "summary.json"), reused=True)
@@ -119,13 +124,19 @@ def run_generate_stage(
         old = read_json(folder / "plan.json")
         if old != plan:
             raise InputError(f"{folder} holds an unfinished generation with another config or inputs; remove it or use another --out")
-        for stale in parts.glob(".*.tmp"):  # a batch that was being written when the process died
+        for stale in parts.glob(".*.tmp") if shard is None else ():  # a batch being written when the process died
             stale.unlink()
     else:
         parts.mkdir(parents=True, exist_ok=True)
         write_json(folder / "plan.json", plan)
 
     todo = [i for i in range(len(plan["batches"])) if not (parts / f"part-{i:05d}.parquet").is_file()]
+    if shard is not None:
+        _generate(prompts, plan["batches"], todo[shard[0]::shard[1]], parts, model_cfg, gen, adapters, None, shard)
+        return GenerateResult(folder, {}, reused=False)
+    if len(todo) > 1 and gen.processes > 1 and stop_after_batches is None:
+        _generate_in_processes(run_dir, round_index, model_cfg, gen, adapters, min(gen.processes, len(todo)))
+        todo = []  # every process finished its share (one that failed raised here)
     if todo:
         _generate(prompts, plan["batches"], todo, parts, model_cfg, gen, adapters, stop_after_batches)
         if stop_after_batches is not None and len(todo) > stop_after_batches:
@@ -186,13 +197,42 @@ def generate_item_knowledge(item_prompts: pd.DataFrame, model_cfg: ModelConfig, 
     return pd.DataFrame(rows, columns=["item_index", "text", "n_tokens"]).sort_values("item_index").reset_index(drop=True)
 
 
-def _generate(prompts, batches, todo, parts, model_cfg, gen, adapters, stop_after_batches) -> None:
+def _generate_in_processes(run_dir, round_index, model_cfg, gen, adapters, count: int) -> None:
+    """``count`` spawned processes, each running this stage as one shard (``shard = (i, count)``)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    gpus = None
+    if gen.backend == "vllm" or model_device(model_cfg).startswith("cuda"):
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        model_cfg = replace(model_cfg, device="cuda")  # each process sees its one GPU as cuda:0
+    threads = max(1, torch.get_num_threads() // count)
+    log.info("generating in %d processes (%s)", count, f"GPUs {', '.join(gpus)}" if gpus else f"{threads} threads each")
+    with ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn")) as pool:
+        shards = [pool.submit(_run_shard, run_dir, round_index, model_cfg, gen, [str(a) for a in adapters], (i, count),
+                              gpus[i % len(gpus)] if gpus else None, threads) for i in range(count)]
+        for shard in shards:
+            shard.result()  # a shard's error is raised here, after the others have finished
+
+
+def _run_shard(run_dir, round_index, model_cfg, gen, adapters, shard, gpu, threads) -> None:
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before this process first touches CUDA
+    torch.set_num_threads(threads)
+    run_generate_stage(run_dir, round_index, model_cfg, gen, adapters, shard=shard)
+
+
+def _generate(prompts, batches, todo, parts, model_cfg, gen, adapters, stop_after_batches, shard=None) -> None:
+    if not todo:
+        return
     tokenizer, sampler, dtype = _open_sampler(model_cfg, gen, adapters)
     text_of = prompts.set_index("user_index")["text"]
     total_users = sum(len(batches[i]["users"]) for i in todo)
     log.info("generating for %d users in %d batches with the %s sampler (%s)", total_users, len(todo), sampler.name, dtype)
     start, new_tokens = time.perf_counter(), 0
-    with tqdm(total=total_users, unit="user", desc="generate") as bar:
+    desc = "generate" if shard is None else f"generate {shard[0] + 1}/{shard[1]}"
+    with tqdm(total=total_users, unit="user", desc=desc, position=0 if shard is None else shard[0]) as bar:
         for done, number in enumerate(todo):
             if stop_after_batches is not None and done >= stop_after_batches:
                 break
