@@ -224,13 +224,18 @@ class RecommendConfig:
     patience: int = 2
     """Epochs without a better validation MAP@5 before stopping."""
     seed: int = 0
+    seeds: int = 1
+    """Trainings per reported recommender (seeds seed, seed + 1, ...): each list's test and validation metrics
+    are averaged over them, and the report gives every difference per seed too, so a difference that is the
+    recommender's training noise shows as one that changes sign. Costs k times the training; the reward
+    model and the saved weights are the first seed's."""
     precision: str = "fp32"
     """fp32, or bf16 (autocast; worth it on GPUs and CPUs with bf16 units)."""
     device: str = "auto"
     """auto (cuda if present), cpu, cuda."""
 
     def __post_init__(self) -> None:
-        for name in ("embed_dim", "hidden_dim", "n_heads", "n_layers", "adapter_dim", "batch_size", "max_epochs", "patience"):
+        for name in ("embed_dim", "hidden_dim", "n_heads", "n_layers", "adapter_dim", "batch_size", "max_epochs", "patience", "seeds"):
             _check(getattr(self, name) >= 1, f"recommend.{name}", ">= 1", getattr(self, name))
         _check(self.hidden_dim % self.n_heads == 0, "recommend.hidden_dim", "a multiple of recommend.n_heads", self.hidden_dim)
         _check(self.shared_experts >= 0 and self.specific_experts >= 0 and self.shared_experts + self.specific_experts >= 1,

@@ -137,3 +137,34 @@ def test_best_text_vectors_take_each_train_users_highest_reward():
     assert chosen == {0: 2, 1: 0, 2: 0, 3: 0, 4: 1}
     assert counts == {"train_users_rewarded": 3, "train_users_not_greedy": 2}
     assert (vectors[:, 0] == users).all()  # each vector is its own user's
+
+
+def test_several_seeds_average_each_list_and_keep_each_seed(ml100k_run, tmp_path):
+    import shutil
+
+    from dpo4rec.report.report import per_seed_differences
+
+    results = {}
+    for seeds in (1, 2):
+        run = tmp_path / f"seeds{seeds}"
+        shutil.copytree(ml100k_run / "data", run / "data")
+        config = RecommendConfig(backbone="prm", knowledge=False, max_epochs=2, device="cpu", seeds=seeds)
+        results[seeds] = run_recommend_stage(config, run, 0, progress=False)
+    one = pd.read_parquet(results[1].folder / "test_lists.parquet")
+    two = pd.read_parquet(results[2].folder / "test_lists.parquet")
+    assert "map@5_seed1" not in one.columns
+    np.testing.assert_array_equal(two["map@5_seed1"], one["map@5"])  # the first training is the single run's
+    assert not np.array_equal(two["map@5_seed2"], two["map@5_seed1"])  # another seed, another model
+    np.testing.assert_allclose(two["map@5"], (two["map@5_seed1"] + two["map@5_seed2"]) / 2)
+    metrics = results[2].metrics
+    assert [s["seed"] for s in metrics["seeds"]] == [0, 1]
+    assert metrics["seeds"][0]["test"]["map@5"] == results[1].metrics["test"]["map@5"]
+    assert metrics["test"]["map@5"] == pytest.approx(np.mean([s["test"]["map@5"] for s in metrics["seeds"]]))
+    validation = pd.read_parquet(results[2].folder / "validation_lists.parquet")
+    assert metrics["validation"]["map@5"] == pytest.approx(validation["map@5"].mean())
+    # the report's per-seed differences: seed k of one arm against seed k of the other
+    shifted = two.assign(**{"map@5_seed2": two["map@5_seed2"] + 0.1})
+    assert per_seed_differences(shifted, two, "map@5")["per_seed"] == pytest.approx([0.0, 0.1])
+    assert per_seed_differences(one, two, "map@5") == {}
+    with pytest.raises(InputError, match="recommend.seeds must be >= 1, got 0"):
+        RecommendConfig(seeds=0)

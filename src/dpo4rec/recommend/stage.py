@@ -13,7 +13,8 @@ train user's last lists (the reward is then computed on those),
   without knowledge per split, timings;
 * ``test_lists.parquet`` / ``validation_lists.parquet``: per test (validation)
   list, user_index and every metric (for paired bootstrap intervals over users
-  in the report);
+  in the report); with ``recommend.seeds = k`` > 1 the mean over the k
+  trainings, and MAP@5 / NDCG@5 of each (``map@5_seed1``, ...);
 * ``manifest.json``.
 """
 
@@ -113,10 +114,13 @@ def run_recommend_stage(config: RecommendConfig, run_dir: str | Path, round_inde
         if on_best_texts:
             users, vectors, best_text = best_text_vectors(emb, users, vectors, read_parquet(rewards_path), frames["users.parquet"])
         knowledge = user_knowledge(len(frames["users.parquet"]), users, vectors, str(embeddings_dir))
-        model = build_recommender(config, frames["items.parquet"], lists, emb.dim, (emb.item_index, emb.item_vectors), emb.encoder)
+        build = lambda seeded: build_recommender(seeded, frames["items.parquet"], lists, emb.dim,  # noqa: E731
+                                                 (emb.item_index, emb.item_vectors), emb.encoder)
     else:
-        model = build_recommender(config, frames["items.parquet"], lists)
-    metrics = fit_and_evaluate(model, lists, knowledge, config, frames, progress)
+        build = lambda seeded: build_recommender(seeded, frames["items.parquet"], lists)  # noqa: E731
+    if reward_holdout > 0:
+        config = replace(config, seeds=1)  # the reward reads one model's scores: more trainings would not change them
+    model, metrics = fit_and_evaluate(build, lists, knowledge, config, frames, progress)
     if on_best_texts:
         metrics["best_text"] = best_text
     with StageFolder(folder, manifest) as tmp:
@@ -128,23 +132,32 @@ def run_recommend_stage(config: RecommendConfig, run_dir: str | Path, round_inde
     return RecommendStageResult(folder, metrics, reused=False)
 
 
-def fit_and_evaluate(model, lists, knowledge, config: RecommendConfig, frames: dict, progress: bool = True) -> dict:
-    """Train, then measure on test lists beside the baselines (the dict keys starting with _ are tables)."""
+def fit_and_evaluate(build, lists, knowledge, config: RecommendConfig, frames: dict, progress: bool = True):
+    """Train ``config.seeds`` models (``build(config)`` makes a fresh one), then measure on test lists beside the
+    baselines. Returns the first seed's model and the metrics (the dict keys starting with _ are tables)."""
     missing = missing_knowledge(lists, knowledge) if knowledge is not None else None
     if missing is not None:
         if missing["train"] == len(np.unique(lists.of_split("train").user_index.numpy())):
             raise InputError("the knowledge vectors cover no train user: were they made for another data run?")
         if any(missing.values()):
             log.warning("users without knowledge (they get the learned unknown vector): %s", missing)
-    result = train_recommender(model, lists, knowledge, config, progress)
-    test = lists.of_split("test")
-    per_list = evaluate(model, test, knowledge, config)
+    test, validation = lists.of_split("test"), lists.of_split("validation")
+    models, results, per_seed = [], [], {"test": [], "validation": []}
+    for offset in range(config.seeds):
+        seeded = replace(config, seed=config.seed + offset)
+        models.append(build(seeded))
+        results.append(train_recommender(models[-1], lists, knowledge, seeded, progress))
+        for split, split_lists in (("test", test), ("validation", validation)):
+            per_seed[split].append(evaluate(models[-1], split_lists, knowledge, config))
+    model, result = models[0], results[0]
+    tables = {split: _per_list_table(split_lists, per_seed[split]) for split, split_lists in (("test", test), ("validation", validation))}
     best = result.curve[result.best_epoch - 1]
     metrics = {
         "model": model.spec.backbone,
         "knowledge": config.knowledge,
-        "test": mean_metrics(per_list),
-        "validation": {k.removeprefix("validation_"): v for k, v in best.items() if k.startswith("validation_")},
+        "test": mean_metrics({m: tables["test"][m].to_numpy() for m in per_seed["test"][0]}),
+        "validation": ({k.removeprefix("validation_"): v for k, v in best.items() if k.startswith("validation_")} if config.seeds == 1
+                       else mean_metrics({m: tables["validation"][m].to_numpy() for m in per_seed["validation"][0]})),
         "baselines": baseline_metrics(test.items.numpy(), test.labels.numpy(), frames["interactions.parquet"], frames["users.parquet"], config.seed),
         "best_epoch": result.best_epoch,
         "epochs": len(result.curve),
@@ -153,10 +166,22 @@ def fit_and_evaluate(model, lists, knowledge, config: RecommendConfig, frames: d
         "lists": {split: int((lists.split == split).sum()) for split in ("train", "validation", "test")},
         "users_without_knowledge": missing,
     }
-    test_table = pd.DataFrame({"user_index": test.user_index.numpy(), **per_list})
-    validation = lists.of_split("validation")
-    validation_table = pd.DataFrame({"user_index": validation.user_index.numpy(), **evaluate(model, validation, knowledge, config)})
-    return {**metrics, "_curve": result.curve, "_test_lists": test_table, "_validation_lists": validation_table}
+    if config.seeds > 1:
+        metrics["seeds"] = [{"seed": config.seed + i, "best_epoch": r.best_epoch, "test": mean_metrics(t), "validation": mean_metrics(v)}
+                            for i, (r, t, v) in enumerate(zip(results, per_seed["test"], per_seed["validation"]))]
+    return model, {**metrics, "_curve": result.curve, "_test_lists": tables["test"], "_validation_lists": tables["validation"]}
+
+
+SEED_METRICS = ("map@5", "ndcg@5")  # kept per seed in the list tables (the report's per-seed differences)
+
+
+def _per_list_table(lists, per_seed: list[dict[str, np.ndarray]]) -> pd.DataFrame:
+    """user_index and each metric per list, averaged over the seeds' trainings; with several, also each seed's."""
+    table = {"user_index": lists.user_index.numpy()}
+    table.update({m: np.mean([seed[m] for seed in per_seed], axis=0) if len(per_seed) > 1 else per_seed[0][m] for m in per_seed[0]})
+    if len(per_seed) > 1:
+        table.update({f"{m}_seed{i + 1}": seed[m] for m in SEED_METRICS for i, seed in enumerate(per_seed)})
+    return pd.DataFrame(table)
 
 
 def best_text_vectors(emb, users: np.ndarray, vectors: np.ndarray, rewards: pd.DataFrame, users_table: pd.DataFrame):

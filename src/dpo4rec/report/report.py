@@ -66,6 +66,16 @@ def best_minus_greedy(best: Path, greedy: Path, seed: int = 0) -> list[dict]:
     return rows
 
 
+def per_seed_differences(a: pd.DataFrame, b: pd.DataFrame, metric: str) -> dict:
+    """``{"per_seed": [a - b with the k-th training of each]}`` when both arms were trained with recommend.seeds > 1."""
+    seeds = 1
+    while f"{metric}_seed{seeds}" in a.columns and f"{metric}_seed{seeds}" in b.columns:
+        seeds += 1
+    if seeds == 1:
+        return {}
+    return {"per_seed": [float(a[f"{metric}_seed{k}"].mean() - b[f"{metric}_seed{k}"].mean()) for k in range(1, seeds)]}
+
+
 def write_report(run_dir: str | Path, config: PipelineConfig) -> Path:
     """Write ``RUN/report/`` whole or not at all: built under a temporary name, then swapped in for the old one."""
     run_dir = Path(run_dir)
@@ -92,7 +102,7 @@ def _write_report(run_dir: Path, config: PipelineConfig, out: Path) -> None:
         for metric in METRICS:
             diff, ci = paired_bootstrap(lists[a]["user_index"].to_numpy(), lists[a][metric].to_numpy(), lists[b][metric].to_numpy(),
                                         seed=config.data.seed)
-            comparisons.append({"a": a, "b": b, "metric": metric, "diff": diff, "ci95": list(ci)})
+            comparisons.append({"a": a, "b": b, "metric": metric, "diff": diff, "ci95": list(ci), **per_seed_differences(lists[a], lists[b], metric)})
     rounds = _round_details(run_dir, config)
     metrics = {
         "alignment": alignment(run_dir, config, rounds),
@@ -261,15 +271,20 @@ def _markdown(metrics: dict, examples: list[dict], timings: dict) -> str:
     lines += ["## Test metrics (mean over lists)", "", "| arm | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     for arm, values in {**metrics["arms"], **{f"({k} ranking)": v for k, v in metrics["baselines"].items()}}.items():
         lines.append(f"| {arm} | " + " | ".join(f"{values[m]:.4f}" for m in METRICS) + " |")
-    lines += ["", "## Differences with 95% paired bootstrap intervals over test users", "",
-              "The intervals resample test users; each arm's recommender is trained once, so they leave out how much a "
-              "recommender moves with its training seed (on ML-1M with 2,000 users, ~0.002 MAP@5 standard deviation, and "
-              "differences of 0.005 that change sign with the seed: docs/results.md). Check small differences with "
-              "`python experiments/recommender_seeds.py RUN --out SCRATCH --ids`.", "",
-              "| a - b | metric | diff | 95% CI |", "|---|---|---|---|"]
+    seeds = metrics["config"]["recommend"].get("seeds", 1)
+    noise = ("The intervals resample test users; each arm's recommender is trained once, so they leave out how much a "
+             "recommender moves with its training seed (on ML-1M with 2,000 users, ~0.002 MAP@5 standard deviation, and "
+             "differences of 0.005 that change sign with the seed: docs/results.md). Check small differences with "
+             "`--set recommend.seeds=3` or `python experiments/recommender_seeds.py RUN --out SCRATCH --ids`." if seeds == 1 else
+             f"Each arm's per-list metrics are the mean of {seeds} trainings of its recommender (recommend.seeds); the intervals "
+             "resample test users around that mean. \"per seed\" gives the difference with each seed's pair of trainings: "
+             "one that changes sign across seeds is the recommender's training noise, whatever its interval.")
+    lines += ["", "## Differences with 95% paired bootstrap intervals over test users", "", noise, "",
+              "| a - b | metric | diff | 95% CI |" + (" per seed |" if seeds > 1 else ""), "|---|---|---|---|" + ("---|" if seeds > 1 else "")]
     for c in metrics["comparisons"]:
         if c["metric"] in ("map@5", "ndcg@5"):
-            lines.append(f"| {c['a']} - {c['b']} | {c['metric']} | {c['diff']:+.4f} | [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] |")
+            per_seed = f" {', '.join(f'{d:+.4f}' for d in c['per_seed'])} |" if "per_seed" in c else (" - |" if seeds > 1 else "")
+            lines.append(f"| {c['a']} - {c['b']} | {c['metric']} | {c['diff']:+.4f} | [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] |{per_seed}")
     lines += ["", "(all K in metrics.json)", "", "![metrics](metrics_by_arm.png)", ""]
     lines += ["## Rounds", "", "Train users' texts and pairs (lengths in tokens: DPO exploits length first).", "",
               "| round | mean tokens | ended at EOS | pairs | users tied | reward spread (best - worst) | chosen / rejected tokens "
