@@ -29,6 +29,7 @@ from dpo4rec.artifacts import read_parquet, round_dir
 from dpo4rec.recommend import model_name, run_recommend_stage
 from dpo4rec.report.bootstrap import paired_bootstrap
 from dpo4rec.run import load_run_config
+from scratch import link_from_run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,11 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         for t in rounds:
             scratch = args.out / f"seed_{seed}"
             here = round_dir(scratch, t)
-            here.mkdir(parents=True, exist_ok=True)
-            if not (scratch / "data").exists():
-                (scratch / "data").symlink_to((args.run / "data").resolve(), target_is_directory=True)
-            if not (here / "embeddings").exists():
-                (here / "embeddings").symlink_to((round_dir(args.run, t) / "embeddings").resolve(), target_is_directory=True)
+            link_from_run(args.run, scratch, "data", f"{here.name}/embeddings")
             recommend = replace(config.recommend, knowledge=True, train_text="greedy", seed=seed)
             run_recommend_stage(recommend, scratch, t, progress=False)
             tables[seed, t] = read_parquet(here / "recommender" / model_name(recommend) / "test_lists.parquet")

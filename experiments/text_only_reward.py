@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 import reward_probe
+from scratch import link_from_run
 from dpo4rec.artifacts import read_parquet, write_parquet
 from dpo4rec.encode import read_embeddings
 from dpo4rec.recommend import RewardScorer
@@ -65,10 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         centred = joined - joined.groupby(level=0).transform("mean")
         print(f"{split}: {len(sampled)} users; within-user correlation of text-only and the run's rewards "
               f"{centred['text_only'].corr(centred['run']):+.3f}")
-    for shared in ("prompts", "cache", "config.json"):  # what the probe reads besides the rewards
-        link = args.out / shared
-        if not link.exists():
-            link.symlink_to((args.run / shared).resolve())
+    link_from_run(args.run, args.out, "prompts", "cache", "config.json")  # what the probe reads besides the rewards
     print("\nreward probe on the text-only rewards:")
     return reward_probe.main([str(args.out), "--round", str(args.round), "--users", "50", "195", "--alpha", "1", "10"])
 

@@ -22,6 +22,7 @@ from dpo4rec.artifacts import round_dir
 from dpo4rec.recommend import model_name, run_recommend_stage
 from dpo4rec.report.report import best_minus_greedy
 from dpo4rec.run import load_run_config
+from scratch import link_from_run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,11 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = load_run_config(args.run)
     source, here = round_dir(args.run, args.round), round_dir(args.out, args.round)
-    here.mkdir(parents=True, exist_ok=True)
-    for link, target in ((args.out / "data", args.run / "data"), (here / "embeddings", source / "embeddings"),
-                         (here / "preferences", source / "preferences")):
-        if not link.exists():
-            link.symlink_to(target.resolve(), target_is_directory=True)
+    link_from_run(args.run, args.out, "data", f"{source.name}/embeddings", f"{source.name}/preferences")
     folders = {}
     for text in ("greedy", "best"):
         recommend = replace(config.recommend, knowledge=True, train_text=text)
