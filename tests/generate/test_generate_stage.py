@@ -128,3 +128,23 @@ def test_a_run_continues_with_another_number_of_generating_processes(tmp_path):
     check_run_config(replace(config, generate=replace(config.generate, processes=4)), tmp_path)  # accepted
     with pytest.raises(InputError, match="another config .*generate.n_samples"):
         check_run_config(replace(config, generate=replace(config.generate, n_samples=3)), tmp_path)
+
+
+def test_item_knowledge_resumes_batch_by_batch(tmp_path):
+    from dataclasses import replace
+
+    from dpo4rec.generate.stage import generate_item_knowledge
+
+    items = pd.DataFrame({"item_index": [5, 3, 9, 1, 7, 2],
+                          "text": [f"Describe the movie number {i} in one sentence." for i in (5, 3, 9, 1, 7, 2)]})
+    gen = replace(GEN, batch_rows=4, max_new_tokens=4)  # greedy only: 4 items a batch, 2 batches
+    whole = generate_item_knowledge(items, ModelConfig(), gen, tmp_path / "whole")
+    assert list(whole["item_index"]) == [1, 2, 3, 5, 7, 9] and (whole["n_tokens"] <= 4).all()
+    parts = tmp_path / "resumed"
+    first = generate_item_knowledge(items, ModelConfig(), gen, parts, stop_after_batches=1)
+    written = sorted(parts.glob("part-*.parquet"))
+    assert len(written) == 1 and 0 < len(first) < len(items)  # a crash after one batch keeps that batch
+    stamp = written[0].stat().st_mtime_ns
+    resumed = generate_item_knowledge(items, ModelConfig(), gen, parts)
+    pd.testing.assert_frame_equal(resumed, whole)
+    assert written[0].stat().st_mtime_ns == stamp  # not generated again

@@ -147,8 +147,9 @@ def run_generate_stage(
     summary = summarize(frame)
     item_prompts = prompt_dir / ITEM_PROMPTS
     if round_index == 0 and item_prompts.is_file():  # KAR's item knowledge: once, from the base LLM (DPO aligns only user texts)
-        items = generate_item_knowledge(read_parquet(item_prompts), model_cfg, gen)
+        items = generate_item_knowledge(read_parquet(item_prompts), model_cfg, gen, folder / "item_parts")
         write_parquet(folder / ITEM_KNOWLEDGE, items)
+        shutil.rmtree(folder / "item_parts")  # item_knowledge.parquet holds them all now
         summary["item_texts"] = len(items)
         summary["item_mean_tokens"] = float(items["n_tokens"].mean())
     write_parquet(folder / "knowledge.parquet", frame)
@@ -179,22 +180,39 @@ def _open_sampler(model_cfg: ModelConfig, gen: GenerateConfig, adapters=()):
     return tokenizer, make_sampler(gen.backend, model, eos, tokenizer.pad_token_id), dtype
 
 
-def generate_item_knowledge(item_prompts: pd.DataFrame, model_cfg: ModelConfig, gen: GenerateConfig) -> pd.DataFrame:
-    """One greedy factual text per item prompt: (item_index, text, n_tokens), by item."""
-    tokenizer, sampler, _ = _open_sampler(model_cfg, gen)
+def generate_item_knowledge(item_prompts: pd.DataFrame, model_cfg: ModelConfig, gen: GenerateConfig, parts: Path,
+                            stop_after_batches: int | None = None) -> pd.DataFrame:
+    """One greedy factual text per item prompt: (item_index, text, n_tokens), by item.
+
+    Each batch is written to ``parts/`` as it finishes (atomically), and batches found there are not
+    generated again: a crash loses at most the batch in flight (the batches depend only on the item
+    prompts and the config, which the stage's plan pins). ``stop_after_batches`` exists for tests of resume.
+    """
+    parts.mkdir(parents=True, exist_ok=True)
+    for stale in parts.glob(".*.tmp"):  # a batch being written when the process died
+        stale.unlink()
+    tokenizer = load_tokenizer(model_cfg.name)
     ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in item_prompts["text"]]
     settings = _settings(gen, sampled=False)
     batches = plan_batches([len(i) for i in ids], settings.rows_per_prompt, gen.batch_rows, gen.max_prefill_tokens)
-    rows = []
-    with tqdm(total=len(ids), unit="item", desc="item knowledge") as bar:
-        for number, batch in enumerate(batches):
-            completions = sampler.sample([ids[i] for i in batch], settings, batch_generator(gen.seed, number, sampler.device))
-            for i, per_item in zip(batch, completions):
-                tokens = per_item[0].token_ids  # the greedy text
-                rows.append({"item_index": int(item_prompts["item_index"].iloc[i]),
-                             "text": tokenizer.decode(tokens, skip_special_tokens=True).strip(), "n_tokens": len(tokens)})
-            bar.update(len(batch))
-    return pd.DataFrame(rows, columns=["item_index", "text", "n_tokens"]).sort_values("item_index").reset_index(drop=True)
+    part_of = [parts / f"part-{number:05d}.parquet" for number in range(len(batches))]
+    todo = [number for number, part in enumerate(part_of) if not part.is_file()][:stop_after_batches]
+    if todo:
+        _, sampler, _ = _open_sampler(model_cfg, gen)
+        with tqdm(total=sum(len(batches[n]) for n in todo), unit="item", desc="item knowledge") as bar:
+            for number in todo:
+                batch = batches[number]
+                completions = sampler.sample([ids[i] for i in batch], settings, batch_generator(gen.seed, number, sampler.device))
+                rows = []
+                for i, per_item in zip(batch, completions):
+                    tokens = per_item[0].token_ids  # the greedy text
+                    rows.append({"item_index": int(item_prompts["item_index"].iloc[i]),
+                                 "text": tokenizer.decode(tokens, skip_special_tokens=True).strip(), "n_tokens": len(tokens)})
+                write_parquet(part_of[number], pd.DataFrame(rows, columns=["item_index", "text", "n_tokens"]))
+                bar.update(len(batch))
+    done = [read_parquet(part) for part in part_of if part.is_file()]
+    frame = pd.concat(done) if done else pd.DataFrame(columns=["item_index", "text", "n_tokens"])
+    return frame.sort_values("item_index").reset_index(drop=True)
 
 
 def _generate_in_processes(run_dir, round_index, model_cfg, gen, adapters, count: int) -> None:
