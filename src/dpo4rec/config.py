@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, get_args, get_origin, get_type_hints
 
 from dpo4rec.errors import InputError
 
@@ -145,6 +145,8 @@ class GenerateConfig:
     """Processes that generate together, process i taking every K-th batch and writing its own part files: one
     per GPU (process i sees GPU i alone when the model is on CUDA), or CPU processes sharing the cores. Seeds
     are per batch, so the texts do not depend on it."""
+    SPREAD_ONLY: ClassVar[tuple[str, ...]] = ("processes",)
+    """Fields that only say how the work is spread: in neither the stage's manifest nor the run's config check."""
 
     def __post_init__(self) -> None:
         _check(self.n_samples >= 0, "generate.n_samples", ">= 0", self.n_samples)

@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from dpo4rec.artifacts import first_difference, read_json, write_json
-from dpo4rec.config import PipelineConfig, from_dict, to_dict
+from dpo4rec.config import GenerateConfig, PipelineConfig, from_dict, to_dict
 from dpo4rec.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ def _comparable(record):
     the number of generating processes (texts do not depend on it)."""
     if not isinstance(record, dict):
         return record
-    generate = {k: v for k, v in record.get("generate", {}).items() if k != "processes"}
+    generate = {k: v for k, v in record.get("generate", {}).items() if k not in GenerateConfig.SPREAD_ONLY}
     return {**record, "run": {**record.get("run", {}), "rounds": None}, "generate": generate}
 
 

@@ -109,8 +109,7 @@ def run_generate_stage(
         if not (adapter / "adapter_model.safetensors").is_file():
             raise InputError(f"adapter not found: {adapter} (no adapter_model.safetensors)")
         inputs[f"adapter_{number}"] = fingerprint_file(adapter / "adapter_model.safetensors")
-    how_many = ("processes",)  # how the work is spread: the texts do not depend on it
-    config = {"generate": {k: v for k, v in to_dict(gen).items() if k not in how_many},
+    config = {"generate": {k: v for k, v in to_dict(gen).items() if k not in GenerateConfig.SPREAD_ONLY},
               "model": {"name": model_cfg.name, "dtype": model_cfg.dtype}}
     manifest = make_manifest(STAGE, config, inputs)
     if (folder / MANIFEST).is_file() and existing_output(folder, manifest):
@@ -124,13 +123,13 @@ def run_generate_stage(
         old = read_json(folder / "plan.json")
         if old != plan:
             raise InputError(f"{folder} holds an unfinished generation with another config or inputs; remove it or use another --out")
-        for stale in parts.glob(".*.tmp") if shard is None else ():  # a batch being written when the process died
-            stale.unlink()
+        if shard is None:  # a shard's siblings may be writing their batches right now
+            remove_partial_writes(parts)
     else:
         parts.mkdir(parents=True, exist_ok=True)
         write_json(folder / "plan.json", plan)
 
-    todo = [i for i in range(len(plan["batches"])) if not (parts / f"part-{i:05d}.parquet").is_file()]
+    todo = [i for i in range(len(plan["batches"])) if not part_file(parts, i).is_file()]
     if shard is not None:
         _generate(prompts, plan["batches"], todo[shard[0]::shard[1]], parts, model_cfg, gen, adapters, None, shard)
         return GenerateResult(folder, {}, reused=False)
@@ -142,7 +141,7 @@ def run_generate_stage(
         if stop_after_batches is not None and len(todo) > stop_after_batches:
             return GenerateResult(folder, {}, reused=False)
 
-    frame = pd.concat([read_parquet(parts / f"part-{i:05d}.parquet") for i in range(len(plan["batches"]))])
+    frame = pd.concat([read_parquet(part_file(parts, i)) for i in range(len(plan["batches"]))])
     frame = frame.sort_values(["user_index", "sample"]).reset_index(drop=True)
     summary = summarize(frame)
     item_prompts = prompt_dir / ITEM_PROMPTS
@@ -157,6 +156,17 @@ def run_generate_stage(
     write_manifest(folder, manifest, exclude=("parts/",))  # last: marks the stage complete
     shutil.rmtree(parts)  # knowledge.parquet holds them all now
     return GenerateResult(folder, summary, reused=False)
+
+
+def part_file(parts: Path, number: int) -> Path:
+    """Where batch ``number`` of a plan is kept until the stage merges its batches."""
+    return parts / f"part-{number:05d}.parquet"
+
+
+def remove_partial_writes(parts: Path) -> None:
+    """Drop the temporary files of batches that were being written when a process died (files are written atomically)."""
+    for stale in parts.glob(".*.tmp"):
+        stale.unlink()
 
 
 def _open_sampler(model_cfg: ModelConfig, gen: GenerateConfig, adapters=()):
@@ -189,13 +199,12 @@ def generate_item_knowledge(item_prompts: pd.DataFrame, model_cfg: ModelConfig, 
     prompts and the config, which the stage's plan pins). ``stop_after_batches`` exists for tests of resume.
     """
     parts.mkdir(parents=True, exist_ok=True)
-    for stale in parts.glob(".*.tmp"):  # a batch being written when the process died
-        stale.unlink()
+    remove_partial_writes(parts)
     tokenizer = load_tokenizer(model_cfg.name)
     ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in item_prompts["text"]]
     settings = _settings(gen, sampled=False)
     batches = plan_batches([len(i) for i in ids], settings.rows_per_prompt, gen.batch_rows, gen.max_prefill_tokens)
-    part_of = [parts / f"part-{number:05d}.parquet" for number in range(len(batches))]
+    part_of = [part_file(parts, number) for number in range(len(batches))]
     todo = [number for number, part in enumerate(part_of) if not part.is_file()][:stop_after_batches]
     if todo:
         _, sampler, _ = _open_sampler(model_cfg, gen)
@@ -265,7 +274,7 @@ def _generate(prompts, batches, todo, parts, model_cfg, gen, adapters, stop_afte
                     rows.append({"user_index": user, "sample": sample, "text": text, "n_tokens": len(completion.token_ids),
                                  "finish_reason": completion.finish_reason, "empty": not text})
                     new_tokens += len(completion.token_ids)
-            write_parquet(parts / f"part-{number:05d}.parquet", pd.DataFrame(rows))
+            write_parquet(part_file(parts, number), pd.DataFrame(rows))
             bar.update(len(batch["users"]))
             bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - start):.0f}")
 

@@ -142,14 +142,16 @@ def fit_and_evaluate(build, lists, knowledge, config: RecommendConfig, frames: d
         if any(missing.values()):
             log.warning("users without knowledge (they get the learned unknown vector): %s", missing)
     test, validation = lists.of_split("test"), lists.of_split("validation")
-    models, results, per_seed = [], [], {"test": [], "validation": []}
+    model, results, per_seed = None, [], {"test": [], "validation": []}
     for offset in range(config.seeds):
         seeded = replace(config, seed=config.seed + offset)
-        models.append(build(seeded))
-        results.append(train_recommender(models[-1], lists, knowledge, seeded, progress))
+        trained = build(seeded)
+        results.append(train_recommender(trained, lists, knowledge, seeded, progress))
         for split, split_lists in (("test", test), ("validation", validation)):
-            per_seed[split].append(evaluate(models[-1], split_lists, knowledge, config))
-    model, result = models[0], results[0]
+            per_seed[split].append(evaluate(trained, split_lists, knowledge, config))
+        if model is None:  # the first seed's is the one saved; the others are only measured
+            model = trained
+    result = results[0]
     tables = {split: _per_list_table(split_lists, per_seed[split]) for split, split_lists in (("test", test), ("validation", validation))}
     best = result.curve[result.best_epoch - 1]
     metrics = {
