@@ -78,3 +78,21 @@ def test_plan_batches_caps_rows_and_prefill():
     batches = plan_batches(lengths, rows_per_prompt=3, max_rows=6, max_prefill_tokens=1000)
     assert batches == [[1, 3], [2, 4], [0]]  # longest first, 2 prompts x 3 rows each
     assert plan_batches(lengths, 1, 100, 90) == [[1], [3, 2], [4, 0]]
+
+
+def test_top_p_draws_follow_the_nucleus_distribution():
+    """The rejection sampler's draws match the sorted-nucleus distribution (renormalized), token by token."""
+    generator = batch_generator(2, 0)
+    logits = torch.randn(1, 2000, generator=torch.Generator().manual_seed(3)) * 3.0
+    probs = torch.softmax(logits[0], -1)
+    values, order = torch.sort(probs, descending=True, stable=True)
+    nucleus = order[(values.cumsum(0) - values) < 0.8]
+    target = torch.zeros_like(probs)
+    target[nucleus] = probs[nucleus] / probs[nucleus].sum()
+    draws = torch.cat([top_p_sample(logits.expand(4000, -1), 1.0, 0.8, generator) for _ in range(5)])
+    assert bool((target[draws] > 0).all())  # nothing from outside the nucleus
+    empirical = torch.bincount(draws, minlength=len(probs)).float() / len(draws)
+    assert 0.5 * float((empirical - target).abs().sum()) < 0.04, len(nucleus)  # sampling noise is ~0.015 here
+    # temperature applies before the nucleus: at 0.5 the head sharpens and the nucleus shrinks
+    cooled = top_p_sample(logits.expand(4000, -1), 0.5, 0.8, generator)
+    assert len(cooled.unique()) < len(draws.unique())

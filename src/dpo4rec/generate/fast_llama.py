@@ -220,20 +220,20 @@ class FastLlama:
             q = q.view(U, n, kvh, g, d)
             # shared prefix: all n*g query heads of a KV group meet the user's prefix once
             qp = q.permute(0, 2, 1, 3, 4).reshape(U, kvh, n * g, d)
-            s_pre = torch.matmul(qp, state.prefix_k[i].transpose(-1, -2)).float()  # (U, kvh, n*g, P)
+            s_pre = torch.matmul(qp, state.prefix_kt[i]).float()  # (U, kvh, n*g, P)
             s_pre.mul_(scale).add_(state.prefix_bias)  # -inf on padding
             # each row's own suffix; small, so it is moved into the prefix's layout
-            s_suf = torch.matmul(q, state.suffix_k[i][:, :, :, : t + 1].transpose(-1, -2)).float()  # (U, n, kvh, g, t+1)
-            s_suf = s_suf.mul_(scale).permute(0, 2, 1, 3, 4).reshape(U, kvh, n * g, t + 1)
+            s_suf = torch.matmul(q.to(state.suffix_k[i].dtype), state.suffix_k[i][:, :, :, : t + 1].transpose(-1, -2))
+            s_suf = s_suf.float().mul_(scale).permute(0, 2, 1, 3, 4).reshape(U, kvh, n * g, t + 1)  # (U, n, kvh, g, t+1) before
             # one softmax over [prefix, suffix] without concatenating them
             m = torch.maximum(s_pre.amax(-1, keepdim=True), s_suf.amax(-1, keepdim=True))
             s_pre.sub_(m).exp_()
             s_suf.sub_(m).exp_()
             inv = 1.0 / (s_pre.sum(-1, keepdim=True) + s_suf.sum(-1, keepdim=True))
             o_pre = torch.matmul(s_pre.mul_(inv).to(x.dtype), state.prefix_v[i])  # (U, kvh, n*g, d)
-            p_suf = s_suf.mul_(inv).to(x.dtype).view(U, kvh, n, g, t + 1).permute(0, 2, 1, 3, 4)
+            p_suf = s_suf.mul_(inv).to(state.suffix_v[i].dtype).view(U, kvh, n, g, t + 1).permute(0, 2, 1, 3, 4)
             o_suf = torch.matmul(p_suf, state.suffix_v[i][:, :, :, : t + 1])  # (U, n, kvh, g, d)
-            attn = (o_pre.view(U, kvh, n, g, d).permute(0, 2, 1, 3, 4) + o_suf).reshape(U * n, H * d)
+            attn = (o_suf + o_pre.view(U, kvh, n, g, d).permute(0, 2, 1, 3, 4)).to(x.dtype).reshape(U * n, H * d)
             x = self._mlp(x + _linear(attn, layer.o, layer.o_lora), layer)
         x = self._rms(x, self.final_norm)
         return F.linear(x, self.lm_head).view(U, n, -1)  # model dtype: sampling reads it as is
@@ -247,22 +247,29 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class DecodeState:
-    """Shared prefix caches per user and preallocated suffix caches per row."""
+    """Shared prefix caches per user and preallocated suffix caches per row.
+
+    Layouts chosen by measurement on a 2-core CPU (16 users x 10 rows, 611-token prefixes): the prefix
+    keys are kept transposed, (U, kvh, d, P), so the scores are a plain product (~1.8x faster than
+    multiplying by a transposed view); on CPUs the suffix caches are fp32 (the bf16 keys and values
+    stored exactly), because products over many tiny (3 x 64 x t) blocks run ~1.8x faster in fp32 there.
+    """
 
     def __init__(self, keys, values, lengths: torch.Tensor, n_rows: int, max_new_tokens: int):
         U, kvh, P, d = keys[0].shape
-        dtype = keys[0].dtype
-        self.prefix_k, self.prefix_v = keys, values
         device = keys[0].device
+        suffix_dtype = torch.float32 if device.type == "cpu" else keys[0].dtype
+        self.prefix_kt = [k.transpose(-1, -2).contiguous() for k in keys]  # (U, kvh, d, P)
+        self.prefix_v = values
         padding = torch.arange(P, device=device)[None, :] >= lengths[:, None]  # (U, P): right padding
         self.prefix_bias = torch.zeros(U, 1, 1, P, device=device).masked_fill_(padding[:, None, None, :], float("-inf"))
-        self.suffix_k = [torch.zeros(U, n_rows, kvh, max_new_tokens, d, dtype=dtype, device=device) for _ in keys]
-        self.suffix_v = [torch.zeros(U, n_rows, kvh, max_new_tokens, d, dtype=dtype, device=device) for _ in keys]
+        self.suffix_k = [torch.zeros(U, n_rows, kvh, max_new_tokens, d, dtype=suffix_dtype, device=device) for _ in keys]
+        self.suffix_v = [torch.zeros(U, n_rows, kvh, max_new_tokens, d, dtype=suffix_dtype, device=device) for _ in keys]
         self.step = 0
 
     def keep(self, users: torch.Tensor) -> None:
         """Drop every user not in ``users`` (indices), from every tensor."""
-        self.prefix_k = [k.index_select(0, users) for k in self.prefix_k]
+        self.prefix_kt = [k.index_select(0, users) for k in self.prefix_kt]
         self.prefix_v = [v.index_select(0, users) for v in self.prefix_v]
         self.prefix_bias = self.prefix_bias.index_select(0, users)
         self.suffix_k = [k.index_select(0, users) for k in self.suffix_k]

@@ -23,9 +23,6 @@ import torch
 
 from dpo4rec.generate.fast_llama import DecodeState, FastLlama, supports
 
-TOP_K_STAGES = (64, 512, 4096)  # top-p looks at the top 64, 512, 4,096 logits, then sorts the whole row
-
-
 @dataclass
 class SamplerSettings:
     n_samples: int = 10
@@ -86,41 +83,53 @@ def pad(prompts: list[list[int]], pad_id: int, left: bool = True, device: str | 
 
 
 def top_p_sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    """One token per row of ``logits (R, V)`` by nucleus sampling, exact, mostly without a full sort.
+    """One token per row of ``logits (R, V)`` by nucleus sampling, exact, without sorting the vocabulary.
 
-    Each row is tried on its top 64 logits, then 512, then 4,096, and sorted in
-    full only if the nucleus reaches past those: at temperature 1 a 135M
-    model's next-token distribution is often flat enough that 64 do not hold
-    90% of the mass, and a full sort of 49k logits per row costs more than
-    the decode step itself. Works on the logits' own dtype (bf16 halves the
-    memory traffic); candidate probabilities are fp32.
+    The nucleus is the head of the row sorted by probability (ties in index
+    order) whose preceding mass is below ``top_p``. Rather than sorting 49k
+    logits per row (or taking ever larger top-k's, which a 135M model's flat
+    distributions at temperature 1 often need), each row draws a token from
+    the full distribution by its cumulative sum and keeps it if the mass
+    ranked above it is below ``top_p``, else draws again: a rejection sampler
+    of the full distribution conditioned on the nucleus, which is the nucleus
+    distribution. A draw is kept with probability >= ``top_p``, so rows need
+    ~1.1 draws at 0.9. Probabilities are fp32 whatever the logits' dtype.
     """
-    scaled = logits if temperature == 1.0 else logits / temperature
-    log_norm = torch.logsumexp(scaled, dim=-1, keepdim=True).float()  # (R, 1)
-    tokens = torch.empty(scaled.shape[0], dtype=torch.long, device=scaled.device)
-    rows = torch.arange(scaled.shape[0], device=scaled.device)
-    for k in (*TOP_K_STAGES, scaled.shape[-1]):
-        part = scaled if len(rows) == scaled.shape[0] else scaled[rows]
-        if k >= scaled.shape[-1]:
-            values, index = part.float().sort(dim=-1, descending=True)
-        else:
-            values, index = part.topk(k, dim=-1)
-        probs = torch.exp(values.float() - log_norm[rows])
-        done = probs.sum(-1) >= top_p if k < scaled.shape[-1] else torch.ones(len(rows), dtype=torch.bool, device=rows.device)
-        if done.any():
-            tokens[rows[done]] = _nucleus(probs[done], index[done], top_p, generator)
-        rows = rows[~done]
-        if len(rows) == 0:
-            break
+    scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
+    probs = torch.softmax(scaled, dim=-1)  # (R, V)
+    tokens = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    rows = torch.arange(probs.shape[0], device=probs.device)
+    while len(rows):
+        part = probs if len(rows) == probs.shape[0] else probs[rows]
+        cdf = part.cumsum(-1)
+        u = (1.0 - torch.rand(len(rows), 1, generator=generator, device=probs.device, dtype=cdf.dtype)) * cdf[:, -1:]  # in (0, total]
+        pick = torch.searchsorted(cdf, u).clamp_(max=part.shape[1] - 1)  # (rows, 1)
+        kept = _in_nucleus(part, pick, top_p)
+        tokens[rows[kept]] = pick[kept, 0]
+        rows = rows[~kept]
     return tokens
 
 
-def _nucleus(probs: torch.Tensor, index: torch.Tensor, top_p: float, generator) -> torch.Tensor:
-    """Sample from the smallest head of descending ``probs`` whose mass reaches ``top_p``."""
-    before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each token
-    kept = torch.where(before < top_p, probs, torch.zeros_like(probs))
-    choice = torch.multinomial(kept, 1, generator=generator)
-    return index.gather(-1, choice).squeeze(-1)
+def _in_nucleus(probs: torch.Tensor, pick: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Whether each row's token ``pick (rows, 1)`` lies in the row's nucleus (mass ranked above it < top_p).
+
+    One pass decides almost every row: if the mass at or above the token's probability, less its own, is
+    below top_p, the token is in whatever the order among ties. Only the rows left over (tokens at or
+    near the nucleus' edge, or outside it) need the strict mass above, and those that tie with the edge
+    the index order of the ties.
+    """
+    if top_p >= 1.0:
+        return torch.ones(len(probs), dtype=torch.bool, device=probs.device)
+    p = probs.gather(1, pick)  # (rows, 1)
+    at_or_above = torch.where(probs >= p, probs, 0.0).sum(-1) - p[:, 0]
+    kept = at_or_above < top_p
+    unsure = (~kept).nonzero(as_tuple=True)[0]
+    if len(unsure):
+        part, p_u, pick_u = probs[unsure], p[unsure], pick[unsure]
+        index = torch.arange(part.shape[1], device=part.device)
+        before = (part > p_u) | ((part == p_u) & (index < pick_u))
+        kept[unsure] = torch.where(before, part, 0.0).sum(-1) < top_p
+    return kept
 
 
 def _pick(logits: torch.Tensor, settings: SamplerSettings, generator) -> torch.Tensor:
