@@ -17,8 +17,8 @@ reference log-probs, batch 4 x 2, one epoch):
 
 The limit (``roofline_s_per_pair``): the minimum FLOPs of a pair (reference
 forward, policy forward and backward, prompt once, LM head on answer tokens
-only) at the matrix-product rate measured here on the model's own shapes
-(benchmarks/roofline.py). Seconds are the trainer's (reference pass
+only) at the matrix-product rates measured here on the model's own shapes,
+layers and LM head apart (benchmarks/roofline.py). Seconds are the trainer's (reference pass
 included); model loading is left out of every row.
 """
 
@@ -38,7 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from roofline import FlopCounter, measured_rate  # noqa: E402
+from roofline import FlopCounter, add, measured_rates, seconds_at  # noqa: E402
 
 from dpo4rec.align import dpo  # noqa: E402
 from dpo4rec.align.heldout import completion_ids  # noqa: E402
@@ -80,13 +80,14 @@ def time_dpo(pairs: pd.DataFrame, align: AlignConfig, compact: bool) -> dict:
             "first_step_loss": first["loss"], "first_step_logps_chosen": first["logps/chosen"]}
 
 
-def pair_flops(pairs: pd.DataFrame, counter: FlopCounter, tokenizer) -> float:
-    """Mean minimum FLOPs per pair: reference forward + policy forward + policy backward (3 forwards), prompt once."""
-    total = 0.0
+def pair_flops(pairs: pd.DataFrame, counter: FlopCounter, tokenizer) -> dict[str, float]:
+    """Mean minimum FLOPs per pair, by kind: reference forward + policy forward + policy backward (3 forwards), prompt once."""
+    total: dict[str, float] = {}
     for prompt, chosen, rejected in pairs[["prompt", "chosen", "rejected"]].itertuples(index=False):
         prompt_ids, chosen_ids = completion_ids(tokenizer, prompt, chosen)
-        total += 3 * counter.prompt_and_answers(len(prompt_ids), [len(chosen_ids), len(completion_ids(tokenizer, prompt, rejected)[1])])
-    return total / len(pairs)
+        one = counter.prompt_and_answers(len(prompt_ids), [len(chosen_ids), len(completion_ids(tokenizer, prompt, rejected)[1])])
+        total = add(total, one, times=3.0 / len(pairs))
+    return total
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer("smollm2-135m")
     dtype = parse_dtype("auto", "cpu")
     model = load_model("smollm2-135m", dtype=dtype)
-    rate = measured_rate(model, dtype)
-    roofline = pair_flops(pairs, FlopCounter(model), tokenizer) / rate
+    rates = measured_rates(model, dtype)
+    roofline = seconds_at(pair_flops(pairs, FlopCounter(model), tokenizer), rates)
     del model
 
     base = AlignConfig(learning_rate=5e-4)
@@ -115,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                "ours": (base, True)}
     rows = {name: time_dpo(pairs, align, compact) for name, (align, compact) in methods.items() if name not in args.skip}
     threads = torch.get_num_threads()
-    print(f"\nDPO on {len(pairs)} real pairs, {dtype}, {threads} threads; matrix products here: {rate / 1e12:.2f} TFLOP/s; "
+    print(f"\nDPO on {len(pairs)} real pairs, {dtype}, {threads} threads; matrix products here: {rates['layers'] / 1e12:.2f} TFLOP/s "
+          f"on the layers' shapes, {rates['head'] / 1e12:.2f} on the LM head's; "
           f"limit {roofline:.2f} s per pair\n")
     print("| method | s per pair (trainer) | ours is | share of the limit | first-step loss |\n|---|---|---|---|---|")
     ours = rows.get("ours", {}).get("s_per_pair")
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {row['s_per_pair']:.2f} | {speedup} | {roofline / row['s_per_pair']:.0%} | {row['first_step_loss']:.4f} |")
     if args.json:
         payload = {"s_per_pair": {k: r["s_per_pair"] for k, r in rows.items()}, "roofline_s_per_pair": roofline,
-                   "matmul_flops_per_s": rate, "rows": rows, "pairs": len(pairs),
+                   "matmul_flops_per_s": rates, "rows": rows, "pairs": len(pairs),
                    "ratios": {f"ours_vs_{k}": r["s_per_pair"] / ours for k, r in rows.items() if ours and k != "ours"},
                    "settings": {"dtype": str(dtype), "threads": threads, "align": dataclasses.asdict(base)},
                    "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),

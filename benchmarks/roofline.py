@@ -6,7 +6,9 @@ in the same process: the FLOPs the work needs at minimum divided by the rate
 measured here. The minimum counts every linear layer for each token that must
 pass through it, the LM head only where a log-prob or a next token is needed,
 and attention from the real lengths; elementwise work, norms and the optimizer
-count as free, so the limit is optimistic.
+count as free, so the limit is optimistic. The decoder layers' products and the
+LM head's are timed apart (their rates differ by ~2x on a CPU) and the limit is
+the sum of each kind's FLOPs at its own rate.
 """
 
 from __future__ import annotations
@@ -25,17 +27,14 @@ def layer_shapes(model) -> list[tuple[int, int]]:
     return shapes
 
 
-def measured_rate(model, dtype: torch.dtype, rows: int = 512, seconds: float = 2.0) -> float:
-    """Matrix-product FLOP/s on the model's distinct linear shapes (and its LM head), ``rows`` tokens at a time."""
-    head = model.get_output_embeddings().weight
-    device = head.device
+def _rate(operands: list[tuple[torch.Tensor, torch.Tensor]], seconds: float) -> float:
+    """Best FLOP/s of three timed passes over ``operands`` (x, w): other work on the machine only lowers a rate."""
+    device = operands[0][0].device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # GPU products run asynchronously
-    shapes = sorted(set(layer_shapes(model))) + [(head.shape[1], head.shape[0])]
-    operands = [(torch.randn(rows, k, dtype=dtype, device=device), torch.randn(n, k, dtype=dtype, device=device)) for k, n in shapes]
     for x, w in operands:  # warm up
         x @ w.T
     best = 0.0
-    for _ in range(3):  # the best of three passes: other work on the machine only ever lowers the rate
+    for _ in range(3):
         flops = 0.0
         sync()
         start = time.perf_counter()
@@ -49,8 +48,25 @@ def measured_rate(model, dtype: torch.dtype, rows: int = 512, seconds: float = 2
     return best
 
 
+def measured_rates(model, dtype: torch.dtype, rows: int = 512, seconds: float = 2.0) -> dict[str, float]:
+    """Matrix-product FLOP/s, ``rows`` tokens at a time, on the decoder layers' linear shapes (each once, as a
+    token passes them: the mix the work has) and on the LM head apart: the head's one wide product runs at a
+    rate of its own (on a 2-core CPU, under half the layers'), and a token needs it only where a next token or
+    a log-prob is read, so one averaged rate would misstate the limit of work that is mostly layers."""
+    head = model.get_output_embeddings().weight
+    device = head.device
+
+    def operands(shapes):
+        return [(torch.randn(rows, k, dtype=dtype, device=device), torch.randn(n, k, dtype=dtype, device=device)) for k, n in shapes]
+
+    shapes = layer_shapes(model)
+    one_layer = shapes[: len(shapes) // model.config.num_hidden_layers]
+    return {"layers": _rate(operands(one_layer), seconds), "head": _rate(operands([(head.shape[1], head.shape[0])]), seconds)}
+
+
 class FlopCounter:
-    """Minimum forward FLOPs of a decoder-only model, from its config."""
+    """Minimum forward FLOPs of a decoder-only model, from its config, by kind of product: the decoder layers'
+    linear maps and attention (timed at the layers' rate) and the LM head (at its own)."""
 
     def __init__(self, model):
         config = model.config
@@ -65,9 +81,18 @@ class FlopCounter:
         keys = queries * context_before + queries * (queries + 1) / 2
         return 4.0 * self.attention_width * keys * self.layers
 
-    def prompt_and_answers(self, prompt: int, answers: list[int]) -> float:
+    def prompt_and_answers(self, prompt: int, answers: list[int]) -> dict[str, float]:
         """One prompt evaluated once, each answer against it, the LM head on the answers' tokens only."""
-        total = prompt * self.linear_per_token + self.attention(prompt, 0)
+        layers = prompt * self.linear_per_token + self.attention(prompt, 0)
         for n in answers:
-            total += n * (self.linear_per_token + self.head_per_token) + self.attention(n, prompt)
-        return total
+            layers += n * self.linear_per_token + self.attention(n, prompt)
+        return {"layers": layers, "head": sum(answers) * self.head_per_token}
+
+
+def seconds_at(flops: dict[str, float], rates: dict[str, float]) -> float:
+    """The time ``flops`` (by kind) take at the measured ``rates``: the limit."""
+    return sum(flops[kind] / rates[kind] for kind in flops)
+
+
+def add(a: dict[str, float], b: dict[str, float], times: float = 1.0) -> dict[str, float]:
+    return {kind: a.get(kind, 0.0) + times * b[kind] for kind in b}

@@ -30,7 +30,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from roofline import FlopCounter, measured_rate  # noqa: E402
+from roofline import FlopCounter, add, measured_rates, seconds_at  # noqa: E402
 
 from dpo4rec.config import DataConfig, ModelConfig, PromptConfig  # noqa: E402
 from dpo4rec.data.stage import run_data_stage  # noqa: E402
@@ -94,17 +94,21 @@ def run_llama_cpp(tokenizer, prompts, settings) -> tuple[int, float] | None:
 
 
 def roofline_tokens_per_s(model, dtype, prompts, n_samples: int, ours: tuple[int, float] | None) -> dict | None:
-    """New tokens per second at this machine's matrix-product rate, for the work ours did (benchmarks/roofline.py).
+    """New tokens per second at this machine's matrix-product rates, for the work ours did (benchmarks/roofline.py).
 
     Each prompt runs once; each of its N answers passes through every linear layer and the LM head once
     per new token, attending to the prompt and itself (answer lengths: ours' mean).
     """
     if not ours:
         return None
-    counter, rate = FlopCounter(model), measured_rate(model, dtype)
+    counter, rates = FlopCounter(model), measured_rates(model, dtype)
     mean_answer = ours[0] / (len(prompts) * n_samples)
-    flops = sum(counter.prompt_and_answers(len(p), [mean_answer] * n_samples) for p in prompts)
-    return {"tokens_per_s": rate * ours[0] / flops, "matmul_flops_per_s": rate, "flops_per_new_token": flops / ours[0]}
+    flops: dict[str, float] = {}
+    for p in prompts:
+        flops = add(flops, counter.prompt_and_answers(len(p), [mean_answer] * n_samples))
+    total = sum(flops.values())
+    return {"tokens_per_s": ours[0] / seconds_at(flops, rates), "matmul_flops_per_s": rates,
+            "flops_per_new_token": total / ours[0], "head_share_of_flops": flops["head"] / total}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         ratio = f"{ours / rate[name]:.1f}x" if ours and name != "ours" else ""
         print(f"{name:<12}{tokens:>12,}{seconds:>10.1f}{rate[name]:>10.1f}{ratio:>10}")
     if roofline:
-        print(f"\nlimit here: {roofline['tokens_per_s']:.0f} tokens/s ({roofline['matmul_flops_per_s'] / 1e12:.2f} TFLOP/s on the model's "
-              f"shapes, {roofline['flops_per_new_token'] / 1e9:.2f} GFLOP per new token); ours is at {ours / roofline['tokens_per_s']:.0%} of it")
+        rates = roofline["matmul_flops_per_s"]
+        print(f"\nlimit here: {roofline['tokens_per_s']:.0f} tokens/s (matrix products at {rates['layers'] / 1e12:.2f} TFLOP/s on the "
+              f"layers' shapes, {rates['head'] / 1e12:.2f} on the LM head's; {roofline['flops_per_new_token'] / 1e9:.2f} GFLOP per new "
+              f"token); ours is at {ours / roofline['tokens_per_s']:.0%} of it")
     if args.json:
         payload = {
             "tokens_per_s": rate,
