@@ -8,6 +8,8 @@
 # $OUT/gpu-check.tar.gz (one file: the device tool brings back only a few files from $OUT).
 #   bash benchmarks/gpu_check.sh            (OUT defaults to /tmp/gpu-check; the device tool sets $OUT)
 #   DEVICE=cpu PROMPTS=4 SLICE_USERS=30 bash benchmarks/gpu_check.sh      (tries the script on a CPU machine)
+#   STEPS="sampling sampling-large" bash benchmarks/gpu_check.sh          (only those steps: tiny-auto, sampling,
+#                                                                          paper-slice-N, tiny-hf, sampling-large)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 FINAL=${OUT:-/tmp/gpu-check}
@@ -40,8 +42,11 @@ PY
 python benchmarks/gpu_weights.py .gpu-carry "$WORK/models" > "$OUT/weights.log" 2>&1 || say "weights failed: $(tail -1 "$OUT/weights.log")"
 SETS=(--set model.device="\"$DEVICE\"" --set model.name="\"$WORK/models/llm\"" --set encode.encoder="\"$WORK/models/encoder\"")
 
+chosen() { [[ " ${STEPS:-all} " == *" all "* || " ${STEPS:-} " == *" $1 "* ]]; }   # STEPS="sampling paper-slice-600" runs those alone
+
 pipeline() {  # name, seconds wanted, dpo4rec run arguments...
     local name=$1 wanted=$2; shift 2
+    chosen "$name" || return 0
     out_of_time "$name" && return
     local start=$SECONDS
     timeout "$(left "$wanted")" python -m dpo4rec run --out "$WORK/$name" "${SETS[@]}" "$@" > "$OUT/$name.log" 2>&1
@@ -53,6 +58,7 @@ pipeline() {  # name, seconds wanted, dpo4rec run arguments...
 
 sampling() {  # name, seconds wanted, prompts, benchmarks/sampling.py arguments...
     local name=$1 wanted=$2 prompts=$3; shift 3
+    chosen "$name" || return 0
     out_of_time "$name" && return
     local start=$SECONDS rows=$(( prompts * 11 ))
     timeout "$(left "$wanted")" python benchmarks/sampling.py --device "$DEVICE" --model "$WORK/models/llm" --prompts "$prompts" \

@@ -48,20 +48,23 @@ def _rate(operands: list[tuple[torch.Tensor, torch.Tensor]], seconds: float) -> 
     return best
 
 
-def measured_rates(model, dtype: torch.dtype, rows: int = 512, seconds: float = 2.0) -> dict[str, float]:
-    """Matrix-product FLOP/s, ``rows`` tokens at a time, on the decoder layers' linear shapes (each once, as a
-    token passes them: the mix the work has) and on the LM head apart: the head's one wide product runs at a
-    rate of its own (on a 2-core CPU, under half the layers'), and a token needs it only where a next token or
-    a log-prob is read, so one averaged rate would misstate the limit of work that is mostly layers."""
+def measured_rates(model, dtype: torch.dtype, row_counts: tuple[int, ...] = (512, 4096), seconds: float = 2.0) -> dict[str, float]:
+    """Matrix-product FLOP/s on the decoder layers' linear shapes (each once, as a token passes them: the mix the
+    work has) and on the LM head apart: the head's one wide product runs at a rate of its own (on a 2-core CPU,
+    up to 2x below the layers'), and a token needs it only where a next token or a log-prob is read, so one
+    averaged rate would misstate the limit of work that is mostly layers. Each kind's best over ``row_counts``
+    tokens at a time: a GPU needs thousands of rows before launches stop bounding the layers' small products."""
     head = model.get_output_embeddings().weight
     device = head.device
-
-    def operands(shapes):
-        return [(torch.randn(rows, k, dtype=dtype, device=device), torch.randn(n, k, dtype=dtype, device=device)) for k, n in shapes]
-
     shapes = layer_shapes(model)
-    one_layer = shapes[: len(shapes) // model.config.num_hidden_layers]
-    return {"layers": _rate(operands(one_layer), seconds), "head": _rate(operands([(head.shape[1], head.shape[0])]), seconds)}
+    kinds = {"layers": shapes[: len(shapes) // model.config.num_hidden_layers], "head": [(head.shape[1], head.shape[0])]}
+    rates = {kind: 0.0 for kind in kinds}
+    for rows in row_counts:
+        for kind, kind_shapes in kinds.items():
+            operands = [(torch.randn(rows, k, dtype=dtype, device=device), torch.randn(n, k, dtype=dtype, device=device))
+                        for k, n in kind_shapes]
+            rates[kind] = max(rates[kind], _rate(operands, seconds))
+    return rates
 
 
 class FlopCounter:
@@ -87,6 +90,12 @@ class FlopCounter:
         for n in answers:
             layers += n * self.linear_per_token + self.attention(n, prompt)
         return {"layers": layers, "head": sum(answers) * self.head_per_token}
+
+
+def best_rates(*measurements: dict[str, float]) -> dict[str, float]:
+    """Each kind's best rate over measurements taken at different times of a run (before and after the timed
+    work): a shared machine's rate drifts by up to 2x over minutes, and the limit is what it can do at best."""
+    return {kind: max(m[kind] for m in measurements) for kind in measurements[0]}
 
 
 def seconds_at(flops: dict[str, float], rates: dict[str, float]) -> float:

@@ -6,9 +6,8 @@ every sample, so each decoding step reads N copies of the same prefix. Here
 each user's prompt is prefilled once (by the Hugging Face model itself), and
 the decode step attends to that one shared prefix from all of the user's N
 rows, plus each row's own short suffix cache, which is preallocated so that
-nothing grows by concatenation. Top-p sampling looks at the top-k logits
-first and sorts the whole vocabulary only for rows whose top-k mass falls
-short of p, so it stays exact.
+nothing grows by concatenation. (Top-p sampling, exact and without sorting
+the vocabulary, is in sampler.py.)
 
 Layout: a batch holds U users with n rows each (``(U, n)``); rows that hit EOS
 keep their slot until their whole user is done, then finished users are
