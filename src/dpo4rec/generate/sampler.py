@@ -23,6 +23,7 @@ import torch
 
 from dpo4rec.generate.fast_llama import DecodeState, FastLlama, supports
 
+
 @dataclass
 class SamplerSettings:
     n_samples: int = 10
