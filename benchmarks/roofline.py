@@ -7,7 +7,7 @@ measured here. The minimum counts every linear layer for each token that must
 pass through it, the LM head only where a log-prob or a next token is needed,
 and attention from the real lengths; elementwise work, norms and the optimizer
 count as free, so the limit is optimistic. The decoder layers' products and the
-LM head's are timed apart (their rates differ by ~2x on a CPU) and the limit is
+LM head's are timed apart (on a 2-core CPU their rates differed by up to 2x, either way) and the limit is
 the sum of each kind's FLOPs at its own rate.
 """
 
@@ -51,7 +51,7 @@ def _rate(operands: list[tuple[torch.Tensor, torch.Tensor]], seconds: float) -> 
 def measured_rates(model, dtype: torch.dtype, row_counts: tuple[int, ...] = (512, 4096), seconds: float = 2.0) -> dict[str, float]:
     """Matrix-product FLOP/s on the decoder layers' linear shapes (each once, as a token passes them: the mix the
     work has) and on the LM head apart: the head's one wide product runs at a rate of its own (on a 2-core CPU,
-    up to 2x below the layers'), and a token needs it only where a next token or a log-prob is read, so one
+    up to 2x off the layers'), and a token needs it only where a next token or a log-prob is read, so one
     averaged rate would misstate the limit of work that is mostly layers. Each kind's best over ``row_counts``
     tokens at a time: a GPU needs thousands of rows before launches stop bounding the layers' small products."""
     head = model.get_output_embeddings().weight
