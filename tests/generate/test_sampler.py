@@ -96,3 +96,50 @@ def test_top_p_draws_follow_the_nucleus_distribution():
     # temperature applies before the nucleus: at 0.5 the head sharpens and the nucleus shrinks
     cooled = top_p_sample(logits.expand(4000, -1), 0.5, 0.8, generator)
     assert len(cooled.unique()) < len(draws.unique())
+
+
+def test_nucleus_membership_equals_the_sorted_definition_with_ties():
+    """The fast membership test (mass by ratio thresholds, exact path near the edge) decides every drawn token
+    as sorting would: bf16 logits tie often, and ties are ranked in index order."""
+    from dpo4rec.generate.sampler import _in_nucleus
+
+    gen = torch.Generator().manual_seed(5)
+    logits = (torch.randn(300, 3000, generator=gen) * 2.0).bfloat16().float()  # ~256 distinct values per octave
+    logits[:100, :40] = 10.0  # rows whose head is one big tie (~97% of the mass) that straddles the edge
+    weights = (logits - logits.amax(-1, keepdim=True)).exp()
+    total = weights.sum(-1, keepdim=True)
+    pick = torch.randint(0, 3000, (300, 1), generator=gen)
+    pick[:50] = torch.randint(0, 40, (50, 1), generator=gen)
+    got = _in_nucleus(weights, pick, 0.9, total, torch.empty_like(weights))
+    expected = []
+    for row in range(300):
+        order = sorted(range(3000), key=lambda j: (-float(weights[row, j]), j))
+        before = 0.0
+        for j in order:
+            if j == int(pick[row]):
+                break
+            before += float(weights[row, j])
+        expected.append(before < 0.9 * float(total[row]))
+    assert got.tolist() == expected
+    assert 20 < sum(expected) < 280  # both outcomes occur
+
+
+def test_fused_prefix_attention_equals_the_unfused(model_fp32, tokenizer, tiny_run):
+    """CPUs run the prefix part in PyTorch's fused kernel, joined to the suffix by log-sum-exp; GPUs run plain
+    products and one softmax. Over several steps (suffixes growing) both give the same logits."""
+    from dpo4rec.generate.fast_llama import DecodeState
+
+    prompts = _prompts(tiny_run, tokenizer, 3)
+    fast = FastLlama(model_fp32)
+    ids, mask = pad(prompts, tokenizer.pad_token_id, left=False)
+    lengths = mask.sum(-1)
+    keys, values, _ = fast.prefill(ids, lengths)
+    states = [DecodeState(keys, values, lengths, n_rows=2, max_new_tokens=5, fused=f) for f in (True, False)]
+    tokens = torch.tensor([[100, 200], [300, 400], [500, 600]])
+    for step in range(5):
+        outs = []
+        for state in states:
+            state.step = step
+            outs.append(fast.decode_step(tokens, (lengths + step)[:, None].expand(-1, 2), state))
+        assert torch.allclose(outs[0], outs[1], atol=1e-3), step
+        tokens = outs[0].argmax(-1)
