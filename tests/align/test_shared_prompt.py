@@ -117,11 +117,14 @@ def test_dpo_trainer_logs_the_same_losses(tmp_path):
                           "chosen": ["Musicals with warm endings, and classic westerns."] * 4,
                           "rejected": ["Movies. Many movies. They watched them all, one after another."] * 4})
     logs = []
-    for shared in (False, True):
-        align = AlignConfig(learning_rate=5e-3, batch_size=2, grad_accumulation=1, epochs=1, shared_prompt=shared)
-        logs.append(train_dpo(pairs, ModelConfig(dtype="fp32"), align, [], tmp_path / str(shared))["steps"])
-    assert len(logs[0]) == len(logs[1]) == 2
+    # TRL's layout; ours; ours with activation checkpointing (the segments' layout must reach the recomputed layers)
+    for shared, checkpointing in ((False, False), (True, False), (True, True)):
+        align = AlignConfig(learning_rate=5e-3, batch_size=2, grad_accumulation=1, epochs=1, shared_prompt=shared,
+                            gradient_checkpointing=checkpointing)
+        logs.append(train_dpo(pairs, ModelConfig(dtype="fp32"), align, [], tmp_path / f"{shared}-{checkpointing}")["steps"])
+    assert len(logs[0]) == len(logs[1]) == len(logs[2]) == 2
     assert logs[0][1]["loss"] < logs[0][0]["loss"]  # the second step sees the first step's update
-    for plain, shared in zip(*logs):
-        for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
-            assert shared[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-5), key
+    for plain, *ours in zip(*logs):
+        for shared in ours:
+            for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
+                assert shared[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-5), key
