@@ -132,8 +132,11 @@ class GenerateConfig:
     """auto (our shared-prefix sampler where the model allows, else hf), fast, hf or vllm."""
     batch_rows: int = 256
     """Sequences decoded together (users x (N + 1))."""
-    max_prefill_tokens: int = 16384
-    """Prompt tokens evaluated together (bounds memory)."""
+    max_prefill_tokens: int = 65536
+    """Prompt tokens of one batch (bounds the prompt caches' memory: ~23 KB a token for SmolLM2-135M in bf16)."""
+    prefill_chunk_tokens: int = 4096
+    """Prompt tokens per prefill call; a batch's prompts are evaluated in chunks of this size and decoded together.
+    Small chunks keep a CPU's activations in cache (4,096 measured ~30% faster than 18k on 2 cores); a GPU may want more."""
     sampled_train_users: int | None = None
     """Train users who get N samples (a seeded subset; None = all). Only they feed DPO pairs.
     Everyone gets the greedy text, which trains and evaluates the recommender. Cost: a
@@ -157,6 +160,7 @@ class GenerateConfig:
         _check(self.backend in ("auto", "fast", "hf", "vllm"), "generate.backend", "auto, fast, hf or vllm", self.backend)
         _check(self.batch_rows >= self.n_samples + 1, "generate.batch_rows", ">= n_samples + 1", self.batch_rows)
         _check(self.max_prefill_tokens >= 32, "generate.max_prefill_tokens", ">= 32", self.max_prefill_tokens)
+        _check(self.prefill_chunk_tokens >= 1, "generate.prefill_chunk_tokens", ">= 1", self.prefill_chunk_tokens)
         for name in ("sampled_train_users", "sampled_validation_users"):
             value = getattr(self, name)
             _check(value is None or value >= 0, f"generate.{name}", ">= 0 (or unset: all)", value)

@@ -143,3 +143,22 @@ def test_fused_prefix_attention_equals_the_unfused(model_fp32, tokenizer, tiny_r
             outs.append(fast.decode_step(tokens, (lengths + step)[:, None].expand(-1, 2), state))
         assert torch.allclose(outs[0], outs[1], atol=1e-3), step
         tokens = outs[0].argmax(-1)
+
+
+def test_prefill_in_chunks_gives_the_same_texts(model_fp32, tokenizer, tiny_run):
+    """A batch prefilled one user at a time (caches padded to the batch's width) samples what one prefill does."""
+    from dataclasses import replace
+
+    prompts = _prompts(tiny_run, tokenizer, 4)
+    prompts[1] = prompts[1][: len(prompts[1]) // 2]  # prompts of different lengths: chunks narrower than the batch
+    sampler = FastSampler(model_fp32, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    settings = SamplerSettings(n_samples=2, max_new_tokens=10, greedy=True)
+    whole = sampler.sample(prompts, settings, batch_generator(0, 0))
+    chunked = sampler.sample(prompts, replace(settings, prefill_chunk_tokens=1), batch_generator(0, 0))
+    assert [[c.token_ids for c in u] for u in chunked] == [[c.token_ids for c in u] for u in whole]
+    ids, mask = pad(prompts, tokenizer.pad_token_id, left=False)
+    k_whole, _, first_whole = sampler.fast.prefill(ids, mask.sum(-1))
+    k_chunked, _, first_chunked = sampler._prefill(prompts, ids, mask.sum(-1), chunk_tokens=1)
+    assert torch.allclose(first_chunked, first_whole, atol=1e-4)
+    length = len(prompts[1])
+    assert torch.allclose(k_chunked[0][1, :, :length], k_whole[0][1, :, :length], atol=1e-5)

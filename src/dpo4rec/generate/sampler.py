@@ -34,6 +34,8 @@ class SamplerSettings:
     greedy: bool = True
     """Also write one greedy answer per prompt (sample 0): test-time knowledge."""
     seed: int = 0
+    prefill_chunk_tokens: int = 4096
+    """Padded prompt tokens per prefill call (the fast sampler): the batch is decoded together all the same."""
 
     @property
     def rows_per_prompt(self) -> int:
@@ -240,7 +242,7 @@ class FastSampler:
         U, n, T = len(prompts), settings.rows_per_prompt, settings.max_new_tokens
         ids, mask = pad(prompts, self.pad_id, left=False, device=self.device)
         lengths = mask.sum(-1)  # (U,) real prompt lengths: the next position
-        keys, values, first_logits = self.fast.prefill(ids, lengths)
+        keys, values, first_logits = self._prefill(prompts, ids, lengths, settings.prefill_chunk_tokens)
         state = DecodeState(keys, values, lengths, n, T)
         out = torch.full((U, n, T), self.pad_id, dtype=torch.long, device=self.device)
         produced = torch.full((U, n), T, dtype=torch.long, device=self.device)  # tokens before EOS
@@ -273,6 +275,35 @@ class FastSampler:
             [Completion(out[u, r, : produced[u, r]].tolist(), "stop" if stopped[u, r] else "length") for r in range(n)]
             for u in range(U)
         ]
+
+
+    def _prefill(self, prompts: list[list[int]], ids: torch.Tensor, lengths: torch.Tensor, chunk_tokens: int):
+        """The batch's prompt caches and first logits, prefilled in chunks of consecutive users of at most
+        ``chunk_tokens`` padded tokens (at least one user each), written into caches as wide as the batch's
+        longest prompt (the columns past a prompt's length are masked in decoding)."""
+        chunks, start = [], 0
+        for end in range(1, len(prompts) + 1):
+            width = max(len(p) for p in prompts[start:end])
+            if end - start > 1 and (end - start) * width > chunk_tokens:
+                chunks.append((start, end - 1))
+                start = end - 1
+        chunks.append((start, len(prompts)))
+        if len(chunks) == 1:
+            return self.fast.prefill(ids, lengths)
+        keys = values = logits = None
+        for lo, hi in chunks:
+            width = max(len(p) for p in prompts[lo:hi])
+            k, v, first = self.fast.prefill(ids[lo:hi, :width], lengths[lo:hi])
+            if keys is None:
+                shape = (len(prompts), k[0].shape[1], ids.shape[1], k[0].shape[3])
+                keys = [torch.zeros(shape, dtype=k[0].dtype, device=self.device) for _ in k]
+                values = [torch.zeros(shape, dtype=v[0].dtype, device=self.device) for _ in v]
+                logits = torch.empty(len(prompts), first.shape[1], dtype=first.dtype, device=self.device)
+            for layer in range(len(k)):
+                keys[layer][lo:hi, :, :width] = k[layer]
+                values[layer][lo:hi, :, :width] = v[layer]
+            logits[lo:hi] = first
+        return keys, values, logits
 
 
 class HFSampler:

@@ -57,7 +57,7 @@ class GenerateResult:
 def _settings(gen: GenerateConfig, sampled: bool) -> SamplerSettings:
     return SamplerSettings(
         n_samples=gen.n_samples if sampled else 0, temperature=gen.temperature, top_p=gen.top_p,
-        max_new_tokens=gen.max_new_tokens, greedy=True, seed=gen.seed,
+        max_new_tokens=gen.max_new_tokens, greedy=True, seed=gen.seed, prefill_chunk_tokens=gen.prefill_chunk_tokens,
     )
 
 
