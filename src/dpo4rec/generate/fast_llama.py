@@ -230,7 +230,6 @@ class FastLlama:
         x = self._rms(x, self.final_norm)
         return F.linear(x, self.lm_head).view(U, n, -1)  # model dtype: sampling reads it as is
 
-
     def _attend(self, q, qp, i: int, state: "DecodeState", scale: float) -> torch.Tensor:
         """Attention over [prefix, own suffix] as plain products and one softmax. q: (U, n, kvh, g, d)."""
         U, n, kvh, g, d = q.shape
