@@ -129,6 +129,8 @@ AttentionInterface.register(PAIR_ATTENTION, pair_attention)
 
 def use_pair_attention(model) -> None:
     """Route the model's attention through ``pair_attention`` (which falls back to SDPA for plain calls)."""
+    while hasattr(model, "module"):  # DistributedDataParallel (align.processes > 1) wraps the PEFT model
+        model = model.module
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if base.config._attn_implementation != PAIR_ATTENTION:
         base.set_attn_implementation(PAIR_ATTENTION)
