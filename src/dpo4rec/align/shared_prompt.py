@@ -45,6 +45,7 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: to
     """
     pairs = input_ids.size(0) // 2
     rows, branches, positions, targets, source = [], [], [], [], [[], []]  # source: per pair, chosen and rejected
+    layout = []  # per row: (shared, chosen branch, rejected branch) lengths, for pair_attention
     for i in range(pairs):
         (prompt, chosen), (other_prompt, rejected) = (_split(input_ids[r], attention_mask[r], labels[r]) for r in (i, pairs + i))
         if not torch.equal(prompt, other_prompt):
@@ -57,6 +58,7 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: to
             pos += range(shared, shared + answer.numel() + 1)
             tgt += answer.tolist() + [-100]
         rows.append(torch.cat(parts))
+        layout.append((shared, chosen.numel() + 1, rejected.numel() + 1))
         branches.append(tags)
         positions.append(pos)
         targets.append(tgt)
@@ -79,14 +81,8 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: to
     visible = causal & ((key == SHARED) | (key == query)) & (query != PAD_BRANCH)
     visible |= torch.eye(width, dtype=torch.bool)  # padding attends to itself: no empty softmax rows (NaN)
     device = input_ids.device
-    layout = [_segments(tags) for tags in branches]
     return {"input_ids": packed.to(device), "attention_mask": visible[:, None].to(device), "position_ids": position.to(device),
             "shift_labels": shift_labels.to(device), "source": flat_source.to(device), "pair_layout": layout}
-
-
-def _segments(tags: list[int]) -> tuple[int, int, int]:
-    """(shared, chosen branch, rejected branch) lengths of one packed row."""
-    return tags.count(SHARED), tags.count(CHOSEN), tags.count(REJECTED)
 
 
 PAIR_ATTENTION = "dpo4rec_pairs"
