@@ -276,23 +276,21 @@ class FastSampler:
             for u in range(U)
         ]
 
-
     def _prefill(self, prompts: list[list[int]], ids: torch.Tensor, lengths: torch.Tensor, chunk_tokens: int):
         """The batch's prompt caches and first logits, prefilled in chunks of consecutive users of at most
         ``chunk_tokens`` padded tokens (at least one user each), written into caches as wide as the batch's
         longest prompt (the columns past a prompt's length are masked in decoding)."""
-        chunks, start = [], 0
-        for end in range(1, len(prompts) + 1):
-            width = max(len(p) for p in prompts[start:end])
-            if end - start > 1 and (end - start) * width > chunk_tokens:
-                chunks.append((start, end - 1))
-                start = end - 1
-        chunks.append((start, len(prompts)))
+        chunks, start, width = [], 0, 0  # (first user, end, the chunk's longest prompt)
+        for i, prompt in enumerate(prompts):
+            if i > start and (i - start + 1) * max(width, len(prompt)) > chunk_tokens:
+                chunks.append((start, i, width))
+                start, width = i, 0
+            width = max(width, len(prompt))
+        chunks.append((start, len(prompts), width))
         if len(chunks) == 1:
             return self.fast.prefill(ids, lengths)
         keys = values = logits = None
-        for lo, hi in chunks:
-            width = max(len(p) for p in prompts[lo:hi])
+        for lo, hi, width in chunks:
             k, v, first = self.fast.prefill(ids[lo:hi, :width], lengths[lo:hi])
             if keys is None:
                 shape = (len(prompts), k[0].shape[1], ids.shape[1], k[0].shape[3])
