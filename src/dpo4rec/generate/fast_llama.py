@@ -234,7 +234,7 @@ class FastLlama:
         """Attention over [prefix, own suffix] as plain products and one softmax. q: (U, n, kvh, g, d)."""
         U, n, kvh, g, d = q.shape
         t = state.step
-        s_pre = torch.matmul(qp, state.prefix_kt[i]).float()  # (U, kvh, n*g, P)
+        s_pre = torch.matmul(qp, state.prefix_keys[i]).float()  # (U, kvh, n*g, P); keys kept transposed here
         s_pre.mul_(scale).add_(state.prefix_bias)  # -inf on padding
         # each row's own suffix (U, n, kvh, g, t+1); small, so it is moved into the prefix's layout
         s_suf = torch.matmul(q.to(state.suffix_k[i].dtype), state.suffix_k[i][:, :, :, : t + 1].transpose(-1, -2))
@@ -259,7 +259,7 @@ class FastLlama:
         """
         U, n, kvh, g, d = q.shape
         t = state.step
-        o_pre, lse = _FLASH_CPU(qp, state.prefix_k[i], state.prefix_v[i], 0.0, False, attn_mask=state.prefix_bias, scale=scale)
+        o_pre, lse = _FLASH_CPU(qp, state.prefix_keys[i], state.prefix_v[i], 0.0, False, attn_mask=state.prefix_bias, scale=scale)
         o_pre = o_pre.view(U, kvh, n, g, d).permute(0, 2, 1, 3, 4).float()  # (U, n, kvh, g, d)
         lse = lse.view(U, kvh, n, g).permute(0, 2, 1, 3)[..., None]  # (U, n, kvh, g, 1)
         s_suf = torch.matmul(q.float(), state.suffix_k[i][:, :, :, : t + 1].transpose(-1, -2)).mul_(scale)
@@ -292,10 +292,8 @@ class DecodeState:
         device = keys[0].device
         self.fused = device.type == "cpu" and _FLASH_CPU is not None if fused is None else fused
         suffix_dtype = torch.float32 if device.type == "cpu" else keys[0].dtype
-        if self.fused:
-            self.prefix_k = [k.contiguous() for k in keys]  # (U, kvh, P, d)
-        else:
-            self.prefix_kt = [k.transpose(-1, -2).contiguous() for k in keys]  # (U, kvh, d, P)
+        # fused: (U, kvh, P, d) as the kernel reads them; unfused: transposed, (U, kvh, d, P)
+        self.prefix_keys = [(k if self.fused else k.transpose(-1, -2)).contiguous() for k in keys]
         self.prefix_v = values
         padding = torch.arange(P, device=device)[None, :] >= lengths[:, None]  # (U, P): right padding
         self.prefix_bias = torch.zeros(U, 1, 1, P, device=device).masked_fill_(padding[:, None, None, :], float("-inf"))
@@ -305,10 +303,7 @@ class DecodeState:
 
     def keep(self, users: torch.Tensor) -> None:
         """Drop every user not in ``users`` (indices), from every tensor."""
-        if self.fused:
-            self.prefix_k = [k.index_select(0, users) for k in self.prefix_k]
-        else:
-            self.prefix_kt = [k.index_select(0, users) for k in self.prefix_kt]
+        self.prefix_keys = [k.index_select(0, users) for k in self.prefix_keys]
         self.prefix_v = [v.index_select(0, users) for v in self.prefix_v]
         self.prefix_bias = self.prefix_bias.index_select(0, users)
         self.suffix_k = [k.index_select(0, users) for k in self.suffix_k]
