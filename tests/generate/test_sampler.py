@@ -1,4 +1,5 @@
 import pandas as pd
+import pytest
 import torch
 
 from dpo4rec.generate.fast_llama import FastLlama, supports
@@ -142,6 +143,35 @@ def test_fused_prefix_attention_equals_the_unfused(model_fp32, tokenizer, tiny_r
             state.step = step
             outs.append(fast.decode_step(tokens, (lengths + step)[:, None].expand(-1, 2), state))
         assert torch.allclose(outs[0], outs[1], atol=1e-3), step
+        tokens = outs[0].argmax(-1)
+
+
+def test_packed_weights_give_the_plain_products_logits(tokenizer, tiny_run):
+    """bf16 on CPUs: decode steps on oneDNN-packed weights give the logits of F.linear on the plain weights
+    (bit-identical where measured; allowed bf16 rounding here) and so the same greedy tokens."""
+    from dpo4rec.generate.fast_llama import DecodeState
+    from dpo4rec.generate.model import load_model
+
+    fast = FastLlama(load_model("smollm2-135m", dtype=torch.bfloat16))
+    if fast.packed_head is None:
+        pytest.skip("this torch has no oneDNN packed linear")
+    prompts = _prompts(tiny_run, tokenizer, 3)
+    ids, mask = pad(prompts, tokenizer.pad_token_id, left=False)
+    lengths = mask.sum(-1)
+    keys, values, _ = fast.prefill(ids, lengths)
+    packed_head = fast.packed_head
+    states = [DecodeState(keys, values, lengths, n_rows=2, max_new_tokens=4) for _ in range(2)]
+    tokens = torch.tensor([[100, 200], [300, 400], [500, 600]])
+    for step in range(4):
+        outs = []
+        for state, head in zip(states, (packed_head, None)):
+            fast.packed_head = head
+            state.step = step
+            outs.append(fast.decode_step(tokens, (lengths + step)[:, None].expand(-1, 2), state).float())
+        assert torch.allclose(outs[0], outs[1], atol=0.05, rtol=0.02), (step, (outs[0] - outs[1]).abs().max())
+        top2 = outs[1].topk(2, dim=-1).values
+        clear = (top2[..., 0] - top2[..., 1]) > 0.1  # a near tie may fall either way under other rounding
+        assert torch.equal(outs[0].argmax(-1)[clear], outs[1].argmax(-1)[clear]), step
         tokens = outs[0].argmax(-1)
 
 
