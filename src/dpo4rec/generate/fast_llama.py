@@ -32,6 +32,7 @@ _PACKED_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 # Decode steps of at most this many rows use the packed weights: F.linear reorders bf16 weights on every call,
 # which costs as much as the product itself at 10-256 rows; at 512 rows the packed product measured slower.
 PACKED_MAX_ROWS = 256
+_UNPACKED = (None,) * 4  # a layer's four products through F.linear
 
 
 def supports(model) -> bool:
@@ -150,7 +151,8 @@ class FastLlama:
                            for lora in (layer.qkv_lora, layer.o_lora, layer.gate_up_lora, layer.down_lora))
 
     def _pack_weights(self):
-        """Reorder the bf16 CPU weights once for oneDNN (a second copy: ~2 bytes a parameter); returns the LM head's.
+        """Reorder the bf16 CPU weights once for oneDNN (a second copy: ~2 bytes a parameter); returns the LM head's
+        (None where nothing is packed). Like the LoRA terms, the copies are taken here: the sampler's model is frozen.
 
         On a 2-core Xeon with AMX the packed and plain products gave bit-identical outputs for every layer
         shape at 10-300 rows, and a decode step (paired per-step timings) took 7-17% less at 55-160 rows,
@@ -168,7 +170,7 @@ class FastLlama:
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * x32.to(x.dtype)
 
-    def _mlp(self, x: torch.Tensor, layer: "_Layer", packed: tuple = (None,) * 4) -> torch.Tensor:
+    def _mlp(self, x: torch.Tensor, layer: "_Layer", packed: tuple = _UNPACKED) -> torch.Tensor:
         """The layer's second half on the residual stream ``x`` (rows, D): norm, SwiGLU, residual add."""
         gate, up = _linear(self._rms(x, layer.norm_post), layer.gate_up, layer.gate_up_lora, packed=packed[2]).chunk(2, dim=-1)
         return x + _linear(F.silu(gate) * up, layer.down, layer.down_lora, packed=packed[3])
@@ -234,7 +236,7 @@ class FastLlama:
         scale = 1.0 / math.sqrt(d)
         use_packed = self.packed_head is not None and x.shape[0] <= PACKED_MAX_ROWS
         for i, layer in enumerate(self.layers):
-            packed = layer.packed if use_packed else (None,) * 4
+            packed = layer.packed if use_packed else _UNPACKED
             h = self._rms(x, layer.norm_in)
             qkv = _linear(h, layer.qkv, layer.qkv_lora, layer.qkv_bias, packed[0])  # (R, (H + 2 kvh) d)
             q, k, v = qkv.split([H * d, kvh * d, kvh * d], dim=-1)
