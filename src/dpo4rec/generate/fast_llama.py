@@ -160,6 +160,8 @@ class FastLlama:
         """
         if _PACK is None or _PACKED_LINEAR is None or self.lm_head.device.type != "cpu" or self.lm_head.dtype != torch.bfloat16:
             return None
+        if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return None  # a CPU without bf16 in oneDNN (no AVX-512): its packed bf16 product would refuse to run
         for layer in self.layers:
             layer.packed = tuple(_PACK(w) for w in (layer.qkv, layer.o, layer.gate_up, layer.down))
         return _PACK(self.lm_head.detach())
