@@ -2,6 +2,7 @@
 
     python benchmarks/dpo.py --quick --json dpo.json     # builds its own pairs; a few minutes
     python benchmarks/dpo.py --pairs RUN/round_0/preferences/pairs.parquet --n 32
+    python benchmarks/dpo.py --quick --skip trl compact --profile 25     # where ours spends its time
 
 Pairs: real ones, either a reward stage's ``pairs.parquet`` or (``--quick``,
 or no file) built here: seeded ML-1M users' prompts (~530 tokens) with two
@@ -97,8 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, help="pairs to train on (default 16; 8 with --quick)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["trl", "compact", "ours"])
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--profile", type=int, metavar="ROWS", help="then train ours once more under the torch profiler "
+                        "and print its ROWS costliest operations (self CPU time)")
     args = parser.parse_args(argv)
     n = args.n or (8 if args.quick else 16)
+    if args.profile is not None and args.profile < 1:
+        print("dpo.py: error: --profile takes the number of operations to print (>= 1)", file=sys.stderr)
+        return 2
     if args.pairs and not Path(args.pairs).is_file():
         print(f"dpo.py: error: {args.pairs} not found (a reward stage's pairs.parquet), or leave --pairs out", file=sys.stderr)
         return 2
@@ -133,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
                    "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                                "torch": torch.__version__}}
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+    if args.profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            profiled = time_dpo(pairs, base, compact=True)
+        print(f"\nours under the profiler: {profiled['s_per_pair']:.2f} s per pair (profiling adds its own cost)\n")
+        print(profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile))
     return 0
 
 
