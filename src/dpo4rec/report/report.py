@@ -254,7 +254,11 @@ def _markdown(metrics: dict, examples: list[dict], timings: dict) -> str:
               "round's starting model) ranks a validation user's chosen text above the rejected one (chance 0.5), over "
               "every two samples whose rewards differ, and over each user's best-vs-worst pair alone; "
               "validation reward drift: the next round's sampled texts minus this round's, both under this round's "
-              f"reward model ({cfg['align']['reward']}). Intervals: 95% bootstrap over validation users.", "",
+              f"reward model ({cfg['align']['reward']}). Intervals: 95% bootstrap over validation users; they leave out "
+              "DPO's own randomness (adapter init, dropout, pair order), which moved the default run's held-out pair "
+              "accuracy by about as much as the interval is wide (docs/results.md): retrain round 0 with other "
+              "`align.seed`s (`experiments/dpo_levers.py`) and pool them (`experiments/pooled_seeds.py`) before "
+              "reading a small margin over 0.5.", "",
               "| DPO round | pairs | optimizer steps | held-out pairs (users) | held-out pair accuracy [95% CI] "
               "| best vs worst only [95% CI] | validation reward drift [95% CI] |",
               "|---|---|---|---|---|---|---|"]
