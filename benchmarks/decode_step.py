@@ -34,9 +34,10 @@ from dpo4rec.generate.model import best_dtype, load_model, load_tokenizer  # noq
 from dpo4rec.generate.sampler import pad  # noqa: E402
 
 MODEL = "smollm2-135m"
+WARMUP_STEPS = 4  # first calls build oneDNN kernels for new shapes: left out of the medians
 
 
-def compare(fast: FastLlama, prompts, pad_id: int, n: int, variant: str, steps: int, warmup: int = 4) -> dict:
+def compare(fast: FastLlama, prompts, pad_id: int, n: int, variant: str, steps: int) -> dict:
     """Time ``steps`` decode steps of each arm on the same tokens; the arms alternate which goes first."""
     ids, mask = pad(prompts, pad_id, left=False)
     lengths = mask.sum(-1)
@@ -64,10 +65,10 @@ def compare(fast: FastLlama, prompts, pad_id: int, n: int, variant: str, steps: 
         largest = max(largest, (logits["variant"].float() - logits["plain"].float()).abs().max().item())
         tokens = logits["variant"].float().argmax(-1)  # greedy continuation: both arms see the same tokens
     fast.packed_head = packed
-    ratios = [p / v for p, v in zip(times["plain"][warmup:], times["variant"][warmup:])]
+    ratios = [p / v for p, v in zip(times["plain"][WARMUP_STEPS:], times["variant"][WARMUP_STEPS:])]
     return {"users": len(prompts), "rows_per_user": n, "rows": len(prompts) * n,
-            "variant_ms": 1e3 * statistics.median(times["variant"][warmup:]),
-            "plain_ms": 1e3 * statistics.median(times["plain"][warmup:]),
+            "variant_ms": 1e3 * statistics.median(times["variant"][WARMUP_STEPS:]),
+            "plain_ms": 1e3 * statistics.median(times["plain"][WARMUP_STEPS:]),
             "median_ratio_plain_over_variant": statistics.median(ratios), "max_logit_difference": largest}
 
 
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         print("decode_step.py: error: no packed weights on this machine (they need a CPU with bf16 in oneDNN)", file=sys.stderr)
         return 2
     print(f"\n{args.variant} against plain, {model.dtype}, {torch.get_num_threads()} threads, {args.steps} steps each "
-          f"(the first 4 left out)\n")
+          f"(the first {WARMUP_STEPS} left out)\n")
     print(f"| users x rows | {args.variant} ms | plain ms | median per-step ratio (plain / {args.variant}) | max logit difference |")
     print("|---|---|---|---|---|")
     results = []

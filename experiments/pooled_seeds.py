@@ -19,17 +19,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dpo4rec.align.heldout import pair_margins
+from dpo4rec.align.heldout import accuracy_ci, pair_correct, pair_margins
 from dpo4rec.artifacts import read_json
-from dpo4rec.report.bootstrap import paired_bootstrap
-
-
-def correctness(margins: pd.DataFrame) -> np.ndarray:
-    return np.where(margins["margin"] > 0, 1.0, np.where(margins["margin"] < 0, 0.0, 0.5))
 
 
 def accuracy(users: np.ndarray, correct: np.ndarray) -> str:
-    point, (low, high) = paired_bootstrap(users, correct, np.zeros(len(correct)))
+    point, (low, high) = accuracy_ci(users, correct)
     return f"{point:.3f} [{low:.3f}, {high:.3f}]"
 
 
@@ -49,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     users = pairs["user_index"].to_numpy()
     per_adapter = []
     for name, path in sources.items():
-        correct = correctness(pair_margins(pairs, pd.read_parquet(path), beta))
+        correct = pair_correct(pair_margins(pairs, pd.read_parquet(path), beta))
         per_adapter.append(correct)
         print(f"{name}: held-out pair accuracy {accuracy(users, correct)}")
     pooled = np.mean(per_adapter, axis=0)

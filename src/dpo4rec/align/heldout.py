@@ -105,10 +105,19 @@ def pair_margins(pairs: pd.DataFrame, texts: pd.DataFrame, beta: float) -> pd.Da
     return out
 
 
-def _accuracy(scored: pd.DataFrame, seed: int) -> tuple[float, list[float]]:
-    correct = np.where(scored["margin"] > 0, 1.0, np.where(scored["margin"] < 0, 0.0, 0.5))
-    accuracy, ci = paired_bootstrap(scored["user_index"].to_numpy(), correct, np.zeros(len(correct)), seed=seed)
+def pair_correct(scored: pd.DataFrame) -> np.ndarray:
+    """Per pair: 1 where the implicit reward prefers the chosen text, 0 where the rejected, 0.5 on a tie."""
+    return np.where(scored["margin"] > 0, 1.0, np.where(scored["margin"] < 0, 0.0, 0.5))
+
+
+def accuracy_ci(users: np.ndarray, correct: np.ndarray, seed: int = 0) -> tuple[float, list[float]]:
+    """Mean correctness over pairs and its 95% bootstrap interval over users (all of a user's pairs together)."""
+    accuracy, ci = paired_bootstrap(users, correct, np.zeros(len(correct)), seed=seed)
     return accuracy, list(ci)
+
+
+def _accuracy(scored: pd.DataFrame, seed: int) -> tuple[float, list[float]]:
+    return accuracy_ci(scored["user_index"].to_numpy(), pair_correct(scored), seed)
 
 
 def summarize(scored: pd.DataFrame, seed: int = 0) -> dict:
