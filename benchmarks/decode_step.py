@@ -4,13 +4,16 @@ Whole-benchmark runs minutes apart cannot show a 5-15% change on machines whose 
 between runs; alternating the variants step by step on the same batch can. Variants:
 
   packed  the decode products on oneDNN-packed bf16 weights (the default on CPUs with bf16) against plain F.linear
-  fused   the prefix attention in PyTorch's fused CPU kernel (the default on CPUs) against plain products and softmax
+  kernel  the prefix attention in our AVX512-BF16 kernel (generate/prefix_kernel.py; the default where it builds)
+          against PyTorch's fused CPU kernel
+  fused   the prefix attention in PyTorch's fused CPU kernel against plain products and softmax
 
     python benchmarks/decode_step.py packed 16x10 26x4 25x1      # USERSxROWS: real ML-1M prompts, N rows each
-    python benchmarks/decode_step.py fused 16x10 104x1 --json F
+    python benchmarks/decode_step.py kernel 16x10 26x4 104x1 --json F
+    python benchmarks/decode_step.py fused 16x10 104x1
 
-Prints, per shape, the median step time of each variant, the median of the per-step ratios (plain / variant:
-above 1, the variant is faster) and the largest logit difference between the two.
+Prints, per shape, the median step time of each variant, the median of the per-step ratios (the other arm's
+time / the variant's: above 1, the variant is faster) and the largest logit difference between the two.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from sampling import ml1m_prompts  # noqa: E402
 
+from dpo4rec.generate import prefix_kernel  # noqa: E402
 from dpo4rec.generate.fast_llama import DecodeState, FastLlama  # noqa: E402
 from dpo4rec.generate.model import best_dtype, load_model, load_tokenizer  # noqa: E402
 from dpo4rec.generate.sampler import pad  # noqa: E402
@@ -45,36 +49,36 @@ def compare(fast: FastLlama, prompts, pad_id: int, n: int, variant: str, steps: 
     packed = fast.packed_head
     if variant == "packed":
         state = DecodeState(keys, values, lengths, n, steps)
-        states = {"variant": state, "plain": state}  # both write the same suffix entries
+        states = {"variant": state, "other": state}  # both write the same suffix entries
     else:
-        states = {"variant": DecodeState(keys, values, lengths, n, steps, fused=True),
-                  "plain": DecodeState(keys, values, lengths, n, steps, fused=False)}
+        arms = {"kernel": ("kernel", "flash"), "fused": ("flash", "plain")}[variant]
+        states = {arm: DecodeState(keys, values, lengths, n, steps, prefix=mode) for arm, mode in zip(("variant", "other"), arms)}
     tokens = first.argmax(-1)[:, None].expand(len(prompts), n).contiguous()
-    times = {"variant": [], "plain": []}
+    times = {"variant": [], "other": []}
     largest = 0.0
     for t in range(steps):
         positions = (lengths + t)[:, None].expand(-1, n)
         logits = {}
-        for arm in (("variant", "plain") if t % 2 == 0 else ("plain", "variant")):
+        for arm in (("variant", "other") if t % 2 == 0 else ("other", "variant")):
             if variant == "packed":
                 fast.packed_head = packed if arm == "variant" else None
             states[arm].step = t
             start = time.perf_counter()
             logits[arm] = fast.decode_step(tokens, positions, states[arm])
             times[arm].append(time.perf_counter() - start)
-        largest = max(largest, (logits["variant"].float() - logits["plain"].float()).abs().max().item())
+        largest = max(largest, (logits["variant"].float() - logits["other"].float()).abs().max().item())
         tokens = logits["variant"].float().argmax(-1)  # greedy continuation: both arms see the same tokens
     fast.packed_head = packed
-    ratios = [p / v for p, v in zip(times["plain"][WARMUP_STEPS:], times["variant"][WARMUP_STEPS:])]
+    ratios = [p / v for p, v in zip(times["other"][WARMUP_STEPS:], times["variant"][WARMUP_STEPS:])]
     return {"users": len(prompts), "rows_per_user": n, "rows": len(prompts) * n,
             "variant_ms": 1e3 * statistics.median(times["variant"][WARMUP_STEPS:]),
-            "plain_ms": 1e3 * statistics.median(times["plain"][WARMUP_STEPS:]),
-            "median_ratio_plain_over_variant": statistics.median(ratios), "max_logit_difference": largest}
+            "other_ms": 1e3 * statistics.median(times["other"][WARMUP_STEPS:]),
+            "median_ratio_other_over_variant": statistics.median(ratios), "max_logit_difference": largest}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("variant", choices=["packed", "fused"])
+    parser.add_argument("variant", choices=["packed", "kernel", "fused"])
     parser.add_argument("shapes", nargs="+", help="USERSxROWS, e.g. 16x10 (16 prompts, 10 rows each)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--json", help="write the results here")
@@ -92,16 +96,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.variant == "packed" and fast.packed_head is None:
         print("decode_step.py: error: no packed weights on this machine (they need a CPU with bf16 in oneDNN)", file=sys.stderr)
         return 2
-    print(f"\n{args.variant} against plain, {model.dtype}, {torch.get_num_threads()} threads, {args.steps} steps each "
+    if args.variant == "kernel" and (prefix_kernel.kernel() is None or model.dtype != torch.bfloat16):
+        print("decode_step.py: error: the prefix-attention kernel does not run here (it needs a CPU with AVX512-BF16, "
+              "a C++ compiler and bf16)", file=sys.stderr)
+        return 2
+    other = {"packed": "plain", "kernel": "PyTorch's fused kernel", "fused": "plain"}[args.variant]
+    print(f"\n{args.variant} against {other}, {model.dtype}, {torch.get_num_threads()} threads, {args.steps} steps each "
           f"(the first {WARMUP_STEPS} left out)\n")
-    print(f"| users x rows | {args.variant} ms | plain ms | median per-step ratio (plain / {args.variant}) | max logit difference |")
+    print(f"| users x rows | {args.variant} ms | {other} ms | median per-step ratio ({other} / {args.variant}) | max logit difference |")
     print("|---|---|---|---|---|")
     results = []
     for users, n in shapes:
         row = compare(fast, ml1m_prompts(users, tokenizer, MODEL), tokenizer.pad_token_id, n, args.variant, args.steps)
         results.append(row)
-        print(f"| {users} x {n} = {users * n} | {row['variant_ms']:.1f} | {row['plain_ms']:.1f} | "
-              f"{row['median_ratio_plain_over_variant']:.3f} | {row['max_logit_difference']:.3f} |", flush=True)
+        print(f"| {users} x {n} = {users * n} | {row['variant_ms']:.1f} | {row['other_ms']:.1f} | "
+              f"{row['median_ratio_other_over_variant']:.3f} | {row['max_logit_difference']:.3f} |", flush=True)
     if args.json:
         payload = {"variant": args.variant, "steps": args.steps, "results": results,
                    "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),

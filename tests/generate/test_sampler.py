@@ -135,7 +135,7 @@ def test_fused_prefix_attention_equals_the_unfused(model_fp32, tokenizer, tiny_r
     ids, mask = pad(prompts, tokenizer.pad_token_id, left=False)
     lengths = mask.sum(-1)
     keys, values, _ = fast.prefill(ids, lengths)
-    states = [DecodeState(keys, values, lengths, n_rows=2, max_new_tokens=5, fused=f) for f in (True, False)]
+    states = [DecodeState(keys, values, lengths, n_rows=2, max_new_tokens=5, prefix=mode) for mode in ("flash", "plain")]
     tokens = torch.tensor([[100, 200], [300, 400], [500, 600]])
     for step in range(5):
         outs = []

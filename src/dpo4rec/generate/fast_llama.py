@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dpo4rec.generate import prefix_kernel
+
 SUPPORTED = {"llama", "mistral", "qwen2"}
 
 # PyTorch's fused CPU attention, which also returns each query's log-sum-exp (absent in old versions: then unfused)
@@ -249,7 +251,9 @@ class FastLlama:
             q = q.view(U, n, kvh, g, d)
             # shared prefix: all n*g query heads of a KV group meet the user's prefix once
             qp = q.permute(0, 2, 1, 3, 4).reshape(U, kvh, n * g, d)
-            if state.fused:
+            if state.prefix == "kernel":
+                attn = self._attend_kernel(q, qp, i, state, scale)
+            elif state.prefix == "flash":
                 attn = self._attend_fused(q, qp, i, state, scale)
             else:
                 attn = self._attend(q, qp, i, state, scale)
@@ -262,7 +266,8 @@ class FastLlama:
         """Attention over [prefix, own suffix] as plain products and one softmax. q: (U, n, kvh, g, d)."""
         U, n, kvh, g, d = q.shape
         t = state.step
-        s_pre = torch.matmul(qp, state.prefix_keys[i]).float()  # (U, kvh, n*g, P); keys kept transposed here
+        # (U, kvh, n*g, P), keys kept transposed here; caches of another dtype than q's (an fp32 reference) are read as they are
+        s_pre = torch.matmul(qp.to(state.prefix_keys[i].dtype), state.prefix_keys[i]).float()
         s_pre.mul_(scale).add_(state.prefix_bias)  # -inf on padding
         # each row's own suffix (U, n, kvh, g, t+1); small, so it is moved into the prefix's layout
         s_suf = torch.matmul(q.to(state.suffix_k[i].dtype), state.suffix_k[i][:, :, :, : t + 1].transpose(-1, -2))
@@ -272,7 +277,7 @@ class FastLlama:
         s_pre.sub_(m).exp_()
         s_suf.sub_(m).exp_()
         inv = 1.0 / (s_pre.sum(-1, keepdim=True) + s_suf.sum(-1, keepdim=True))
-        o_pre = torch.matmul(s_pre.mul_(inv).to(q.dtype), state.prefix_v[i])  # (U, kvh, n*g, d)
+        o_pre = torch.matmul(s_pre.mul_(inv).to(state.prefix_v[i].dtype), state.prefix_v[i])  # (U, kvh, n*g, d)
         p_suf = s_suf.mul_(inv).to(state.suffix_v[i].dtype).view(U, kvh, n, g, t + 1).permute(0, 2, 1, 3, 4)
         o_suf = torch.matmul(p_suf, state.suffix_v[i][:, :, :, : t + 1])  # (U, n, kvh, g, d)
         return o_suf + o_pre.view(U, kvh, n, g, d).permute(0, 2, 1, 3, 4)
@@ -282,13 +287,25 @@ class FastLlama:
 
         The unfused prefix part writes (U, kvh, n*g, P) fp32 scores and passes over them five times; on a
         2-core CPU that was ~45% of the decode step, and the fused kernel does it in ~1/3 of the time.
-        The kernel returns each query's log-sum-exp over the prefix, so the softmax over [prefix, suffix]
-        is exact: out = (e^lse o_pre + sum_j e^(s_j) v_j) / (e^lse + sum_j e^(s_j)).
         """
         U, n, kvh, g, d = q.shape
-        t = state.step
         o_pre, lse = _FLASH_CPU(qp, state.prefix_keys[i], state.prefix_v[i], 0.0, False, attn_mask=state.prefix_bias, scale=scale)
-        o_pre = o_pre.view(U, kvh, n, g, d).permute(0, 2, 1, 3, 4).float()  # (U, n, kvh, g, d)
+        return self._join_suffix(q, o_pre.float(), lse, i, state, scale)
+
+    def _attend_kernel(self, q, qp, i: int, state: "DecodeState", scale: float) -> torch.Tensor:
+        """The same attention, the prefix part by our AVX512-BF16 kernel (prefix_kernel.py), joined likewise."""
+        U, n, kvh, g, d = q.shape
+        o_pre, lse = prefix_kernel.kernel().prefix_attention(
+            qp.reshape(U * kvh, n * g, d), state.prefix_keys[i].view(U * kvh, d // 2, -1, 2),
+            state.prefix_v[i].view(U * kvh, -1, d), state.kernel_lengths, scale)
+        return self._join_suffix(q, o_pre, lse, i, state, scale)
+
+    def _join_suffix(self, q, o_pre, lse, i: int, state: "DecodeState", scale: float) -> torch.Tensor:
+        """Attention over [prefix, own suffix] from the prefix part's output ``o_pre`` (fp32, normalized, laid out
+        (U, kvh, n*g, d)) and its log-sum-exp: out = (e^lse o_pre + sum_j e^(s_j) v_j) / (e^lse + sum_j e^(s_j))."""
+        U, n, kvh, g, d = q.shape
+        t = state.step
+        o_pre = o_pre.view(U, kvh, n, g, d).permute(0, 2, 1, 3, 4)  # (U, n, kvh, g, d)
         lse = lse.view(U, kvh, n, g).permute(0, 2, 1, 3)[..., None]  # (U, n, kvh, g, 1)
         s_suf = torch.matmul(q.float(), state.suffix_k[i][:, :, :, : t + 1].transpose(-1, -2)).mul_(scale)
         m = torch.maximum(lse, s_suf.amax(-1, keepdim=True))
@@ -297,6 +314,7 @@ class FastLlama:
         o = torch.matmul(s_suf, state.suffix_v[i][:, :, :, : t + 1]).add_(o_pre * w_pre)
         return o.div_(s_suf.sum(-1, keepdim=True).add_(w_pre))
 
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding, HF's rotate-half convention. x: (R, heads, d); cos/sin: (R, d)."""
     half = x.shape[-1] // 2
@@ -304,25 +322,47 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
+PREFIX_MODES = ("kernel", "flash", "plain")
+
+
+def default_prefix_mode(keys: torch.Tensor) -> str:
+    """How a decode step attends to the prompt caches ``keys`` (U, kvh, P, d): our AVX512-BF16 kernel on CPUs that
+    have it (bf16 caches, head size 64), else PyTorch's fused CPU kernel, else (GPUs) plain products."""
+    if keys.device.type != "cpu":
+        return "plain"
+    if keys.dtype == torch.bfloat16 and keys.shape[-1] == prefix_kernel.HEAD_DIM and prefix_kernel.kernel() is not None:
+        return "kernel"
+    return "flash" if _FLASH_CPU is not None else "plain"
+
+
 class DecodeState:
     """Shared prefix caches per user and preallocated suffix caches per row.
 
-    Layouts chosen by measurement on a 2-core CPU (16 users x 10 rows, 611-token prefixes). On CPUs the
-    prefix part runs in PyTorch's fused attention kernel, which reads the keys as they come, (U, kvh, P, d);
-    elsewhere (and without that kernel) the prefix keys are kept transposed, (U, kvh, d, P), so the scores
-    are a plain product (~1.8x faster than multiplying by a transposed view). On CPUs the suffix caches
-    are fp32 (the bf16 keys and values stored exactly), because products over many tiny (3 x 64 x t)
-    blocks run 1.7-2x faster in fp32 there.
+    Layouts chosen by measurement on a 2-core CPU (16 users x 10 rows, 611-token prefixes), by ``prefix``
+    mode: "kernel" (prefix_kernel.py) keeps each key's dims in pairs, (U, kvh, d/2, P', 2), and the values
+    (U, kvh, P', d), with P' the prompt width rounded up to the kernel's key block; "flash" (PyTorch's fused
+    CPU kernel) reads the keys as they come, (U, kvh, P, d); "plain" keeps them transposed, (U, kvh, d, P),
+    so the scores are a plain product (~1.8x faster than multiplying by a transposed view). On CPUs the
+    suffix caches are fp32 (the bf16 keys and values stored exactly), because products over many tiny
+    (3 x 64 x t) blocks run 1.7-2x faster in fp32 there.
     """
 
-    def __init__(self, keys, values, lengths: torch.Tensor, n_rows: int, max_new_tokens: int, fused: bool | None = None):
+    def __init__(self, keys, values, lengths: torch.Tensor, n_rows: int, max_new_tokens: int, prefix: str | None = None):
         U, kvh, P, d = keys[0].shape
         device = keys[0].device
-        self.fused = device.type == "cpu" and _FLASH_CPU is not None if fused is None else fused
+        self.prefix = default_prefix_mode(keys[0]) if prefix is None else prefix
+        if self.prefix not in PREFIX_MODES:
+            raise ValueError(f"prefix must be one of {PREFIX_MODES}, got {self.prefix!r}")
         suffix_dtype = torch.float32 if device.type == "cpu" else keys[0].dtype
-        # fused: (U, kvh, P, d) as the kernel reads them; unfused: transposed, (U, kvh, d, P)
-        self.prefix_keys = [(k if self.fused else k.transpose(-1, -2)).contiguous() for k in keys]
-        self.prefix_v = values
+        self.kernel_lengths = lengths.repeat_interleave(kvh).to(torch.long)  # per (user, KV head), as the kernel takes them
+        if self.prefix == "kernel":
+            width = -(-P // prefix_kernel.KEY_BLOCK) * prefix_kernel.KEY_BLOCK
+            self.prefix_keys = [F.pad(k, (0, 0, 0, width - P)).view(U, kvh, width, d // 2, 2).transpose(2, 3).contiguous()
+                                for k in keys]
+            self.prefix_v = [F.pad(v, (0, 0, 0, width - P)).contiguous() for v in values]
+        else:
+            self.prefix_keys = [(k if self.prefix == "flash" else k.transpose(-1, -2)).contiguous() for k in keys]
+            self.prefix_v = values
         padding = torch.arange(P, device=device)[None, :] >= lengths[:, None]  # (U, P): right padding
         self.prefix_bias = torch.zeros(U, 1, 1, P, device=device).masked_fill_(padding[:, None, None, :], float("-inf"))
         self.suffix_k = [torch.zeros(U, n_rows, kvh, max_new_tokens, d, dtype=suffix_dtype, device=device) for _ in keys]
@@ -331,6 +371,8 @@ class DecodeState:
 
     def keep(self, users: torch.Tensor) -> None:
         """Drop every user not in ``users`` (indices), from every tensor."""
+        kvh = self.prefix_keys[0].shape[1]
+        self.kernel_lengths = self.kernel_lengths.view(-1, kvh).index_select(0, users).reshape(-1)
         self.prefix_keys = [k.index_select(0, users) for k in self.prefix_keys]
         self.prefix_v = [v.index_select(0, users) for v in self.prefix_v]
         self.prefix_bias = self.prefix_bias.index_select(0, users)

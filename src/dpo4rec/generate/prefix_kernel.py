@@ -1,0 +1,67 @@
+"""The decode step's attention over each user's shared prompt, as a small C++ kernel for CPUs with AVX512-BF16.
+
+Why: on a 2-core AMD EPYC without AMX, PyTorch's fused CPU attention ran the
+prompt part of a decode step at ~75-125 GFLOP/s, a third of the step, while
+the matrix products ran at ~350; its blocks of M = 3-33 queries by 64 dims are
+too small for its general tiling. This kernel (prefix_attention.cpp) keeps a
+user's M queries x 32 keys in registers, sums bf16 x bf16 pair products in
+fp32 (vdpbf16ps), and leaves the softmax and the values' pass in fp32, so it
+is also closer to fp32 attention than the fused kernel (which rounds the
+probabilities to bf16). Measured in benchmarks/decode_step.py ``kernel``.
+
+It is compiled once per machine by ``torch.utils.cpp_extension`` (~30 s on 2
+cores, cached under ``TORCH_EXTENSIONS_DIR``, default
+~/.cache/torch_extensions). Where it cannot be used (no AVX512-BF16, no C++
+compiler or ninja, a head size other than 64) the sampler keeps PyTorch's
+fused kernel, so nothing depends on it; ``DPO4REC_PREFIX_KERNEL=0`` turns it
+off.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+HEAD_DIM = 64  # the kernel's head size
+KEY_BLOCK = 32  # keys per block: prompt caches are padded to a multiple of this
+_SOURCE = Path(__file__).with_name("prefix_attention.cpp")
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp",
+          "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]  # ATen's 512-bit vectors (its exp) in the kernel
+_loaded: list = []  # [module or None] once tried
+
+
+def cpu_has_avx512_bf16() -> bool:
+    """Whether this CPU runs vdpbf16ps (Linux: /proc/cpuinfo; elsewhere assumed not)."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return {"avx512f", "avx512bw", "avx512_bf16"} <= set(flags.split(":", 1)[1].split())
+
+
+def kernel():
+    """The compiled kernel module, or None where it cannot run here (decided once per process)."""
+    if not _loaded:
+        _loaded.append(_build())
+    return _loaded[0]
+
+
+def _build():
+    if os.environ.get("DPO4REC_PREFIX_KERNEL", "1") == "0" or not cpu_has_avx512_bf16():
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        if shutil.which("ninja") is None:  # the pip package's ninja, when its environment's bin is not on PATH
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        return load(name="dpo4rec_prefix_attention", sources=[str(_SOURCE)], extra_cflags=_FLAGS,
+                    extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as error:  # no compiler, no ninja, an old compiler without -mavx512bf16: the fused kernel instead
+        message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        warnings.warn(f"the CPU prefix-attention kernel could not be built ({message}); using PyTorch's fused "
+                      "attention instead (slower; the same results to bf16 rounding)", stacklevel=3)
+        return None
