@@ -17,6 +17,9 @@ def kernel():
     return module
 
 
+EMPTY = torch.empty(0)
+
+
 def _kernel_layout(keys, values, width):
     """(B, P, 64) bf16 keys and values as the kernel takes them: padded to ``width``, keys' dims in pairs."""
     B, P, d = keys.shape
@@ -24,38 +27,80 @@ def _kernel_layout(keys, values, width):
     return k, F.pad(values, (0, 0, 0, width - P)).contiguous()
 
 
+def _fp32_attention(q, keys, values, lengths, suffix_keys=None, suffix_values=None, group=1):
+    """Softmax attention in fp32, query by query: query i of b sees keys[b, :lengths[b, i]] and, with suffixes,
+    its row's (i // group) own keys and values. Returns out (B, M, d) and log-sum-exp (B, M)."""
+    B, M, d = q.shape
+    out, lse = torch.zeros(B, M, d), torch.zeros(B, M)
+    for b in range(B):
+        for i in range(M):
+            k, v = keys[b, : lengths[b, i]].float(), values[b, : lengths[b, i]].float()
+            if suffix_keys is not None:
+                k, v = torch.cat([k, suffix_keys[b, i // group]]), torch.cat([v, suffix_values[b, i // group]])
+            scores = (q[b, i].float() @ k.T) * 0.125
+            out[b, i], lse[b, i] = torch.softmax(scores, -1) @ v, torch.logsumexp(scores, -1)
+    return out, lse
+
+
 @pytest.mark.parametrize("queries", [1, 3, 8, 10, 33])
-def test_kernel_equals_fp32_attention(kernel, queries):
+def test_kernel_equals_fp32_attention_over_prompts(kernel, queries):
     """Outputs and log-sum-exps equal softmax attention computed in fp32 on the same bf16 inputs, for query counts
-    that are and are not multiples of the kernel's blocks, and prompt lengths at and around its key blocks."""
+    that are and are not multiples of the kernel's blocks, and prompt lengths at and around its key blocks: one
+    length per (user, head) as in a decode step, and causal lengths (position + 1) as in a prompt's own pass."""
     torch.manual_seed(queries)
-    lengths = torch.tensor([1, 31, 32, 33, 95, 96])
-    B, P, d = len(lengths), 96, 64
+    B, P, d = 6, 96, 64
     q = (torch.randn(B, queries, d) * 2).bfloat16()
     keys, values = (torch.randn(B, P, d) * 2).bfloat16(), torch.randn(B, P, d).bfloat16()
     k, v = _kernel_layout(keys, values, 96)
-    out, lse = kernel.prefix_attention(q, k, v, lengths, 0.125)
-    scores = (q.float() @ keys.float().transpose(1, 2)) * 0.125
-    scores = scores.masked_fill(torch.arange(P)[None, None] >= lengths[:, None, None], float("-inf"))
-    expected = torch.softmax(scores, -1) @ values.float()
-    assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5), (out - expected).abs().max()
-    assert torch.allclose(lse, torch.logsumexp(scores, -1), atol=1e-5, rtol=1e-6)
+    per_user = torch.tensor([1, 31, 32, 33, 95, 96])[:, None].expand(-1, queries).contiguous()
+    causal = (torch.arange(queries)[None] * 3 + torch.arange(B)[:, None] * 7) % P + 1
+    for lengths in (per_user, causal):
+        out, lse = kernel.attention(q, k, v, lengths, 0.125, EMPTY, EMPTY, 0, 1)
+        expected, expected_lse = _fp32_attention(q, keys, values, lengths)
+        assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5), (out - expected).abs().max()
+        assert torch.allclose(lse, expected_lse, atol=1e-5, rtol=1e-6)
     # PyTorch's fused kernel, for scale: it rounds the probabilities to bf16
+    mask = torch.where(torch.arange(P)[None, None] >= per_user[:, None, :1], float("-inf"), 0.0)[:, None]
     flash, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q[:, None], keys[:, None], values[:, None], 0.0, False,
-        attn_mask=torch.where(torch.arange(P)[None, None, None] >= lengths[:, None, None, None], float("-inf"), 0.0), scale=0.125)
+        q[:, None], keys[:, None], values[:, None], 0.0, False, attn_mask=mask, scale=0.125)
+    expected, _ = _fp32_attention(q, keys, values, per_user)
+    out, _ = kernel.attention(q, k, v, per_user, 0.125, EMPTY, EMPTY, 0, 1)
     assert (flash[:, 0].float() - expected).abs().max() > 10 * (out - expected).abs().max()
+
+
+@pytest.mark.parametrize("rows,group,suffix_len,capacity", [(1, 3, 1, 64), (10, 3, 17, 64), (4, 3, 64, 64), (3, 1, 33, 40)])
+def test_kernel_equals_fp32_attention_over_prompt_and_own_suffix(kernel, rows, group, suffix_len, capacity):
+    """A decode step: each query sees its user's prompt and the first ``suffix_len`` of its own row's keys
+    (fp32), one softmax over both."""
+    torch.manual_seed(rows * 100 + suffix_len)
+    B, P, d = 4, 70, 64
+    M = rows * group
+    q = (torch.randn(B, M, d) * 2).bfloat16()
+    keys, values = (torch.randn(B, P, d) * 2).bfloat16(), torch.randn(B, P, d).bfloat16()
+    k, v = _kernel_layout(keys, values, 96)
+    lengths = torch.tensor([1, 33, 64, 70])[:, None].expand(-1, M).contiguous()
+    suffix_keys = torch.randn(B, rows, capacity, d) * 2
+    suffix_values = torch.randn(B, rows, capacity, d)
+    out, lse = kernel.attention(q, k, v, lengths, 0.125, suffix_keys, suffix_values,
+                                suffix_len, group)
+    expected, expected_lse = _fp32_attention(q, keys, values, lengths, suffix_keys[:, :, :suffix_len],
+                                             suffix_values[:, :, :suffix_len], group)
+    assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5), (out - expected).abs().max()
+    assert torch.allclose(lse, expected_lse, atol=1e-5, rtol=1e-6)
 
 
 def test_kernel_refuses_what_it_cannot_read(kernel):
     q = torch.zeros(2, 3, 64, dtype=torch.bfloat16)
     k, v = _kernel_layout(torch.zeros(2, 40, 64, dtype=torch.bfloat16), torch.zeros(2, 40, 64, dtype=torch.bfloat16), 64)
+    good = torch.tensor([[3] * 3, [40] * 3])
     with pytest.raises(RuntimeError, match="lengths"):
-        kernel.prefix_attention(q, k, v, torch.tensor([0, 40]), 0.125)
+        kernel.attention(q, k, v, torch.tensor([[0] * 3, [40] * 3]), 0.125, EMPTY, EMPTY, 0, 1)
     with pytest.raises(RuntimeError, match="Pp a multiple"):
-        kernel.prefix_attention(q, k[:, :, :40].contiguous(), v[:, :40].contiguous(), torch.tensor([3, 40]), 0.125)
+        kernel.attention(q, k[:, :, :40].contiguous(), v[:, :40].contiguous(), good, 0.125, EMPTY, EMPTY, 0, 1)
     with pytest.raises(RuntimeError, match="bf16"):
-        kernel.prefix_attention(q.float(), k, v, torch.tensor([3, 40]), 0.125)
+        kernel.attention(q.float(), k, v, good, 0.125, EMPTY, EMPTY, 0, 1)
+    with pytest.raises(RuntimeError, match="suffix_keys"):  # 3 queries are not 2 rows x group 1
+        kernel.attention(q, k, v, good, 0.125, torch.zeros(2, 2, 8, 64), torch.zeros(2, 2, 8, 64), 4, 1)
 
 
 def _bf16_caches(tokenizer, tiny_run):
@@ -85,10 +130,11 @@ def test_kernel_attention_on_real_caches_equals_fp32_before_and_after_dropping_u
     g = fast.n_heads // kvh
     generator = torch.Generator().manual_seed(0)
     for layer in range(len(keys)):
-        suffix = [torch.randn(3, n, kvh, steps, d, generator=generator).bfloat16().float() for _ in range(2)]
-        for state in (ours, fp32):  # the same suffix entries in both
-            state.suffix_k[layer][:, :, :, :steps] = suffix[0]
-            state.suffix_v[layer][:, :, :, :steps] = suffix[1]
+        for step in range(steps):
+            suffix = [torch.randn(3, n, kvh, d, generator=generator).bfloat16().float() for _ in range(2)]
+            for state in (ours, fp32):  # the same suffix entries in both
+                state.step = step
+                state.write(layer, *suffix)
     for users in (3, 2):
         if users == 2:
             for state in (ours, fp32):

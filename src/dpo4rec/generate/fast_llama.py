@@ -233,7 +233,6 @@ class FastLlama:
         U, n = tokens.shape
         H, kvh, d = self.n_heads, self.n_kv, self.head_dim
         g = H // kvh
-        t = state.step
         x = self.embed[tokens.reshape(-1)]  # (R, D)
         cos, sin = self.rotary(x, positions.reshape(1, -1))  # (1, R, d)
         cos, sin = cos[0].to(x.dtype), sin[0].to(x.dtype)
@@ -246,8 +245,7 @@ class FastLlama:
             q, k, v = qkv.split([H * d, kvh * d, kvh * d], dim=-1)
             q = _rotate(q.view(-1, H, d), cos, sin)  # (R, H, d)
             k = _rotate(k.view(-1, kvh, d), cos, sin)  # (R, kvh, d)
-            state.suffix_k[i][:, :, :, t] = k.view(U, n, kvh, d)
-            state.suffix_v[i][:, :, :, t] = v.view(U, n, kvh, d)
+            state.write(i, k.view(U, n, kvh, d), v.view(U, n, kvh, d))
             q = q.view(U, n, kvh, g, d)
             # shared prefix: all n*g query heads of a KV group meet the user's prefix once
             qp = q.permute(0, 2, 1, 3, 4).reshape(U, kvh, n * g, d)
@@ -293,12 +291,15 @@ class FastLlama:
         return self._join_suffix(q, o_pre.float(), lse, i, state, scale)
 
     def _attend_kernel(self, q, qp, i: int, state: "DecodeState", scale: float) -> torch.Tensor:
-        """The same attention, the prefix part by our AVX512-BF16 kernel (prefix_kernel.py), joined likewise."""
+        """The same attention in one call of our AVX512-BF16 kernel (prefix_kernel.py): the prefix, each row's own
+        suffix and one softmax over both, in fp32 but for the bf16 prompt keys' products."""
         U, n, kvh, g, d = q.shape
-        o_pre, lse = prefix_kernel.kernel().prefix_attention(
+        T = state.suffix_k[i].shape[-2]
+        out, _ = prefix_kernel.kernel().attention(
             qp.reshape(U * kvh, n * g, d), state.prefix_keys[i].view(U * kvh, d // 2, -1, 2),
-            state.prefix_v[i].view(U * kvh, -1, d), state.kernel_lengths, scale)
-        return self._join_suffix(q, o_pre, lse, i, state, scale)
+            state.prefix_v[i].view(U * kvh, -1, d), state.query_lengths(n * g), scale,
+            state.suffix_k[i].view(U * kvh, n, T, d), state.suffix_v[i].view(U * kvh, n, T, d), state.step + 1, g)
+        return out.view(U, kvh, n, g, d).permute(0, 2, 1, 3, 4)
 
     def _join_suffix(self, q, o_pre, lse, i: int, state: "DecodeState", scale: float) -> torch.Tensor:
         """Attention over [prefix, own suffix] from the prefix part's output ``o_pre`` (fp32, normalized, laid out
@@ -355,6 +356,7 @@ class DecodeState:
             raise ValueError(f"prefix must be one of {PREFIX_MODES}, got {self.prefix!r}")
         suffix_dtype = torch.float32 if device.type == "cpu" else keys[0].dtype
         self.kernel_lengths = lengths.repeat_interleave(kvh).to(torch.long)  # per (user, KV head), as the kernel takes them
+        self._query_lengths = None
         if self.prefix == "kernel":
             width = -(-P // prefix_kernel.KEY_BLOCK) * prefix_kernel.KEY_BLOCK
             self.prefix_keys = [F.pad(k, (0, 0, 0, width - P)).view(U, kvh, width, d // 2, 2).transpose(2, 3).contiguous()
@@ -365,14 +367,32 @@ class DecodeState:
             self.prefix_v = values
         padding = torch.arange(P, device=device)[None, :] >= lengths[:, None]  # (U, P): right padding
         self.prefix_bias = torch.zeros(U, 1, 1, P, device=device).masked_fill_(padding[:, None, None, :], float("-inf"))
-        self.suffix_k = [torch.zeros(U, n_rows, kvh, max_new_tokens, d, dtype=suffix_dtype, device=device) for _ in keys]
-        self.suffix_v = [torch.zeros(U, n_rows, kvh, max_new_tokens, d, dtype=suffix_dtype, device=device) for _ in keys]
+        # the kernel reads (user, KV head)-major suffixes, (U, kvh, n, T, d); the others (U, n, kvh, T, d)
+        shape = (U, kvh, n_rows, max_new_tokens, d) if self.prefix == "kernel" else (U, n_rows, kvh, max_new_tokens, d)
+        self.suffix_k = [torch.zeros(shape, dtype=suffix_dtype, device=device) for _ in keys]
+        self.suffix_v = [torch.zeros(shape, dtype=suffix_dtype, device=device) for _ in keys]
         self.step = 0
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the step's keys and values (U, n, kvh, d) of every row in its suffix cache at position ``step``."""
+        if self.prefix == "kernel":
+            self.suffix_k[layer][:, :, :, self.step] = k.permute(0, 2, 1, 3)
+            self.suffix_v[layer][:, :, :, self.step] = v.permute(0, 2, 1, 3)
+        else:
+            self.suffix_k[layer][:, :, :, self.step] = k
+            self.suffix_v[layer][:, :, :, self.step] = v
+
+    def query_lengths(self, queries: int) -> torch.Tensor:
+        """(U * kvh, queries): each query's prompt length, as the kernel takes them (kept until users are dropped)."""
+        if self._query_lengths is None or self._query_lengths.shape[1] != queries:
+            self._query_lengths = self.kernel_lengths[:, None].expand(-1, queries).contiguous()
+        return self._query_lengths
 
     def keep(self, users: torch.Tensor) -> None:
         """Drop every user not in ``users`` (indices), from every tensor."""
         kvh = self.prefix_keys[0].shape[1]
         self.kernel_lengths = self.kernel_lengths.view(-1, kvh).index_select(0, users).reshape(-1)
+        self._query_lengths = None
         self.prefix_keys = [k.index_select(0, users) for k in self.prefix_keys]
         self.prefix_v = [v.index_select(0, users) for v in self.prefix_v]
         self.prefix_bias = self.prefix_bias.index_select(0, users)
