@@ -103,6 +103,40 @@ def test_kernel_refuses_what_it_cannot_read(kernel):
         kernel.attention(q, k, v, good, 0.125, torch.zeros(2, 2, 8, 64), torch.zeros(2, 2, 8, 64), 4, 1)
 
 
+def test_prompt_attention_in_the_kernel_equals_causal_fp32_attention(kernel):
+    """A prompt's own attention (prefill): causal, grouped query heads, prompt lengths around the key blocks."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    U, H, kvh, d = 2, 9, 3, 64
+    fast = FastLlama.__new__(FastLlama)  # the method reads nothing of the model
+    for P in (1, 31, 70):
+        q = (torch.randn(U, H, P, d) * 2).bfloat16()
+        k, v = (torch.randn(U, kvh, P, d) * 2).bfloat16(), torch.randn(U, kvh, P, d).bfloat16()
+        got = FastLlama._prompt_attention_kernel(fast, q, k, v).reshape(U, P, H, d)  # bf16
+        expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True)
+        assert torch.allclose(got.float(), expected.transpose(1, 2), atol=1e-2, rtol=1e-2), P
+        assert (got.float() - expected.transpose(1, 2)).abs().mean() < 2e-3, P
+
+
+def test_prefill_with_the_kernel_follows_sdpa(kernel, tokenizer, tiny_run):
+    """The bf16 prefill with prompts' attention in our kernel against the same prefill with SDPA: caches and first
+    logits agree to bf16 noise (one rounding flip grows over 30 layers); a wrong layout would move them by units."""
+    fast, keys, values, lengths = _bf16_caches(tokenizer, tiny_run)  # the kernel's prefill (the default here)
+    fast.prompt_kernel = False
+    import pandas as pd
+
+    texts = pd.read_parquet(tiny_run / "prompts" / "prompts.parquet")["text"].tolist()[:3]
+    ids, _ = pad([tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], tokenizer.pad_token_id, left=False)
+    sdpa_keys, _, sdpa_first = fast.prefill(ids, lengths)
+    fast.prompt_kernel = True
+    _, _, first = fast.prefill(ids, lengths)
+    assert (first - sdpa_first).abs().mean() < 0.3
+    for layer in (0, len(keys) - 1):
+        real = torch.arange(keys[layer].shape[2])[None, :] < lengths[:, None]  # right padding's keys are never read
+        assert (keys[layer] - sdpa_keys[layer]).float().abs()[real[:, None, :, None].expand_as(keys[layer])].mean() < 0.05
+
+
 def _bf16_caches(tokenizer, tiny_run):
     import pandas as pd
 
