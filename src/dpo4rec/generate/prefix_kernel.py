@@ -1,22 +1,24 @@
-"""The decode step's attention over each user's shared prompt, as a small C++ kernel for CPUs with AVX512-BF16.
+"""The sampler's attention over each user's shared prompt, as a small C++ kernel for CPUs with AVX512-BF16.
 
 Why: on a 2-core AMD EPYC without AMX, PyTorch's fused CPU attention ran the
 prompt part of a decode step at ~75-125 GFLOP/s, a third of the step, while
-the matrix products ran at ~350; its blocks of M = 3-33 queries by 64 dims are
-too small for its general tiling. This kernel (prefix_attention.cpp) keeps a
-user's M queries x 32 keys in registers, sums bf16 x bf16 pair products in
-fp32 (vdpbf16ps), and leaves the softmax and the values' pass in fp32, so it
-is also closer to fp32 attention than the fused kernel (which rounds the
-probabilities to bf16). Measured in benchmarks/decode_step.py ``kernel``.
+the matrix products ran at ~350; a user's problem of 3-33 queries by 64 dims
+is too small for its general tiling. This kernel (prefix_attention.cpp)
+keeps 8 queries x 32 prompt keys of accumulators in registers, sums bf16 x
+bf16 pair products in fp32 (vdpbf16ps), adds each row's own suffix keys
+(fp32) to the same softmax, and leaves the softmax and the values' pass in
+fp32: one call per layer and step, closer to fp32 attention than the fused
+kernel (which rounds the probabilities to bf16). With one length per query
+it also runs the prompts' own causal attention in the prefill. Measured in
+benchmarks/decode_step.py ``kernel`` and docs/generation.md.
 
 It is compiled once per machine by ``torch.utils.cpp_extension`` (~30 s on 2
 cores, cached under ``TORCH_EXTENSIONS_DIR``, default
 ~/.cache/torch_extensions). Where it cannot be used (no AVX512-BF16, no C++
-compiler or ninja, a head size other than 64) the sampler keeps PyTorch's
-fused kernel, so nothing depends on it; ``DPO4REC_PREFIX_KERNEL=0`` turns it
-off.
+compiler or ninja, a head size other than 64, GPUs) the sampler keeps
+PyTorch's kernels, so nothing depends on it; ``DPO4REC_PREFIX_KERNEL=0``
+turns it off.
 """
-
 from __future__ import annotations
 
 import os
