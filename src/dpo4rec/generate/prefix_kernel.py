@@ -19,6 +19,7 @@ compiler or ninja, a head size other than 64, GPUs) the sampler keeps
 PyTorch's kernels, so nothing depends on it; ``DPO4REC_PREFIX_KERNEL=0``
 turns it off.
 """
+
 from __future__ import annotations
 
 import os
