@@ -105,8 +105,6 @@ def test_kernel_refuses_what_it_cannot_read(kernel):
 
 def test_prompt_attention_in_the_kernel_equals_causal_fp32_attention(kernel):
     """A prompt's own attention (prefill): causal, grouped query heads, prompt lengths around the key blocks."""
-    from types import SimpleNamespace
-
     torch.manual_seed(0)
     U, H, kvh, d = 2, 9, 3, 64
     fast = FastLlama.__new__(FastLlama)  # the method reads nothing of the model
@@ -122,22 +120,19 @@ def test_prompt_attention_in_the_kernel_equals_causal_fp32_attention(kernel):
 def test_prefill_with_the_kernel_follows_sdpa(kernel, tokenizer, tiny_run):
     """The bf16 prefill with prompts' attention in our kernel against the same prefill with SDPA: caches and first
     logits agree to bf16 noise (one rounding flip grows over 30 layers); a wrong layout would move them by units."""
-    fast, keys, values, lengths = _bf16_caches(tokenizer, tiny_run)  # the kernel's prefill (the default here)
+    fast, ids, lengths = _bf16_model_and_prompts(tokenizer, tiny_run)
+    keys, _, first = fast.prefill(ids, lengths)  # the kernel's prefill (the default here)
     fast.prompt_kernel = False
-    import pandas as pd
-
-    texts = pd.read_parquet(tiny_run / "prompts" / "prompts.parquet")["text"].tolist()[:3]
-    ids, _ = pad([tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], tokenizer.pad_token_id, left=False)
     sdpa_keys, _, sdpa_first = fast.prefill(ids, lengths)
     fast.prompt_kernel = True
-    _, _, first = fast.prefill(ids, lengths)
     assert (first - sdpa_first).abs().mean() < 0.3
     for layer in (0, len(keys) - 1):
         real = torch.arange(keys[layer].shape[2])[None, :] < lengths[:, None]  # right padding's keys are never read
         assert (keys[layer] - sdpa_keys[layer]).float().abs()[real[:, None, :, None].expand_as(keys[layer])].mean() < 0.05
 
 
-def _bf16_caches(tokenizer, tiny_run):
+def _bf16_model_and_prompts(tokenizer, tiny_run):
+    """A bf16 model's decoder and three right-padded prompts of different lengths (ids, lengths)."""
     import pandas as pd
 
     from dpo4rec.generate.model import load_model
@@ -146,7 +141,11 @@ def _bf16_caches(tokenizer, tiny_run):
     texts = pd.read_parquet(tiny_run / "prompts" / "prompts.parquet")["text"].tolist()[:3]
     prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     ids, mask = pad(prompts, tokenizer.pad_token_id, left=False)
-    lengths = mask.sum(-1)
+    return fast, ids, mask.sum(-1)
+
+
+def _bf16_caches(tokenizer, tiny_run):
+    fast, ids, lengths = _bf16_model_and_prompts(tokenizer, tiny_run)
     keys, values, _ = fast.prefill(ids, lengths)
     return fast, keys, values, lengths
 

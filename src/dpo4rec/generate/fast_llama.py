@@ -246,9 +246,7 @@ class FastLlama:
         U, H, P, d = q.shape
         kvh = k.shape[1]
         g = H // kvh
-        width = -(-P // prefix_kernel.KEY_BLOCK) * prefix_kernel.KEY_BLOCK
-        k = F.pad(k, (0, 0, 0, width - P)).view(U * kvh, width, d // 2, 2).transpose(1, 2).contiguous()
-        v = F.pad(v, (0, 0, 0, width - P)).view(U * kvh, width, d)
+        k, v = prefix_kernel.layout(k.reshape(U * kvh, P, d), v.reshape(U * kvh, P, d))
         lengths = (torch.arange(P, device=q.device) + 1).repeat(g)[None].expand(U * kvh, -1).contiguous()
         empty = q.new_empty(0, dtype=torch.float32)
         out, _ = prefix_kernel.kernel().attention(q.reshape(U * kvh, g * P, d).contiguous(), k, v, lengths,
@@ -386,10 +384,7 @@ class DecodeState:
         self.kernel_lengths = lengths.repeat_interleave(kvh).to(torch.long)  # per (user, KV head), as the kernel takes them
         self._query_lengths = None
         if self.prefix == "kernel":
-            width = -(-P // prefix_kernel.KEY_BLOCK) * prefix_kernel.KEY_BLOCK
-            self.prefix_keys = [F.pad(k, (0, 0, 0, width - P)).view(U, kvh, width, d // 2, 2).transpose(2, 3).contiguous()
-                                for k in keys]
-            self.prefix_v = [F.pad(v, (0, 0, 0, width - P)).contiguous() for v in values]
+            self.prefix_keys, self.prefix_v = map(list, zip(*(prefix_kernel.layout(k, v) for k, v in zip(keys, values))))
         else:
             self.prefix_keys = [(k if self.prefix == "flash" else k.transpose(-1, -2)).contiguous() for k in keys]
             self.prefix_v = values

@@ -27,12 +27,24 @@ import shutil
 import warnings
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
 HEAD_DIM = 64  # the kernel's head size
 KEY_BLOCK = 32  # keys per block: prompt caches are padded to a multiple of this
 _SOURCE = Path(__file__).with_name("prefix_attention.cpp")
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp",
           "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]  # ATen's 512-bit vectors (its exp) in the kernel
 _loaded: list = []  # [module or None] once tried
+
+
+def layout(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Caches (..., P, d) as the kernel reads them: keys (..., d/2, P', 2), each key's dims in the pairs vdpbf16ps
+    multiplies, and values (..., P', d), both padded with zeros to P', P rounded up to a whole key block."""
+    *lead, P, d = keys.shape
+    width = -(-P // KEY_BLOCK) * KEY_BLOCK
+    pairs = F.pad(keys, (0, 0, 0, width - P)).view(*lead, width, d // 2, 2).transpose(-3, -2).contiguous()
+    return pairs, F.pad(values, (0, 0, 0, width - P)).contiguous()
 
 
 def cpu_has_avx512_bf16() -> bool:
