@@ -192,3 +192,21 @@ def test_prefill_in_chunks_gives_the_same_texts(model_fp32, tokenizer, tiny_run)
     assert torch.allclose(first_chunked, first_whole, atol=1e-4)
     length = len(prompts[1])
     assert torch.allclose(k_chunked[0][1, :, :length], k_whole[0][1, :, :length], atol=1e-5)
+
+
+def test_our_prefill_of_real_tokens_only_equals_the_model_forward(model_fp32, tokenizer, tiny_run):
+    """Our prefill passes only the prompts' real tokens through the layers (the pads join for the attention alone);
+    on prompts of different lengths its caches and first logits equal the model's own padded forward (fp32)."""
+    prompts = _prompts(tiny_run, tokenizer, 3)
+    prompts[0] = prompts[0][: len(prompts[0]) // 3]  # right padding of two thirds for the first prompt
+    fast = FastLlama(model_fp32)
+    ids, mask = pad(prompts, tokenizer.pad_token_id, left=False)
+    lengths = mask.sum(-1)
+    keys, values, first = fast._prefill_fused(ids, lengths)
+    model_keys, model_values, model_first = fast._prefill_model(ids, lengths)
+    assert torch.allclose(first, model_first, atol=2e-3)
+    for layer in (0, len(keys) - 1):
+        for u, length in enumerate(lengths.tolist()):
+            assert torch.allclose(keys[layer][u, :, :length], model_keys[layer][u, :, :length], atol=1e-4), (layer, u)
+            assert torch.allclose(values[layer][u, :, :length], model_values[layer][u, :, :length], atol=1e-4), (layer, u)
+            assert not keys[layer][u, :, length:].any()  # pads: zeros, masked in decoding

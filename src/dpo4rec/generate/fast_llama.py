@@ -3,9 +3,8 @@
 Why not ``model.generate``: a user's prompt (~500 tokens) is 5-10x longer
 than each answer, and ``num_return_sequences`` copies the prompt's KV cache to
 every sample, so each decoding step reads N copies of the same prefix. Here
-each user's prompt is prefilled once (by the Hugging Face model itself), and
-the decode step attends to that one shared prefix from all of the user's N
-rows, plus each row's own short suffix cache, which is preallocated so that
+each user's prompt is prefilled once (its real tokens only), and the decode
+step attends to that one shared prefix from all of the user's N rows, plus each row's own short suffix cache, which is preallocated so that
 nothing grows by concatenation. (Top-p sampling, exact and without sorting
 the vocabulary, is in sampler.py.)
 
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dpo4rec.generate import prefix_kernel
+from dpo4rec.generate import cpu_kernels
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
 
@@ -149,7 +148,8 @@ class FastLlama:
                 down_lora=low_rank([mlp.down_proj]),
             ))
         self.packed_head = self._pack_weights()
-        self.prompt_kernel = True  # prompts' own attention in prefix_kernel.py where it runs (False: SDPA)
+        self.ops = self._fused_ops(config)  # the layers' elementwise work in cpu_kernels (None: PyTorch's operations)
+        self.prompt_kernel = True  # prompts' own attention in cpu_kernels.py where it runs (False: SDPA)
         self.adapted = any(lora is not None for layer in self.layers
                            for lora in (layer.qkv_lora, layer.o_lora, layer.gate_up_lora, layer.down_lora))
 
@@ -169,16 +169,52 @@ class FastLlama:
             layer.packed = tuple(_PACK(w) for w in (layer.qkv, layer.o, layer.gate_up, layer.down))
         return _PACK(self.lm_head.detach())
 
+    def _fused_ops(self, config):
+        """cpu_kernels' compiled module where its fused elementwise operations fit this model (bf16 on a CPU,
+        widths in whole 16-lane vectors), else None."""
+        widths = (config.hidden_size, config.intermediate_size, self.head_dim // 2)
+        if self.embed.device.type != "cpu" or self.embed.dtype != torch.bfloat16 or any(w % 16 for w in widths):
+            return None
+        return cpu_kernels.compiled()
+
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.ops is not None:
+            return self.ops.rms_norm(x, weight, self.eps)
         # as in LlamaRMSNorm: normalize in fp32, scale in the model's dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * x32.to(x.dtype)
 
-    def _mlp(self, x: torch.Tensor, layer: "_Layer", packed: tuple = _UNPACKED) -> torch.Tensor:
-        """The layer's second half on the residual stream ``x`` (rows, D): norm, SwiGLU, residual add."""
-        gate, up = _linear(self._rms(x, layer.norm_post), layer.gate_up, layer.gate_up_lora, packed=packed[2]).chunk(2, dim=-1)
-        return x + _linear(F.silu(gate) * up, layer.down, layer.down_lora, packed=packed[3])
+    def _add_rms(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor):
+        """The residual stream after adding ``delta`` (None: nothing to add) and its RMSNorm: (x + delta, norm).
+        The fused operation adds in place: ``x`` is always this module's own activation."""
+        if delta is None:
+            return x, self._rms(x, weight)
+        if self.ops is not None:
+            return x, self.ops.add_rms_norm(x, delta, weight, self.eps)
+        x = x + delta
+        return x, self._rms(x, weight)
+
+    def _qkv(self, h: torch.Tensor, layer: "_Layer", cos: torch.Tensor, sin: torch.Tensor, packed=None):
+        """Queries (R, H, d) and keys (R, kvh, d) with the rotary embedding, values (R, kvh * d), of rows ``h``."""
+        H, kvh, d = self.n_heads, self.n_kv, self.head_dim
+        qkv = _linear(h, layer.qkv, layer.qkv_lora, layer.qkv_bias, packed)  # (R, (H + 2 kvh) d)
+        if self.ops is not None:  # rotated in place: queries and keys are the first H + kvh heads of each row
+            self.ops.rotary_(qkv, cos, sin, H + kvh)
+            q, k, v = qkv.split([H * d, kvh * d, kvh * d], dim=-1)
+            return q.view(-1, H, d), k.view(-1, kvh, d), v
+        q, k, v = qkv.split([H * d, kvh * d, kvh * d], dim=-1)
+        return _rotate(q.view(-1, H, d), cos, sin), _rotate(k.view(-1, kvh, d), cos, sin), v
+
+    def _mlp(self, h: torch.Tensor, layer: "_Layer", packed: tuple = _UNPACKED) -> torch.Tensor:
+        """SwiGLU of the normed rows ``h``: what the layer adds to the residual stream."""
+        gate_up = _linear(h, layer.gate_up, layer.gate_up_lora, packed=packed[2])
+        if self.ops is not None:
+            act = self.ops.silu_mul(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        return _linear(act, layer.down, layer.down_lora, packed=packed[3])
 
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor):
@@ -194,9 +230,9 @@ class FastLlama:
         return (self._prefill_fused if fused else self._prefill_model)(input_ids, lengths)
 
     def _prompt_kernel_runs(self, device: torch.device) -> bool:
-        """Whether prompts' own attention runs in prefix_kernel.py here (a 2-core AMD EPYC: prefill 1.2x faster)."""
+        """Whether prompts' own attention runs in cpu_kernels.py here (a 2-core AMD EPYC: prefill 1.2x faster)."""
         return (self.prompt_kernel and device.type == "cpu" and self.embed.dtype == torch.bfloat16
-                and self.head_dim == prefix_kernel.HEAD_DIM and prefix_kernel.kernel() is not None)
+                and self.head_dim == cpu_kernels.HEAD_DIM and cpu_kernels.compiled() is not None)
 
     @torch.inference_mode()
     def _prefill_model(self, input_ids: torch.Tensor, lengths: torch.Tensor):
@@ -216,40 +252,59 @@ class FastLlama:
         casting bf16 activations up to the fp32 adapter weights: ~2x the
         prefill's time. Without adapters it gives the model's forward's logits
         exactly (SDPA), and is used where the attention runs in our kernel.
+
+        Only the prompts' real tokens pass through the layers' products (the
+        pads were ~16% of 16 ML-1M prompts' rows); they are spread into the
+        padded (U, P) layout for the attention alone.
         """
         U, P = input_ids.shape
         H, kvh, d = self.n_heads, self.n_kv, self.head_dim
-        x = self.embed[input_ids.reshape(-1)]  # (U P, D)
-        cos, sin = self.rotary(x, torch.arange(P, device=x.device).repeat(U)[None])
+        real = (torch.arange(P, device=input_ids.device)[None, :] < lengths[:, None]).reshape(-1)  # (U P,)
+        rows = real.nonzero().squeeze(1)  # each real token's row in the padded layout
+        x = self.embed[input_ids.reshape(-1)[rows]]  # (N, D), N real tokens
+        cos, sin = self.rotary(x, torch.arange(P, device=x.device).repeat(U)[rows][None])
         cos, sin = cos[0].to(x.dtype), sin[0].to(x.dtype)
+
+        def padded(t: torch.Tensor) -> torch.Tensor:  # (N, ...) -> (U, P, ...), zeros at the pads
+            out = t.new_zeros(U * P, *t.shape[1:])
+            out[rows] = t
+            return out.view(U, P, *t.shape[1:])
+
         keys, values = [], []
         use_kernel = self._prompt_kernel_runs(x.device)
+        delta = None  # what the last sublayer adds to the residual stream x, added with the next norm
         for layer in self.layers:
-            qkv = _linear(self._rms(x, layer.norm_in), layer.qkv, layer.qkv_lora, layer.qkv_bias)
-            q, k, v = qkv.split([H * d, kvh * d, kvh * d], dim=-1)
-            q = _rotate(q.view(-1, H, d), cos, sin).view(U, P, H, d).transpose(1, 2)
-            k = _rotate(k.view(-1, kvh, d), cos, sin).view(U, P, kvh, d).transpose(1, 2)
-            v = v.view(U, P, kvh, d).transpose(1, 2)
-            keys.append(k.contiguous())  # decoding reads them every step
-            values.append(v.contiguous())
+            x, h = self._add_rms(x, delta, layer.norm_in)
+            q, k, v = self._qkv(h, layer, cos, sin)
+            q = padded(q).transpose(1, 2)  # (U, H, P, d)
+            keys.append(padded(k).transpose(1, 2).contiguous())  # (U, kvh, P, d): decoding reads them every step
+            values.append(padded(v.view(-1, kvh, d)).transpose(1, 2).contiguous())
             if use_kernel:
-                attn = self._prompt_attention_kernel(q, keys[-1], values[-1])
+                attn = self._prompt_attention_kernel(q, keys[-1], values[-1], lengths)
             else:  # right padding: under causal attention no real token sees the pads after it
-                attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != kvh).transpose(1, 2)
-            x = self._mlp(x + _linear(attn.reshape(U * P, H * d), layer.o, layer.o_lora), layer)
-        last = self._rms(x.view(U, P, -1)[torch.arange(U, device=x.device), lengths - 1], self.final_norm)
+                attn = F.scaled_dot_product_attention(q, keys[-1], values[-1], is_causal=True, enable_gqa=H != kvh).transpose(1, 2)
+            attn = attn.reshape(U * P, H * d)[rows]
+            x, h = self._add_rms(x, _linear(attn, layer.o, layer.o_lora), layer.norm_post)
+            delta = self._mlp(h, layer)
+        x = x + delta
+        last = self._rms(x[lengths.cumsum(0) - 1], self.final_norm)  # each prompt's last real token
         return keys, values, F.linear(last, self.lm_head).float()
 
-    def _prompt_attention_kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _prompt_attention_kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Causal attention of prompts q (U, H, P, d) over their keys and values (U, kvh, P, d) in our kernel:
-        query p sees keys [0, p]. Returns (U, P, kvh, H / kvh, d) in q's dtype."""
+        query p sees keys [0, p]. Returns (U, P, kvh, H / kvh, d) in q's dtype. With the prompts' ``lengths``
+        (U,), queries past them (pads, whose outputs are dropped) see one key only."""
         U, H, P, d = q.shape
         kvh = k.shape[1]
         g = H // kvh
-        k, v = prefix_kernel.layout(k.reshape(U * kvh, P, d), v.reshape(U * kvh, P, d))
-        lengths = (torch.arange(P, device=q.device) + 1).repeat(g)[None].expand(U * kvh, -1).contiguous()
+        k, v = cpu_kernels.layout(k.reshape(U * kvh, P, d), v.reshape(U * kvh, P, d))
+        seen = (torch.arange(P, device=q.device) + 1)[None].expand(U, -1)  # (U, P)
+        if lengths is not None:
+            seen = torch.where(seen <= lengths[:, None], seen, 1)
+        lengths = seen.repeat(1, g).repeat_interleave(kvh, dim=0).contiguous()  # (U kvh, g P), queries as q orders them
         empty = q.new_empty(0, dtype=torch.float32)
-        out, _ = prefix_kernel.kernel().attention(q.reshape(U * kvh, g * P, d).contiguous(), k, v, lengths,
+        out, _ = cpu_kernels.compiled().attention(q.reshape(U * kvh, g * P, d).contiguous(), k, v, lengths,
                                                   1.0 / math.sqrt(d), empty, empty, 0, g)
         return out.view(U, kvh, g, P, d).permute(0, 3, 1, 2, 4).to(q.dtype)
 
@@ -264,13 +319,11 @@ class FastLlama:
         cos, sin = cos[0].to(x.dtype), sin[0].to(x.dtype)
         scale = 1.0 / math.sqrt(d)
         use_packed = self.packed_head is not None and x.shape[0] <= PACKED_MAX_ROWS
+        delta = None  # what the last sublayer adds to the residual stream x, added with the next norm
         for i, layer in enumerate(self.layers):
             packed = layer.packed if use_packed else _UNPACKED
-            h = self._rms(x, layer.norm_in)
-            qkv = _linear(h, layer.qkv, layer.qkv_lora, layer.qkv_bias, packed[0])  # (R, (H + 2 kvh) d)
-            q, k, v = qkv.split([H * d, kvh * d, kvh * d], dim=-1)
-            q = _rotate(q.view(-1, H, d), cos, sin)  # (R, H, d)
-            k = _rotate(k.view(-1, kvh, d), cos, sin)  # (R, kvh, d)
+            x, h = self._add_rms(x, delta, layer.norm_in)
+            q, k, v = self._qkv(h, layer, cos, sin, packed[0])  # (R, H, d), (R, kvh, d), (R, kvh d)
             state.write(i, k.view(U, n, kvh, d), v.view(U, n, kvh, d))
             q = q.view(U, n, kvh, g, d)
             # shared prefix: all n*g query heads of a KV group meet the user's prefix once
@@ -281,10 +334,12 @@ class FastLlama:
                 attn = self._attend_fused(q, qp, i, state, scale)
             else:
                 attn = self._attend(q, qp, i, state, scale)
-            x = self._mlp(x + _linear(attn.to(x.dtype).reshape(U * n, H * d), layer.o, layer.o_lora, packed=packed[1]), layer, packed)
-        x = self._rms(x, self.final_norm)
+            o = _linear(attn.to(x.dtype).reshape(U * n, H * d), layer.o, layer.o_lora, packed=packed[1])
+            x, h = self._add_rms(x, o, layer.norm_post)
+            delta = self._mlp(h, layer, packed)
+        x, h = self._add_rms(x, delta, self.final_norm)
         head = self.packed_head if use_packed else None
-        return _linear(x, self.lm_head, None, packed=head).view(U, n, -1)  # model dtype: sampling reads it as is
+        return _linear(h, self.lm_head, None, packed=head).view(U, n, -1)  # model dtype: sampling reads it as is
 
     def _attend(self, q, qp, i: int, state: "DecodeState", scale: float) -> torch.Tensor:
         """Attention over [prefix, own suffix] as plain products and one softmax. q: (U, n, kvh, g, d)."""
@@ -317,11 +372,11 @@ class FastLlama:
         return self._join_suffix(q, o_pre.float(), lse, i, state, scale)
 
     def _attend_kernel(self, q, qp, i: int, state: "DecodeState", scale: float) -> torch.Tensor:
-        """The same attention in one call of our AVX512-BF16 kernel (prefix_kernel.py): the prefix, each row's own
+        """The same attention in one call of our AVX512-BF16 kernel (cpu_kernels.py): the prefix, each row's own
         suffix and one softmax over both, in fp32 but for the bf16 prompt keys' products."""
         U, n, kvh, g, d = q.shape
         T = state.suffix_k[i].shape[-2]
-        out, _ = prefix_kernel.kernel().attention(
+        out, _ = cpu_kernels.compiled().attention(
             qp.reshape(U * kvh, n * g, d), state.prefix_keys[i].view(U * kvh, d // 2, -1, 2),
             state.prefix_v[i].view(U * kvh, -1, d), state.query_lengths(n * g), scale,
             state.suffix_k[i].view(U * kvh, n, T, d), state.suffix_v[i].view(U * kvh, n, T, d), state.step + 1, g)
@@ -357,7 +412,7 @@ def default_prefix_mode(keys: torch.Tensor) -> str:
     have it (bf16 caches, head size 64), else PyTorch's fused CPU kernel, else (GPUs) plain products."""
     if keys.device.type != "cpu":
         return "plain"
-    if keys.dtype == torch.bfloat16 and keys.shape[-1] == prefix_kernel.HEAD_DIM and prefix_kernel.kernel() is not None:
+    if keys.dtype == torch.bfloat16 and keys.shape[-1] == cpu_kernels.HEAD_DIM and cpu_kernels.compiled() is not None:
         return "kernel"
     return "flash" if _FLASH_CPU is not None else "plain"
 
@@ -366,7 +421,7 @@ class DecodeState:
     """Shared prefix caches per user and preallocated suffix caches per row.
 
     Layouts chosen by measurement on a 2-core CPU (16 users x 10 rows, 611-token prefixes), by ``prefix``
-    mode: "kernel" (prefix_kernel.py) keeps each key's dims in pairs, (U, kvh, d/2, P', 2), and the values
+    mode: "kernel" (cpu_kernels.py) keeps each key's dims in pairs, (U, kvh, d/2, P', 2), and the values
     (U, kvh, P', d), with P' the prompt width rounded up to the kernel's key block; "flash" (PyTorch's fused
     CPU kernel) reads the keys as they come, (U, kvh, P, d); "plain" keeps them transposed, (U, kvh, d, P),
     so the scores are a plain product (~1.8x faster than multiplying by a transposed view). On CPUs the
@@ -384,7 +439,7 @@ class DecodeState:
         self.kernel_lengths = lengths.repeat_interleave(kvh).to(torch.long)  # per (user, KV head), as the kernel takes them
         self._query_lengths = None
         if self.prefix == "kernel":
-            self.prefix_keys, self.prefix_v = map(list, zip(*(prefix_kernel.layout(k, v) for k, v in zip(keys, values))))
+            self.prefix_keys, self.prefix_v = map(list, zip(*(cpu_kernels.layout(k, v) for k, v in zip(keys, values))))
         else:
             self.prefix_keys = [(k if self.prefix == "flash" else k.transpose(-1, -2)).contiguous() for k in keys]
             self.prefix_v = values

@@ -1,4 +1,4 @@
-// Attention over a shared prompt cache for CPUs with AVX512-BF16 (see prefix_kernel.py): a decode step's
+// Attention over a shared prompt cache for CPUs with AVX512-BF16 (see cpu_kernels.py): a decode step's
 // queries against [the user's prompt, the row's own answer so far], or a prompt's own causal attention.
 //
 // Each (user, KV head) b has M queries and one prompt cache; query i sees the prompt's keys [0, lengths[b, i])
@@ -214,8 +214,4 @@ std::vector<torch::Tensor> attention(torch::Tensor q, torch::Tensor keys, torch:
     }
   });
   return {out, lse};
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("attention", &attention, "attention over shared prompt caches (AVX512-BF16)");
 }
