@@ -4,8 +4,9 @@ Why not ``model.generate``: a user's prompt (~500 tokens) is 5-10x longer
 than each answer, and ``num_return_sequences`` copies the prompt's KV cache to
 every sample, so each decoding step reads N copies of the same prefix. Here
 each user's prompt is prefilled once (its real tokens only), and the decode
-step attends to that one shared prefix from all of the user's N rows, plus each row's own short suffix cache, which is preallocated so that
-nothing grows by concatenation. (Top-p sampling, exact and without sorting
+step attends to that one shared prefix from all of the user's N rows, plus
+each row's own short suffix cache, which is preallocated so that nothing
+grows by concatenation. (Top-p sampling, exact and without sorting
 the vocabulary, is in sampler.py.)
 
 Layout: a batch holds U users with n rows each (``(U, n)``); rows that hit EOS
