@@ -21,16 +21,11 @@ def kernel():
 EMPTY = torch.empty(0)
 
 
-def _kernel_layout(keys, values, width):
-    """(B, P, 64) bf16 keys and values as the kernel takes them: padded to ``width``, keys' dims in pairs."""
-    B, P, d = keys.shape
-    k = F.pad(keys, (0, 0, 0, width - P)).view(B, width, d // 2, 2).transpose(1, 2).contiguous()
-    return k, F.pad(values, (0, 0, 0, width - P)).contiguous()
-
-
-def _fp32_attention(q, keys, values, lengths, suffix_keys=None, suffix_values=None, group=1):
+def _reference_attention(q, keys, values, lengths, suffix_keys=None, suffix_values=None, group=1, bf16_probs=True):
     """Softmax attention in fp32, query by query: query i of b sees keys[b, :lengths[b, i]] and, with suffixes,
-    its row's (i // group) own keys and values. Returns out (B, M, d) and log-sum-exp (B, M)."""
+    its row's (i // group) own keys and values. With ``bf16_probs`` the prompt's softmax numerators are rounded to
+    bf16 before they meet its values, as in the kernel (the sum that divides them is not). Returns out (B, M, d)
+    and log-sum-exp (B, M)."""
     B, M, d = q.shape
     out, lse = torch.zeros(B, M, d), torch.zeros(B, M)
     for b in range(B):
@@ -39,65 +34,80 @@ def _fp32_attention(q, keys, values, lengths, suffix_keys=None, suffix_values=No
             if suffix_keys is not None:
                 k, v = torch.cat([k, suffix_keys[b, i // group]]), torch.cat([v, suffix_values[b, i // group]])
             scores = (q[b, i].float() @ k.T) * 0.125
-            out[b, i], lse[b, i] = torch.softmax(scores, -1) @ v, torch.logsumexp(scores, -1)
+            numerators = (scores - scores.max()).exp()
+            if bf16_probs:
+                numerators[: lengths[b, i]] = numerators[: lengths[b, i]].bfloat16().float()
+            out[b, i] = numerators @ v / (scores - scores.max()).exp().sum()
+            lse[b, i] = torch.logsumexp(scores, -1)
     return out, lse
 
 
+def _assert_matches_reference(out, expected):
+    """Equal to fp32 rounding, but where a numerator sits at a bf16 rounding boundary: the kernel's exp and
+    PyTorch's can round it to neighbouring bf16 values, moving one output by up to ~1e-3 (a key missed or read
+    twice moves the mean error by ~1e-3)."""
+    error = (out - expected).abs()
+    assert error.max() < 2e-3 and error.mean() < 1e-6, (error.max(), error.mean())
+
+
 @pytest.mark.parametrize("queries", [1, 3, 8, 10, 33])
-def test_kernel_equals_fp32_attention_over_prompts(kernel, queries):
-    """Outputs and log-sum-exps equal softmax attention computed in fp32 on the same bf16 inputs, for query counts
-    that are and are not multiples of the kernel's blocks, and prompt lengths at and around its key blocks: one
-    length per (user, head) as in a decode step, and causal lengths (position + 1) as in a prompt's own pass."""
+def test_kernel_equals_reference_attention_over_prompts(kernel, queries):
+    """Outputs and log-sum-exps equal softmax attention computed in fp32 on the same bf16 inputs (the probabilities
+    rounded to bf16 where the kernel rounds them), for query counts that are and are not multiples of the kernel's
+    blocks, and prompt lengths at and around its key blocks: one length per (user, head) as in a decode step, and
+    causal lengths (position + 1) as in a prompt's own pass."""
     torch.manual_seed(queries)
     B, P, d = 6, 96, 64
     q = (torch.randn(B, queries, d) * 2).bfloat16()
     keys, values = (torch.randn(B, P, d) * 2).bfloat16(), torch.randn(B, P, d).bfloat16()
-    k, v = _kernel_layout(keys, values, 96)
+    k, v = cpu_kernels.layout(keys, values)
     per_user = torch.tensor([1, 31, 32, 33, 95, 96])[:, None].expand(-1, queries).contiguous()
     causal = (torch.arange(queries)[None] * 3 + torch.arange(B)[:, None] * 7) % P + 1
     for lengths in (per_user, causal):
         out, lse = kernel.attention(q, k, v, lengths, 0.125, EMPTY, EMPTY, 0, 1)
-        expected, expected_lse = _fp32_attention(q, keys, values, lengths)
-        assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5), (out - expected).abs().max()
+        expected, expected_lse = _reference_attention(q, keys, values, lengths)
+        _assert_matches_reference(out, expected)
         assert torch.allclose(lse, expected_lse, atol=1e-5, rtol=1e-6)
-    # PyTorch's fused kernel, for scale: it rounds the probabilities to bf16
+    # against exact fp32 attention, the bf16 probabilities cost what they cost PyTorch's fused kernel, which also
+    # rounds them (and the model's own attention does)
     mask = torch.where(torch.arange(P)[None, None] >= per_user[:, None, :1], float("-inf"), 0.0)[:, None]
     flash, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q[:, None], keys[:, None], values[:, None], 0.0, False, attn_mask=mask, scale=0.125)
-    expected, _ = _fp32_attention(q, keys, values, per_user)
+    exact, _ = _reference_attention(q, keys, values, per_user, bf16_probs=False)
     out, _ = kernel.attention(q, k, v, per_user, 0.125, EMPTY, EMPTY, 0, 1)
-    assert (flash[:, 0].float() - expected).abs().max() > 10 * (out - expected).abs().max()
+    assert (out - exact).abs().max() < 1e-2
+    assert (out - exact).abs().mean() < 1.5 * (flash[:, 0].float() - exact).abs().mean()
 
 
 @pytest.mark.parametrize("rows,group,suffix_len,capacity", [(1, 3, 1, 64), (10, 3, 17, 64), (4, 3, 64, 64), (3, 1, 33, 40)])
-def test_kernel_equals_fp32_attention_over_prompt_and_own_suffix(kernel, rows, group, suffix_len, capacity):
+def test_kernel_equals_reference_attention_over_prompt_and_own_suffix(kernel, rows, group, suffix_len, capacity):
     """A decode step: each query sees its user's prompt and the first ``suffix_len`` of its own row's keys
-    (fp32), one softmax over both."""
+    (fp32, their probabilities too), one softmax over both."""
     torch.manual_seed(rows * 100 + suffix_len)
     B, P, d = 4, 70, 64
     M = rows * group
     q = (torch.randn(B, M, d) * 2).bfloat16()
     keys, values = (torch.randn(B, P, d) * 2).bfloat16(), torch.randn(B, P, d).bfloat16()
-    k, v = _kernel_layout(keys, values, 96)
+    k, v = cpu_kernels.layout(keys, values)
     lengths = torch.tensor([1, 33, 64, 70])[:, None].expand(-1, M).contiguous()
     suffix_keys = torch.randn(B, rows, capacity, d) * 2
     suffix_values = torch.randn(B, rows, capacity, d)
     out, lse = kernel.attention(q, k, v, lengths, 0.125, suffix_keys, suffix_values,
                                 suffix_len, group)
-    expected, expected_lse = _fp32_attention(q, keys, values, lengths, suffix_keys[:, :, :suffix_len],
-                                             suffix_values[:, :, :suffix_len], group)
-    assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5), (out - expected).abs().max()
+    expected, expected_lse = _reference_attention(q, keys, values, lengths, suffix_keys[:, :, :suffix_len],
+                                                  suffix_values[:, :, :suffix_len], group)
+    _assert_matches_reference(out, expected)
     assert torch.allclose(lse, expected_lse, atol=1e-5, rtol=1e-6)
 
 
 def test_kernel_refuses_what_it_cannot_read(kernel):
     q = torch.zeros(2, 3, 64, dtype=torch.bfloat16)
-    k, v = _kernel_layout(torch.zeros(2, 40, 64, dtype=torch.bfloat16), torch.zeros(2, 40, 64, dtype=torch.bfloat16), 64)
+    k, v = cpu_kernels.layout(torch.zeros(2, 40, 64, dtype=torch.bfloat16), torch.zeros(2, 40, 64, dtype=torch.bfloat16))
     good = torch.tensor([[3] * 3, [40] * 3])
     with pytest.raises(RuntimeError, match="lengths"):
         kernel.attention(q, k, v, torch.tensor([[0] * 3, [40] * 3]), 0.125, EMPTY, EMPTY, 0, 1)
     with pytest.raises(RuntimeError, match="Pp a multiple"):
-        kernel.attention(q, k[:, :, :40].contiguous(), v[:, :40].contiguous(), good, 0.125, EMPTY, EMPTY, 0, 1)
+        kernel.attention(q, k[:, :, :40].contiguous(), v[:, :20].contiguous(), good, 0.125, EMPTY, EMPTY, 0, 1)
     with pytest.raises(RuntimeError, match="bf16"):
         kernel.attention(q.float(), k, v, good, 0.125, EMPTY, EMPTY, 0, 1)
     with pytest.raises(RuntimeError, match="suffix_keys"):  # 3 queries are not 2 rows x group 1
@@ -151,10 +161,10 @@ def _bf16_caches(tokenizer, tiny_run):
     return fast, keys, values, lengths
 
 
-def test_kernel_attention_on_real_caches_equals_fp32_before_and_after_dropping_users(kernel, tokenizer, tiny_run):
+def test_kernel_attention_on_real_caches_follows_fp32_before_and_after_dropping_users(kernel, tokenizer, tiny_run):
     """The decode step's attention over [prompt, own suffix] with the prompt part in our kernel, on a bf16 model's
-    real prompt caches (three prompts of different lengths), equals the same attention in fp32 at every layer,
-    and still does after a user is dropped from the batch."""
+    real prompt caches (three prompts of different lengths), equals the same attention in fp32 at every layer to
+    the bf16 rounding of the prompt's probabilities, and still does after a user is dropped from the batch."""
     fast, keys, values, lengths = _bf16_caches(tokenizer, tiny_run)
     assert default_prefix_mode(keys[0]) == "kernel"
     n, steps = 2, 3
@@ -179,7 +189,9 @@ def test_kernel_attention_on_real_caches_equals_fp32_before_and_after_dropping_u
             qp = q.permute(0, 2, 1, 3, 4).reshape(users, kvh, n * g, d)
             got = fast._attend_kernel(q, qp, layer, ours, 1 / d**0.5)
             expected = fast._attend(q, qp, layer, fp32, 1 / d**0.5)
-            assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (users, layer, (got - expected).abs().max())
+            # the kernel's bf16 probabilities: ~1e-3 of the outputs' size (a user's keys read for another's: units)
+            assert torch.allclose(got, expected, atol=1e-2, rtol=1e-2), (users, layer, (got - expected).abs().max())
+            assert (got - expected).abs().mean() < 1e-3, (users, layer)
 
 
 def test_decode_steps_on_the_kernel_follow_fp32_prompt_attention(kernel, tokenizer, tiny_run):

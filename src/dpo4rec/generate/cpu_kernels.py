@@ -44,12 +44,14 @@ _loaded: list = []  # [module or None] once tried
 
 
 def layout(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Caches (..., P, d) as the kernel reads them: keys (..., d/2, P', 2), each key's dims in the pairs vdpbf16ps
-    multiplies, and values (..., P', d), both padded with zeros to P', P rounded up to a whole key block."""
+    """Caches (..., P, d) as the attention kernel reads them, in the pairs vdpbf16ps multiplies: keys (..., d/2, P', 2),
+    each key's dims in pairs, and values (..., P'/2, d, 2), each dim's values of two consecutive keys side by side;
+    both padded with zeros to P', P rounded up to a whole key block."""
     *lead, P, d = keys.shape
     width = -(-P // KEY_BLOCK) * KEY_BLOCK
-    pairs = F.pad(keys, (0, 0, 0, width - P)).view(*lead, width, d // 2, 2).transpose(-3, -2).contiguous()
-    return pairs, F.pad(values, (0, 0, 0, width - P)).contiguous()
+    key_pairs = F.pad(keys, (0, 0, 0, width - P)).view(*lead, width, d // 2, 2).transpose(-3, -2).contiguous()
+    value_pairs = F.pad(values, (0, 0, 0, width - P)).view(*lead, width // 2, 2, d).transpose(-2, -1).contiguous()
+    return key_pairs, value_pairs
 
 
 def cpu_has_avx512_bf16() -> bool:

@@ -374,12 +374,13 @@ class FastLlama:
 
     def _attend_kernel(self, q, qp, i: int, state: "DecodeState", scale: float) -> torch.Tensor:
         """The same attention in one call of our AVX512-BF16 kernel (cpu_kernels.py): the prefix, each row's own
-        suffix and one softmax over both, in fp32 but for the bf16 prompt keys' products."""
+        suffix and one softmax over both, in fp32 but for the products with the bf16 prompt keys and values (the
+        prompt's probabilities rounded to bf16, as the model's own attention does)."""
         U, n, kvh, g, d = q.shape
         T = state.suffix_k[i].shape[-2]
         out, _ = cpu_kernels.compiled().attention(
             qp.reshape(U * kvh, n * g, d), state.prefix_keys[i].view(U * kvh, d // 2, -1, 2),
-            state.prefix_v[i].view(U * kvh, -1, d), state.query_lengths(n * g), scale,
+            state.prefix_v[i].view(U * kvh, -1, d, 2), state.query_lengths(n * g), scale,
             state.suffix_k[i].view(U * kvh, n, T, d), state.suffix_v[i].view(U * kvh, n, T, d), state.step + 1, g)
         return out.view(U, kvh, n, g, d).permute(0, 2, 1, 3, 4)
 
@@ -422,8 +423,8 @@ class DecodeState:
     """Shared prefix caches per user and preallocated suffix caches per row.
 
     Layouts chosen by measurement on a 2-core CPU (16 users x 10 rows, 611-token prefixes), by ``prefix``
-    mode: "kernel" (cpu_kernels.py) keeps each key's dims in pairs, (U, kvh, d/2, P', 2), and the values
-    (U, kvh, P', d), with P' the prompt width rounded up to the kernel's key block; "flash" (PyTorch's fused
+    mode: "kernel" (cpu_kernels.py) keeps each key's dims in pairs, (U, kvh, d/2, P', 2), and each dim's values
+    of two keys side by side, (U, kvh, P'/2, d, 2), with P' the prompt width rounded up to the kernel's key block; "flash" (PyTorch's fused
     CPU kernel) reads the keys as they come, (U, kvh, P, d); "plain" keeps them transposed, (U, kvh, d, P),
     so the scores are a plain product (~1.8x faster than multiplying by a transposed view). On CPUs the
     suffix caches are fp32 (the bf16 keys and values stored exactly), because products over many tiny

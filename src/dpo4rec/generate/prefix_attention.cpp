@@ -3,9 +3,9 @@
 //
 // Each (user, KV head) b has M queries and one prompt cache; query i sees the prompt's keys [0, lengths[b, i])
 // and, in a decode step, the keys its row has written so far (query i belongs to row i / group). Prompt
-// scores are bf16 x bf16 products summed in fp32 (vdpbf16ps); the rows' own keys and values are fp32; the
-// softmax and the probabilities x values stay in fp32 (PyTorch's fused CPU kernel rounds the probabilities to
-// bf16 before they meet the values).
+// scores are bf16 x bf16 products summed in fp32 (vdpbf16ps); the softmax is fp32; the prompt's probabilities
+// meet its values in bf16, summed in fp32 (vdpbf16ps again: the model's own attention also rounds them to bf16,
+// and fp32 products there took twice as long); the rows' own keys and values and their part stay in fp32.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -110,7 +110,8 @@ void add_suffix(float* out, const float* p, const float* values, int64_t len, fl
 
 }  // namespace
 
-// q: (B, M, 64) bf16; keys: (B, 32, Pp, 2) bf16, Pp % 32 == 0; values: (B, Pp, 64) bf16; lengths: (B, M) int64,
+// q: (B, M, 64) bf16; keys: (B, 32, Pp, 2) bf16, Pp % 32 == 0; values: (B, Pp / 2, 64, 2) bf16, each dim's values of
+// two consecutive keys side by side; lengths: (B, M) int64,
 // 1 <= length <= Pp. suffix_keys and suffix_values: (B, n, T, 64) fp32, each row's own keys and values, of which
 // the first suffix_len are read (0: none, and the two may be empty); M == n * group then.
 // Returns out (B, M, 64) fp32 (normalized) and lse (B, M) fp32 (over everything a query saw).
@@ -121,8 +122,8 @@ std::vector<torch::Tensor> attention(torch::Tensor q, torch::Tensor keys, torch:
   const int64_t B = q.size(0), M = q.size(1), Pp = keys.size(2);
   TORCH_CHECK(keys.sizes() == at::IntArrayRef({B, kHead / 2, Pp, 2}) && Pp % 32 == 0 && keys.is_contiguous() &&
               keys.scalar_type() == at::kBFloat16, "keys: (B, 32, Pp, 2) bf16, Pp a multiple of 32");
-  TORCH_CHECK(values.sizes() == at::IntArrayRef({B, Pp, kHead}) && values.is_contiguous() &&
-              values.scalar_type() == at::kBFloat16, "values: (B, Pp, 64) bf16");
+  TORCH_CHECK(values.sizes() == at::IntArrayRef({B, Pp / 2, kHead, 2}) && values.is_contiguous() &&
+              values.scalar_type() == at::kBFloat16, "values: (B, Pp / 2, 64, 2) bf16");
   TORCH_CHECK(lengths.sizes() == at::IntArrayRef({B, M}) && lengths.scalar_type() == at::kLong && lengths.is_contiguous(),
               "lengths: (B, M) int64");
   const int64_t* len_data = lengths.data_ptr<int64_t>();
@@ -156,6 +157,7 @@ std::vector<torch::Tensor> attention(torch::Tensor q, torch::Tensor keys, torch:
     std::vector<uint32_t> qbuf(kChunk * kHead / 2);
     std::vector<float> scores(kChunk * Pp), suffix(kChunk * std::max<int64_t>(suffix_width, 16)), inv(kChunk);
     std::vector<int64_t> len(kChunk);
+    std::vector<at::BFloat16> probs(kChunk * Pp);  // the scores' softmax numerators, rounded to bf16
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / chunks, first = item % chunks * kChunk, rows = std::min(kChunk, M - first);
       const int64_t padded = (rows + 3) / 4 * 4;  // whole blocks of 4 (zero queries past ``rows``, never written out)
@@ -182,23 +184,33 @@ std::vector<torch::Tensor> attention(torch::Tensor q, torch::Tensor keys, torch:
         }
         i0 += block;
       }
-      // out = sum_j p_j v_j / sum_j p_j: 4 queries x 64 dims of accumulators, p in fp32 (0 past a query's length)
+      // out = sum_j p_j v_j / sum_j p_j: pairs of keys' probabilities (bf16) x their values in vdpbf16ps, 4 queries
+      // x 64 dims of fp32 accumulators; each query's probabilities as far as its block of 4 reads (0 past its length)
+      for (int64_t i = 0; i < padded; ++i) {
+        const int64_t b4 = i / 4 * 4;
+        const int64_t width = (std::max({len[b4], len[b4 + 1], len[b4 + 2], len[b4 + 3]}) + 31) / 32 * 32;
+        for (int64_t j = 0; j < width; j += 16)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs.data() + i * Pp + j),
+                              (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(scores.data() + i * Pp + j)));
+      }
       const at::BFloat16* vb = v_data + b * Pp * kHead;
       for (int64_t r = 0; r < padded; r += 4) {
         __m512 acc[4][4];
 #pragma GCC unroll 4
         for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = _mm512_setzero_ps();
-        const int64_t stop = std::max({len[r], len[r + 1], len[r + 2], len[r + 3]});
-        for (int64_t j = 0; j < stop; ++j) {
-          const at::BFloat16* vr = vb + j * kHead;
-          __m512 v0 = load_bf16(vr), v1 = load_bf16(vr + 16), v2 = load_bf16(vr + 32), v3 = load_bf16(vr + 48);
+        const int64_t pairs = (std::max({len[r], len[r + 1], len[r + 2], len[r + 3]}) + 1) / 2;
+        const uint32_t* p_pairs = reinterpret_cast<const uint32_t*>(probs.data() + r * Pp);
+        for (int64_t j = 0; j < pairs; ++j) {
+          const at::BFloat16* vr = vb + j * kHead * 2;
+          const __m512bh v0 = (__m512bh)_mm512_loadu_si512(vr), v1 = (__m512bh)_mm512_loadu_si512(vr + 32),
+                         v2 = (__m512bh)_mm512_loadu_si512(vr + 64), v3 = (__m512bh)_mm512_loadu_si512(vr + 96);
 #pragma GCC unroll 4
           for (int i = 0; i < 4; ++i) {
-            __m512 p = _mm512_set1_ps(scores[(r + i) * Pp + j]);
-            acc[i][0] = _mm512_fmadd_ps(p, v0, acc[i][0]);
-            acc[i][1] = _mm512_fmadd_ps(p, v1, acc[i][1]);
-            acc[i][2] = _mm512_fmadd_ps(p, v2, acc[i][2]);
-            acc[i][3] = _mm512_fmadd_ps(p, v3, acc[i][3]);
+            const __m512bh p = (__m512bh)_mm512_set1_epi32(p_pairs[i * Pp / 2 + j]);
+            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], p, v0);
+            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], p, v1);
+            acc[i][2] = _mm512_dpbf16_ps(acc[i][2], p, v2);
+            acc[i][3] = _mm512_dpbf16_ps(acc[i][3], p, v3);
           }
         }
         for (int i = 0; i < 4 && r + i < rows; ++i) {
