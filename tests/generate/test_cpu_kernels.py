@@ -306,3 +306,23 @@ def test_fused_ops_through_the_model_are_as_close_to_fp32_as_pytorch_operations(
     fast.ops = kernel
     assert errors["fused"].max() < 0.3
     assert errors["fused"].mean() < 1.3 * errors["pytorch"].mean(), errors
+
+
+@pytest.mark.parametrize("dtype,temperature,vocab", [(torch.bfloat16, 1.0, 49152), (torch.float32, 0.7, 1000)])
+def test_sampling_passes_equal_pytorch(kernel, dtype, temperature, vocab):
+    """Top-p sampling's fused passes: the weights exp(x / t - max) and their block sums as PyTorch computes them
+    (to exp's fp32 rounding), read from expanded logits as the first step passes them, with a vocabulary that
+    is not a whole number of vectors; and each row's mass at or above a weight, exactly."""
+    generator = torch.Generator().manual_seed(vocab)
+    logits = (torch.randn(3, 1, vocab, generator=generator) * 3).to(dtype).expand(3, 4, vocab)  # stride 0 over rows
+    weights = torch.empty(12, vocab)
+    blocks = kernel.nucleus_weights(logits, temperature, weights, 256)
+    expected = logits.reshape(12, vocab).float() / temperature
+    expected = (expected - expected.amax(-1, keepdim=True)).exp()
+    assert torch.allclose(weights, expected, rtol=1e-6, atol=1e-30)
+    starts = torch.arange(0, vocab, 256)
+    assert torch.allclose(blocks, torch.stack([expected[:, s : s + 256].sum(-1) for s in starts.tolist()], dim=1), rtol=1e-5)
+    p = weights.gather(1, torch.randint(0, vocab, (12, 1), generator=generator))
+    for strict in (False, True):
+        exact = torch.where(weights > p if strict else weights >= p, weights.double(), 0.0).sum(-1)
+        assert torch.allclose(kernel.mass_from(weights, p, strict).double(), exact, rtol=1e-5)

@@ -99,10 +99,15 @@ def test_top_p_draws_follow_the_nucleus_distribution():
     assert len(cooled.unique()) < len(draws.unique())
 
 
-def test_nucleus_membership_equals_the_sorted_definition_with_ties():
-    """The fast membership test (mass by ratio thresholds, exact path near the edge) decides every drawn token
-    as sorting would: bf16 logits tie often, and ties are ranked in index order."""
+@pytest.mark.parametrize("passes", ["cpu_kernels", "pytorch"])
+def test_nucleus_membership_equals_the_sorted_definition_with_ties(passes, monkeypatch):
+    """The fast membership test (mass by one pass, or by ratio thresholds in PyTorch; exact path near the edge)
+    decides every drawn token as sorting would: bf16 logits tie often, and ties are ranked in index order."""
+    from dpo4rec.generate import sampler
     from dpo4rec.generate.sampler import _in_nucleus
+
+    if passes == "pytorch":
+        monkeypatch.setattr(sampler, "_fused_ops", lambda logits: None)
 
     gen = torch.Generator().manual_seed(5)
     logits = (torch.randn(300, 3000, generator=gen) * 2.0).bfloat16().float()  # ~256 distinct values per octave

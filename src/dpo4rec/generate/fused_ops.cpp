@@ -6,7 +6,9 @@
 #include <ATen/cpu/vec/vec.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 
 namespace {
 
@@ -128,4 +130,93 @@ void rotary_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t he
         }
       }
   });
+}
+
+// Top-p sampling's two passes over the vocabulary (sampler.py), each row's in one pass while it sits in cache:
+// PyTorch's copy, division, max, subtraction, exp and block sums (or division, threshold and sum) each stream
+// the whole (rows x 49k) fp32 buffer through memory.
+
+// nucleus_weights(logits (A, B, V): any strides but the last, fp32 or bf16; temperature; weights (A B, V) fp32,
+// written: exp(x / temperature - max)) -> (A B, ceil(V / block)) fp32, each block of ``block`` tokens' sum
+torch::Tensor nucleus_weights(torch::Tensor logits, double temperature, torch::Tensor weights, int64_t block) {
+  TORCH_CHECK(logits.dim() == 3 && logits.stride(2) == 1 &&
+              (logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16),
+              "logits: (A, B, V) fp32 or bf16, the last dim contiguous");
+  const int64_t A = logits.size(0), B = logits.size(1), V = logits.size(2), R = A * B;
+  TORCH_CHECK(weights.sizes() == at::IntArrayRef({R, V}) && weights.scalar_type() == at::kFloat && weights.is_contiguous(),
+              "weights: (A B, V) fp32, contiguous");
+  TORCH_CHECK(block >= 16 && block % 16 == 0 && temperature > 0, "block: a multiple of 16; temperature > 0");
+  const int64_t blocks = (V + block - 1) / block;
+  auto sums = torch::empty({R, blocks}, weights.options());
+  const bool bf16 = logits.scalar_type() == at::kBFloat16;
+  const char* base = static_cast<const char*>(logits.data_ptr());
+  const int64_t item = logits.element_size(), s0 = logits.stride(0), s1 = logits.stride(1);
+  float* wd = weights.data_ptr<float>();
+  float* sd = sums.data_ptr<float>();
+  const bool scaled = temperature != 1.0;
+  using Vec = at::vec::Vectorized<float>;
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const char* row = base + ((r / B) * s0 + (r % B) * s1) * item;
+      float* w = wd + r * V;
+      const int64_t full = V / 16 * 16;
+      __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      for (int64_t j = 0; j < full; j += 16) {  // the row in fp32 (divided by the temperature), and its max
+        __m512 x = bf16 ? load16(reinterpret_cast<const at::BFloat16*>(row) + j) : _mm512_loadu_ps(reinterpret_cast<const float*>(row) + j);
+        if (scaled) x = _mm512_div_ps(x, _mm512_set1_ps(static_cast<float>(temperature)));
+        _mm512_storeu_ps(w + j, x);
+        vmax = _mm512_max_ps(vmax, x);
+      }
+      float mx = _mm512_reduce_max_ps(vmax);
+      for (int64_t j = full; j < V; ++j) {
+        float x = bf16 ? static_cast<float>(reinterpret_cast<const at::BFloat16*>(row)[j]) : reinterpret_cast<const float*>(row)[j];
+        w[j] = scaled ? x / static_cast<float>(temperature) : x;
+        mx = std::max(mx, w[j]);
+      }
+      const Vec vm(mx);
+      for (int64_t k = 0; k < blocks; ++k) {  // exp(x - max) in place, summed per block
+        const int64_t lo = k * block, hi = std::min(V, lo + block);
+        Vec acc(0.f);
+        int64_t j = lo;
+        for (; j + 16 <= hi; j += 16) {
+          const Vec e = (Vec::loadu(w + j) - vm).exp_u20();
+          e.store(w + j);
+          acc = acc + e;
+        }
+        float total = _mm512_reduce_add_ps(__m512(acc));
+        for (; j < hi; ++j) total += (w[j] = std::exp(w[j] - mx));
+        sd[r * blocks + k] = total;
+      }
+    }
+  });
+  return sums;
+}
+
+// mass_from(weights (R, V) fp32, p (R, 1) fp32, strict) -> (R,): each row's total weight of tokens with weight >= p
+// (> p when strict)
+torch::Tensor mass_from(torch::Tensor weights, torch::Tensor p, bool strict) {
+  TORCH_CHECK(weights.dim() == 2 && weights.scalar_type() == at::kFloat && weights.is_contiguous(), "weights: (R, V) fp32, contiguous");
+  const int64_t R = weights.size(0), V = weights.size(1);
+  TORCH_CHECK(p.numel() == R && p.scalar_type() == at::kFloat && p.is_contiguous(), "p: (R, 1) fp32");
+  auto out = torch::empty({R}, weights.options());
+  const float *wd = weights.data_ptr<float>(), *pd = p.data_ptr<float>();
+  float* od = out.data_ptr<float>();
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* w = wd + r * V;
+      const __m512 vp = _mm512_set1_ps(pd[r]);
+      __m512 acc = _mm512_setzero_ps();
+      int64_t j = 0;
+      for (; j + 16 <= V; j += 16) {
+        const __m512 x = _mm512_loadu_ps(w + j);
+        const __mmask16 keep = strict ? _mm512_cmp_ps_mask(x, vp, _CMP_GT_OQ) : _mm512_cmp_ps_mask(x, vp, _CMP_GE_OQ);
+        acc = _mm512_mask_add_ps(acc, keep, acc, x);
+      }
+      float total = _mm512_reduce_add_ps(acc);
+      for (; j < V; ++j)
+        if (strict ? w[j] > pd[r] : w[j] >= pd[r]) total += w[j];
+      od[r] = total;
+    }
+  });
+  return out;
 }

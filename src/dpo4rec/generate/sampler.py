@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dpo4rec.generate import cpu_kernels
 from dpo4rec.generate.fast_llama import DecodeState, FastLlama, supports
 
 
@@ -125,11 +126,15 @@ def top_p_sample(logits: torch.Tensor, temperature: float, top_p: float, generat
     V = logits.shape[-1]
     rows_n = logits.numel() // V
     weights, scratch = (buffers or NucleusBuffers()).get(rows_n, V, logits.device)
-    weights.view(logits.shape).copy_(logits)  # strided or expanded logits are read in place, not copied first
-    if temperature != 1.0:
-        weights.div_(temperature)
-    weights.sub_(weights.amax(-1, keepdim=True)).exp_()
-    blocks = _block_sums(weights)  # (R, blocks)
+    ops = _fused_ops(logits)
+    if ops is not None:  # each row in one pass (cpu_kernels: ~2.5x less time at 160 x 49k)
+        blocks = ops.nucleus_weights(logits if logits.dim() == 3 else logits[None], temperature, weights, BLOCK)
+    else:
+        weights.view(logits.shape).copy_(logits)  # strided or expanded logits are read in place, not copied first
+        if temperature != 1.0:
+            weights.div_(temperature)
+        weights.sub_(weights.amax(-1, keepdim=True)).exp_()
+        blocks = _block_sums(weights)  # (R, blocks)
     block_cdf = blocks.cumsum(-1)
     total = block_cdf[:, -1:]
     tokens = torch.empty(rows_n, dtype=torch.long, device=logits.device)
@@ -144,6 +149,15 @@ def top_p_sample(logits: torch.Tensor, temperature: float, top_p: float, generat
         tokens[rows[kept]] = pick[kept, 0]
         rows = rows[~kept]
     return tokens
+
+
+def _fused_ops(logits: torch.Tensor):
+    """cpu_kernels' compiled module where its sampling passes can read ``logits`` (a CPU's fp32 or bf16 rows of two or
+    three dims, the vocabulary contiguous), else None."""
+    if (logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.bfloat16) or logits.dim() not in (2, 3)
+            or logits.stride(-1) != 1):
+        return None
+    return cpu_kernels.compiled()
 
 
 def _block_sums(weights: torch.Tensor) -> torch.Tensor:
@@ -206,8 +220,12 @@ def _mass_from(weights: torch.Tensor, p: torch.Tensor, scratch: torch.Tensor, st
 
     w / p is monotone in w and rounds to exactly 1 only for w == p (p normal), so thresholding the ratio
     at 1 (strict) or just below 1 selects the same tokens as comparing w with p; the sum of the kept
-    ratios times p is the mass, to fp32 rounding (the callers' margin covers it).
+    ratios times p is the mass, to fp32 rounding (the callers' margin covers it). Where cpu_kernels runs, one pass
+    compares each weight with p.
     """
+    ops = _fused_ops(weights)
+    if ops is not None:
+        return ops.mass_from(weights, p.contiguous(), strict)
     torch.div(weights, p, out=scratch)
     F.threshold_(scratch, 1.0 if strict else _BELOW_ONE, 0.0)
     return scratch.sum(-1) * p[:, 0]
