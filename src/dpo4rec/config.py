@@ -134,9 +134,10 @@ class GenerateConfig:
     """Sequences decoded together (users x (N + 1))."""
     max_prefill_tokens: int = 65536
     """Prompt tokens of one batch (bounds the prompt caches' memory: ~23 KB a token for SmolLM2-135M in bf16)."""
-    prefill_chunk_tokens: int = 4096
-    """Prompt tokens per prefill call; a batch's prompts are evaluated in chunks of this size and decoded together.
-    Small chunks keep a CPU's activations in cache (4,096 measured ~30% faster than 18k on 2 cores); a GPU may want more."""
+    prefill_chunk_tokens: int = 16384
+    """Padded prompt tokens per prefill call; a batch's prompts are evaluated in chunks of this size and decoded
+    together. Once 4,096 measured ~30% faster than 18k on 2 cores; since the prefill passes only real tokens
+    through fused operations, one call per 256-row batch is 1.05-1.08x faster than 4,096-token chunks there."""
     sampled_train_users: int | None = None
     """Train users who get N samples (a seeded subset; None = all). Only they feed DPO pairs.
     Everyone gets the greedy text, which trains and evaluates the recommender. Cost: a

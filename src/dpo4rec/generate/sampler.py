@@ -35,7 +35,7 @@ class SamplerSettings:
     greedy: bool = True
     """Also write one greedy answer per prompt (sample 0): test-time knowledge."""
     seed: int = 0
-    prefill_chunk_tokens: int = 4096
+    prefill_chunk_tokens: int = 16384
     """Padded prompt tokens per prefill call (the fast sampler): the batch is decoded together all the same."""
 
     @property
