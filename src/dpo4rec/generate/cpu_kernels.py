@@ -7,14 +7,15 @@
   64 dims is too small for its general tiling. This kernel keeps 8 queries x
   32 prompt keys of accumulators in registers, sums bf16 x bf16 pair products
   in fp32 (vdpbf16ps), adds each row's own suffix keys (fp32) to the same
-  softmax, and leaves the softmax and the values' pass in fp32: one call per
-  layer and step, closer to fp32 attention than the fused kernel (which
-  rounds the probabilities to bf16). With one length per query it also runs
-  the prompts' own causal attention in the prefill.
+  fp32 softmax, and multiplies the prompt's probabilities, rounded to bf16 as
+  the model's own attention rounds them, by its values in vdpbf16ps again:
+  one call per layer and step. With one length per query it also runs the
+  prompts' own causal attention in the prefill.
 * fused_ops.cpp: the decoder layer's elementwise work (RMSNorm with the
   residual add before it, rotary embedding, SiLU x up) in one pass each,
   with the model's bf16 roundings. PyTorch runs each as 3-14 operations; in a
-  decode step of 160 rows that dispatch cost ~15% of the step.
+  decode step of 160 rows that dispatch cost ~15% of the step. Also top-p
+  sampling's two passes over the vocabulary (sampler.py), row by row.
 
 Measured in benchmarks/decode_step.py (``kernel``, ``fused_ops``) and
 docs/generation.md. Compiled once per machine by ``torch.utils.cpp_extension``

@@ -424,11 +424,11 @@ class DecodeState:
 
     Layouts chosen by measurement on a 2-core CPU (16 users x 10 rows, 611-token prefixes), by ``prefix``
     mode: "kernel" (cpu_kernels.py) keeps each key's dims in pairs, (U, kvh, d/2, P', 2), and each dim's values
-    of two keys side by side, (U, kvh, P'/2, d, 2), with P' the prompt width rounded up to the kernel's key block; "flash" (PyTorch's fused
-    CPU kernel) reads the keys as they come, (U, kvh, P, d); "plain" keeps them transposed, (U, kvh, d, P),
-    so the scores are a plain product (~1.8x faster than multiplying by a transposed view). On CPUs the
-    suffix caches are fp32 (the bf16 keys and values stored exactly), because products over many tiny
-    (3 x 64 x t) blocks run 1.7-2x faster in fp32 there.
+    of two keys side by side, (U, kvh, P'/2, d, 2), with P' the prompt width rounded up to the kernel's key
+    block; "flash" (PyTorch's fused CPU kernel) reads the keys as they come, (U, kvh, P, d); "plain" keeps them
+    transposed, (U, kvh, d, P), so the scores are a plain product (~1.8x faster than multiplying by a transposed
+    view). On CPUs the suffix caches are fp32 (the bf16 keys and values stored exactly), because products over
+    many tiny (3 x 64 x t) blocks run 1.7-2x faster in fp32 there.
     """
 
     def __init__(self, keys, values, lengths: torch.Tensor, n_rows: int, max_new_tokens: int, prefix: str | None = None):
