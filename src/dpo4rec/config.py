@@ -267,8 +267,11 @@ class AlignConfig:
     """A text's reward from the recommender, averaged over the user's reward lists that hold a
     positive (lists without one carry no signal and are left out): "ndcg" (the paper's NDCG@5;
     ties are common), "ndcg_margin" (NDCG@5, ties broken by the positives' mean score margin
-    over the negatives) or "loglik" (mean log-likelihood of the list's labels under the
-    recommender's scores, as its training loss reads them: continuous, no ties)."""
+    over the negatives), "loglik" (mean log-likelihood of the list's labels under the
+    recommender's scores, as its training loss reads them: continuous, no ties) or "listwise"
+    (mean log-probability a softmax over the list's scores gives its positives: continuous,
+    blind to a shift of all scores, so it rewards a better order, not a calibration that suits
+    one user; lists without a negative are left out too)."""
     pairing: str = "best_worst"
     """Pairs per user: "best_worst" (the paper: one pair), "top_bottom" (each of the best
     ``pairs_per_user`` samples against each of the worst ``pairs_per_user``) or "all_gaps"
@@ -317,7 +320,7 @@ class AlignConfig:
     def __post_init__(self) -> None:
         _check(self.beta > 0, "align.beta", "> 0", self.beta)
         _check(self.min_reward_gap >= 0, "align.min_reward_gap", ">= 0", self.min_reward_gap)
-        _check(self.reward in ("ndcg", "ndcg_margin", "loglik"), "align.reward", "ndcg, ndcg_margin or loglik", self.reward)
+        _check(self.reward in ("ndcg", "ndcg_margin", "loglik", "listwise"), "align.reward", "ndcg, ndcg_margin, loglik or listwise", self.reward)
         _check(self.pairing in ("best_worst", "top_bottom", "all_gaps"), "align.pairing", "best_worst, top_bottom or all_gaps", self.pairing)
         _check(self.pairs_per_user >= 1, "align.pairs_per_user", ">= 1", self.pairs_per_user)
         _check(self.ld_alpha is None or 0 <= self.ld_alpha <= 1, "align.ld_alpha", "in [0, 1] (or unset)", self.ld_alpha)

@@ -45,6 +45,20 @@ def test_list_rewards_by_hand():
     assert list_rewards("loglik", wider, labels[:1], _BCE())[0] > expected[0]
 
 
+def test_listwise_reward_by_hand():
+    scores = torch.tensor([[2.0, 0.0, 1.0], [0.0, 1.0, 2.0], [1.0, 0.0, 3.0], [1.0, 2.0, 0.0], [1.0, 2.0, 0.0]])
+    labels = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 1.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    lse = lambda row: math.log(sum(math.exp(x) for x in row))  # noqa: E731
+    expected = [2 - lse([2, 0, 1]), 0 - lse([0, 1, 2]), np.mean([1 - lse([1, 0, 3]), 3 - lse([1, 0, 3])])]
+    values = list_rewards("listwise", scores, labels, _BCE())
+    np.testing.assert_allclose(values[:3], expected, rtol=1e-6)
+    # a list of positives only (or none) has no order to get right: no value
+    assert np.isnan(values[3:]).all()
+    # a shift of every score changes the order of nothing: listwise stays, loglik moves (the calibration it also reads)
+    np.testing.assert_allclose(list_rewards("listwise", scores[:3] + 1.5, labels[:3], _BCE()), expected, rtol=1e-5)
+    assert not np.allclose(list_rewards("loglik", scores[:3] + 1.5, labels[:3], _BCE()), list_rewards("loglik", scores[:3], labels[:3], _BCE()))
+
+
 def _table(rewards):
     rows = [(u, s, r) for u, values in rewards.items() for s, r in enumerate(values)]
     frame = pd.DataFrame(rows, columns=["user_index", "sample", "reward"])

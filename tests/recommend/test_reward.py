@@ -110,3 +110,31 @@ def test_rewards_from_encoded_samples(ml100k):
     table = RewardScorer(model, lists).score_embeddings(emb, users=train_users)
     assert set(table.columns) == {"user_index", "sample", "reward"}
     assert set(table["sample"]) == {0, 1, 2} and table["user_index"].isin(train_users).all()
+
+
+def test_listwise_rewards_leave_out_lists_without_a_negative(ml100k):
+    """Per user: the mean over lists with a positive and a negative of the positives' mean log-softmax, by predict()."""
+    protocol, emb = ml100k
+    lists = list_tensors(protocol.lists)
+    train_users = protocol.users.loc[protocol.users["split"] == "train", "user_index"].to_numpy()[:30]
+    owner = lists.user_index.numpy()
+    first = np.flatnonzero((owner == train_users[0]) & (lists.split == "train"))
+    lists.labels[first[0]] = 1  # one list of positives only: no order to reward
+    only = np.flatnonzero((owner == train_users[1]) & (lists.split == "train"))
+    lists.labels[only] = 1  # a user whose every list is all positive: no reward at all
+    torch.manual_seed(0)
+    model = build_recommender(RecommendConfig(device="cpu"), protocol.items, lists, emb.dim, (emb.item_index, emb.item_vectors), emb.encoder)
+    vectors = np.random.default_rng(0).standard_normal((len(train_users), emb.dim)).astype(np.float32)
+    rewards = RewardScorer(model, lists, max_pairs=50).score(train_users, vectors, reward="listwise")
+
+    knowledge = user_knowledge(len(protocol.users), train_users, vectors)
+    labels = lists.labels.numpy()
+    counted = np.isin(owner, train_users) & (lists.split == "train") & (labels.max(1) > 0) & (labels.min(1) == 0)
+    mine = lists.subset(np.flatnonzero(counted))
+    scores = torch.as_tensor(predict(model, mine, knowledge)).double()
+    positive = mine.labels.double()
+    per_list = ((torch.log_softmax(scores, 1) * positive).sum(1) / positive.sum(1)).numpy()
+    expected = np.array([per_list[mine.user_index.numpy() == u].mean() if (mine.user_index.numpy() == u).any() else np.nan
+                         for u in train_users])
+    assert np.isnan(rewards[1]) and np.isnan(expected[1]) and not np.isnan(rewards[0])
+    np.testing.assert_allclose(rewards, expected, atol=1e-4)

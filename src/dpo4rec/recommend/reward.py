@@ -30,7 +30,7 @@ from dpo4rec.recommend.features import ListTensors, list_tensors, mark_reward_li
 from dpo4rec.recommend.models import Reranker
 
 
-REWARDS = ("ndcg", "ndcg_margin", "loglik")
+REWARDS = ("ndcg", "ndcg_margin", "loglik", "listwise")
 # Weight of the margin term in "ndcg_margin": a user's NDCG@5 average moves in steps of at least ~0.015 / lists, so
 # up to ~100 lists per user the margin only orders samples whose NDCG@5 ties, and never reverses an NDCG@5 order.
 TIE_BREAK = 1e-4
@@ -42,12 +42,21 @@ def list_rewards(kind: str, scores: torch.Tensor, labels: torch.Tensor, model, k
     ndcg: NDCG@k as KAR computes it. ndcg_margin: NDCG@k + TIE_BREAK x
     sigmoid(mean positive score - mean negative score), which orders texts
     whose NDCG ties by how far the model separates the list's positives from
-    its negatives. loglik: the list's log-likelihood under the model's own loss.
+    its negatives. loglik: the list's log-likelihood under the model's own loss. listwise: the mean
+    log-probability that a softmax over the list's scores gives its positives (ListNet's top-one
+    likelihood): only the order counts, a shift of all of a list's scores changes nothing. A list
+    without a negative has no order to get right: NaN, left out of the user's average.
     """
     if kind not in REWARDS:
         raise InputError(f"align.reward must be one of {', '.join(REWARDS)}, got {kind!r}")
     if kind == "loglik":
         return model.list_log_likelihood(scores.float(), labels.float()).cpu().numpy().astype(np.float64)
+    if kind == "listwise":
+        positive = (labels > 0).float()
+        log_probs = torch.log_softmax(scores.float(), dim=1)
+        values = (log_probs * positive).sum(1) / positive.sum(1).clamp_min(1)
+        values = torch.where((positive.sum(1) > 0) & (positive.sum(1) < labels.shape[1]), values, float("nan"))
+        return values.cpu().numpy().astype(np.float64)
     ndcg = rerank_metrics(labels.cpu().numpy(), scores.float().cpu().numpy(), ks=(k,))[f"ndcg@{k}"]
     if kind == "ndcg":
         return ndcg
@@ -123,7 +132,10 @@ class RewardScorer:
                 at += n_rows[g]
             pair_row, pair_list = np.concatenate(pair_row), np.concatenate(pair_list)
             values = self._pair_rewards(lists, vectors[rows], pair_row, pair_list, k, reward)
-            rewards[rows] = np.bincount(pair_row, weights=values, minlength=len(rows)) / np.bincount(pair_row, minlength=len(rows))
+            counted = ~np.isnan(values)  # "listwise" leaves out lists without a negative
+            with np.errstate(invalid="ignore"):  # a user with no counted list gets NaN (no reward)
+                rewards[rows] = (np.bincount(pair_row[counted], weights=values[counted], minlength=len(rows))
+                                 / np.bincount(pair_row[counted], minlength=len(rows)))
         return rewards
 
     def score_embeddings(self, embeddings, split: str | None = "train", users: np.ndarray | None = None, k: int = 5,
