@@ -7,9 +7,12 @@ and paired again under the variant's [align] settings (``reward_lists``,
 ``reward``, ``pairing``, ``pairs_per_user``, ``min_reward_gap``), DPO trains
 a fresh adapter on them (``learning_rate``, ``epochs``, ``batch_size``, ...),
 and the held-out check scores the run's validation pairs (always rewarded on
-validation lists by the held-out reward recommender, as the run did) under it.
-The generation, recommenders and validation pairs are the run's own, so the
-variants differ only in what DPO saw. Writes ``OUT/<variant>/`` (pairs,
+validation lists by the held-out reward recommender, as the run did) under it;
+a variant with another ``reward`` rewards and pairs the validation users'
+samples again under it, so the check asks whether DPO learned that reward's
+preference. The generation and recommenders are the run's own, so the
+variants differ only in what DPO saw (and, with another reward, what counts
+as the better text). Writes ``OUT/<variant>/`` (pairs,
 adapter, held-out texts) and ``OUT/levers.json``; prints a table.
 """
 
@@ -59,7 +62,6 @@ def main(argv=None) -> int:
     embeddings = read_embeddings(here / "embeddings")
     train_users = split_user_indices(args.run, "train")
     sampled = sorted(set(embeddings.user_index[(embeddings.sample > 0)]) & set(train_users))
-    texts = pair_texts(validation_pairs)
     messages = prompts.set_index("user_index")["message"]
     results = []
     for name, *settings in args.variant:
@@ -72,11 +74,17 @@ def main(argv=None) -> int:
         rewards = scorer.score_embeddings(embeddings, split=lists, users=sampled, reward=align.reward)
         pairs = make_pairs(rewards, knowledge, prompts, align.min_reward_gap, align.pairing, align.pairs_per_user)
         pairs.to_parquet(folder / "pairs.parquet")
+        held_out = validation_pairs
+        if align.reward != base_align.reward:
+            validation_users = sorted(set(embeddings.user_index[embeddings.sample > 0]) & set(split_user_indices(args.run, "validation")))
+            validation_rewards = scorer.score_embeddings(embeddings, split="validation", users=validation_users, reward=align.reward)
+            held_out = make_pairs(validation_rewards, knowledge, prompts, align.min_reward_gap, "all_gaps")
+            held_out.to_parquet(folder / "validation_pairs.parquet")
         history = train_dpo(pairs, model_cfg, align, [], folder / "adapter")
         dpo_s = time.perf_counter() - start
-        scored_texts = score_texts(texts, messages, model_cfg, [folder / "adapter"])
+        scored_texts = score_texts(pair_texts(held_out), messages, model_cfg, [folder / "adapter"])
         scored_texts.to_parquet(folder / "heldout_texts.parquet")
-        summary = summarize(pair_margins(validation_pairs, scored_texts, align.beta))
+        summary = summarize(pair_margins(held_out, scored_texts, align.beta))
         steps = history["steps"]
         summary["validation_pairs"] = summary.pop("pairs")
         row = {"variant": name, "settings": settings, "train_pairs": len(pairs), "optimizer_steps": len(steps),
