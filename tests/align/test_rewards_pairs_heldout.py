@@ -10,6 +10,7 @@ import torch
 
 from dpo4rec.align.heldout import answer_logps, completion_ids, pair_margins, summarize
 from dpo4rec.align.pairs import make_pairs, reward_spread
+from dpo4rec.align.reliability import agreement
 from dpo4rec.recommend.reward import TIE_BREAK, list_rewards
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -142,3 +143,19 @@ def test_validation_drift_by_hand():
     low, high = drift["validation_reward_drift_ci95"]
     assert low == pytest.approx(0.0) and high == pytest.approx(0.3)  # resampling two users: 0, 0.15 or 0.3
     assert sampled_drift(before, after[after["user_index"] == 3]) == {}
+
+
+def test_split_half_agreement_by_hand():
+    def table(rewards):
+        return pd.DataFrame([(u, s + 1, r) for u, values in rewards.items() for s, r in enumerate(values)],
+                            columns=["user_index", "sample", "reward"])
+
+    a = table({0: [0.1, 0.3, 0.2], 1: [0.5, 0.5, 0.5], 2: [0.1, 0.2]})
+    b = table({0: [0.2, 0.4, 0.4], 1: [0.1, 0.2, 0.3], 2: [0.3, 0.1]})
+    out = agreement(a, b)
+    # user 0: (1,2) and (1,3) ordered alike, (2,3) tied on b (half); user 1 ties on a (no pair); user 2 reversed
+    assert out["users"] == 3 and out["tied_users"] == 1
+    assert out["pair_agreement"] == pytest.approx((1 + 1 + 0.5 + 0) / 4) and out["pair_agreement_pairs"] == 4
+    # best vs worst on a: user 0 (sample 2 vs 1) holds on b, user 2 (sample 2 vs 1) does not
+    assert out["best_worst_agreement"] == pytest.approx(0.5) and out["best_worst_agreement_pairs"] == 2
+    assert out["pair_agreement_ci95"][0] <= out["pair_agreement"] <= out["pair_agreement_ci95"][1]

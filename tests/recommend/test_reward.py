@@ -8,6 +8,7 @@ from dpo4rec.config import RecommendConfig
 from dpo4rec.errors import InputError
 from dpo4rec.metrics import rerank_metrics
 from dpo4rec.recommend.features import list_tensors, user_knowledge
+from dpo4rec.align.reliability import halves, split_half_reliability
 from dpo4rec.recommend.reward import RewardScorer
 from dpo4rec.recommend.train import build_recommender, predict, train_recommender
 
@@ -138,3 +139,25 @@ def test_listwise_rewards_leave_out_lists_without_a_negative(ml100k):
                          for u in train_users])
     assert np.isnan(rewards[1]) and np.isnan(expected[1]) and not np.isnan(rewards[0])
     np.testing.assert_allclose(rewards, expected, atol=1e-4)
+
+
+def test_split_half_reliability_scores_alternate_validation_lists(ml100k):
+    protocol, emb = ml100k
+    lists = list_tensors(protocol.lists)
+    torch.manual_seed(0)
+    model = build_recommender(RecommendConfig(device="cpu"), protocol.items, lists, emb.dim, (emb.item_index, emb.item_vectors), emb.encoder)
+    scorer = RewardScorer(model, lists)
+    users = protocol.users.loc[protocol.users["split"] == "validation", "user_index"].to_numpy()[:5]
+    before = lists.split.copy()
+    halved = halves(scorer, users)
+    assert (scorer.lists.split == before).all()  # the scorer is left as it was
+    owner = lists.user_index.numpy()
+    for user in users:
+        mine = halved.lists.split[(owner == user) & (before == "validation")]
+        assert list(mine) == ["half_a", "half_b"] * (len(mine) // 2) + ["half_a"] * (len(mine) % 2)
+    assert (halved.lists.split[~np.isin(owner, users)] == before[~np.isin(owner, users)]).all()
+    vectors = np.random.default_rng(0).standard_normal((len(users) * 4, emb.dim)).astype(np.float32)
+    samples = type("Samples", (), {"user_index": np.repeat(users, 4), "sample": np.tile(np.arange(4), len(users)), "user_vectors": vectors})
+    out = split_half_reliability(scorer, samples, users, "loglik")
+    assert out["users"] == len(users) and out["pair_agreement_pairs"] == 3 * len(users) - 3 * out["tied_users"]
+    assert 0 <= out["pair_agreement_ci95"][0] <= out["pair_agreement"] <= out["pair_agreement_ci95"][1] <= 1

@@ -13,7 +13,8 @@ recommender, ``knowledge/`` and ``prompts/``; writes ``RUN/round_<t>/preferences
   whose rewards differ as a pair; never used for training, only to check on
   unseen users what DPO learned (align/heldout.py);
 * ``summary.json`` (reward spread, ties, pair counts, for train and
-  validation users) and ``manifest.json``.
+  validation users; the reward's split-half reliability on the validation
+  users, align/reliability.py) and ``manifest.json``.
 
 Only train users' pairs feed DPO; test users are never scored.
 
@@ -32,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from dpo4rec.align.pairs import make_pairs, reward_spread
+from dpo4rec.align.reliability import split_half_reliability
 from dpo4rec.artifacts import StageFolder, existing_output, fingerprint_file, make_manifest, read_json, read_parquet, round_dir, write_json, write_parquet
 from dpo4rec.config import AlignConfig, RecommendConfig
 from dpo4rec.errors import InputError
@@ -87,6 +89,8 @@ def run_reward_stage(run_dir: str | Path, round_index: int, recommend: Recommend
         summary[name] = {"spread": reward_spread(rewards, pairs), "pairs": len(pairs), "users_with_pairs": int(pairs["user_index"].nunique()),
                          "sampled_users": int(len(sampled_users)),
                          "greedy_reward_mean": float(rewards.loc[rewards["sample"] == 0, "reward"].mean())}
+        if name == "validation":  # does the reward have signal? Its agreement between two halves of their lists
+            summary[name]["reliability"] = split_half_reliability(scorer, embeddings, sampled_users, align.reward)
     summary["pairs"] = summary["train"]["pairs"]  # what DPO trains on
     with StageFolder(folder, manifest) as tmp:
         write_parquet(tmp / "rewards.parquet", outputs["train"][0])

@@ -139,6 +139,7 @@ def alignment(run_dir: Path, config: PipelineConfig, rounds: list[dict]) -> list
         t, dpo = r["round"], r.get("dpo", {})
         heldout_file = round_dir(run_dir, t) / "heldout" / "summary.json"
         heldout = read_json(heldout_file) if heldout_file.is_file() else {}
+        reliability = r.get("preferences", {}).get("validation", {}).get("reliability", {})
         entry = {"round": t, "pairs": dpo.get("pairs"), "optimizer_steps": len(dpo.get("steps", [])),
                  "heldout_pairs": heldout.get("pairs"), "heldout_users": heldout.get("users"),
                  "heldout_pair_accuracy": heldout.get("heldout_pair_accuracy"),
@@ -148,7 +149,10 @@ def alignment(run_dir: Path, config: PipelineConfig, rounds: list[dict]) -> list
                  "heldout_margin_mean": heldout.get("margin_mean"), "heldout_margin_ci95": heldout.get("margin_ci95"),
                  "validation_reward_drift": drift.get(t, {}).get("validation_reward_drift"),
                  "validation_reward_drift_ci95": drift.get(t, {}).get("validation_reward_drift_ci95"),
-                 "validation_users": drift.get(t, {}).get("users")}
+                 "validation_users": drift.get(t, {}).get("users"),
+                 # the reward's own split-half agreement on these users' lists: what held-out pair accuracy can reach
+                 "reward_reliability": reliability.get("pair_agreement"),
+                 "reward_reliability_ci95": reliability.get("pair_agreement_ci95")}
         entries.append(entry)
     return entries
 
@@ -258,10 +262,13 @@ def _markdown(metrics: dict, examples: list[dict], timings: dict) -> str:
               "DPO's own randomness (adapter init, dropout, pair order), which moved the default run's held-out pair "
               "accuracy by about as much as the interval is wide (docs/results.md): retrain round 0 with other "
               "`align.seed`s (`experiments/dpo_levers.py`) and pool them (`experiments/pooled_seeds.py`) before "
-              "reading a small margin over 0.5.", "",
+              "reading a small margin over 0.5. Reward reliability: how often the reward itself orders two of a "
+              "validation user's texts the same way on two halves of the user's lists (chance 0.5): a reward near 0.5 "
+              "makes pairs that are noise, and held-out pair accuracy cannot rise above what it allows "
+              "(src/dpo4rec/align/reliability.py).", "",
               "| DPO round | pairs | optimizer steps | held-out pairs (users) | held-out pair accuracy [95% CI] "
-              "| best vs worst only [95% CI] | validation reward drift [95% CI] |",
-              "|---|---|---|---|---|---|---|"]
+              "| best vs worst only [95% CI] | validation reward drift [95% CI] | reward reliability [95% CI] |",
+              "|---|---|---|---|---|---|---|---|"]
     for a in metrics["alignment"]:
         accuracy = (f"{a['heldout_pair_accuracy']:.3f} [{a['heldout_pair_accuracy_ci95'][0]:.3f}, {a['heldout_pair_accuracy_ci95'][1]:.3f}]"
                     if a["heldout_pair_accuracy"] is not None else "-")
@@ -269,8 +276,10 @@ def _markdown(metrics: dict, examples: list[dict], timings: dict) -> str:
                  if a["validation_reward_drift"] is not None else "-")
         best_worst = (f"{a['heldout_best_worst_accuracy']:.3f} [{a['heldout_best_worst_accuracy_ci95'][0]:.3f}, "
                       f"{a['heldout_best_worst_accuracy_ci95'][1]:.3f}]" if a.get("heldout_best_worst_accuracy") is not None else "-")
+        reliability = (f"{a['reward_reliability']:.3f} [{a['reward_reliability_ci95'][0]:.3f}, {a['reward_reliability_ci95'][1]:.3f}]"
+                       if a.get("reward_reliability") is not None else "-")
         lines.append(f"| {a['round']} | {a['pairs']} | {a['optimizer_steps']} | {a['heldout_pairs']} ({a['heldout_users']}) | {accuracy} "
-                     f"| {best_worst} | {drift} |")
+                     f"| {best_worst} | {drift} | {reliability} |")
     lines += ["", "![alignment](alignment.png)", ""]
     lines += ["## Test metrics (mean over lists)", "", "| arm | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     for arm, values in {**metrics["arms"], **{f"({k} ranking)": v for k, v in metrics["baselines"].items()}}.items():
