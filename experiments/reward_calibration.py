@@ -13,7 +13,9 @@ that is the same for every user (what DPO could carry to unseen users) is
 hidden under it. Printed per split: the median within-user correlation of
 loglik and shift (absolute), the share of users whose correlation has the
 sign of their gap (mean label minus mean predicted probability), and the
-share of the within-user variance of loglik that the shift explains. Then
+share of the within-user variance of loglik that the shift explains, and how the gap goes with the
+share of the prompt's movies the user rated above the label threshold
+(which the LLM sees and the recommender's item ids do not). Then
 the reward probe (experiments/reward_probe.py) on the shift and on each
 reward kind: whose preferences can a learner fitted on train users predict
 on validation users? Writes SCRATCH/<kind>/... for the probe; the run is
@@ -71,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                                          args.run, config.align, "cpu")
     emb = read_embeddings(here / "embeddings")
     texts = read_parquet(here / "knowledge" / "knowledge.parquet")[["user_index", "sample", "text"]]
+    interactions = read_parquet(args.run / "data" / "interactions.parquet")
+    positive_share = interactions[interactions["in_prompt"].astype(bool)].groupby("user_index")["label"].mean()
     tables = {}
     for split, lists in (("train", reward_split), ("validation", "validation")):
         sampled = np.unique(emb.user_index[(emb.sample > 0) & np.isin(emb.user_index, split_user_indices(args.run, split))])
@@ -92,10 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         centred = table[["loglik", "shift"]] - by_user[["loglik", "shift"]].transform("mean")
         slope = (centred["loglik"] * centred["shift"]).groupby(table["user_index"]).sum() / (centred["shift"] ** 2).groupby(table["user_index"]).sum()
         explained = 1 - ((centred["loglik"] - slope.reindex(table["user_index"]).to_numpy() * centred["shift"]) ** 2).sum() / (centred["loglik"] ** 2).sum()
-        same_sign = (np.sign(corr) == np.sign(by_user["gap"].first())).mean()
+        gap = by_user["gap"].first()
+        same_sign = (np.sign(corr) == np.sign(gap)).mean()
         print(f"{split}: {by_user.ngroups} users; median |corr(loglik, shift)| {corr.abs().median():.3f}; its sign is the "
               f"user's calibration gap's for {same_sign:.0%}; the shift explains {explained:.0%} of loglik's within-user "
-              f"variance; users whose lists hold more positives than predicted: {(by_user['gap'].first() > 0).mean():.0%}")
+              f"variance; users whose lists hold more positives than predicted: {(gap > 0).mean():.0%}; correlation of "
+              f"the gap with the share of the prompt's movies rated above the threshold {gap.corr(positive_share.reindex(gap.index)):+.3f}")
 
     results = {}
     for kind in ("shift", *REWARDS):
@@ -103,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         for split, name in (("train", "rewards.parquet"), ("validation", "validation_rewards.parquet")):
             frame = tables[split][["user_index", "sample", kind]].rename(columns={kind: "reward"})
             write_parquet(folder / f"round_{args.round}" / "preferences" / name, frame.merge(texts, on=["user_index", "sample"], how="left"))
-        link_from_run(args.run, folder, "prompts", "cache", "config.json")  # what the probe reads besides the rewards
+        link_from_run(args.run, folder, "data", "prompts", "cache", "config.json")  # what the probe reads besides the rewards
         print(f"\nreward probe on {kind}:")
         reward_probe.main([str(folder), "--round", str(args.round), "--users", *map(str, args.users), "--alpha", "1", "10",
                            "--json", str(folder / "probe.json")])

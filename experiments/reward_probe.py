@@ -9,7 +9,10 @@ far simpler than an LLM: a ridge regression from the text's sentence embedding
 within each user (so only which of a user's texts is better counts), fitted on
 the sampled train users' texts and applied to the validation users' pairs
 (every two samples of a user whose rewards differ, as the held-out check
-uses). Pair accuracy: how often the probe orders a pair as the reward does
+uses). One view conditions on the user: the embedding times the share of
+the prompt's movies the user rated above the label threshold (a rule such as
+"write this kind of text for generous raters, that kind for harsh ones").
+Pair accuracy: how often the probe orders a pair as the reward does
 (chance 0.5), with a 95% bootstrap interval over validation users, for several
 numbers of train users (to see whether more users would help). The same
 embedding also gives the reward a ceiling: the split-half agreement of the
@@ -88,6 +91,10 @@ def main(argv=None) -> int:
     encoder = TextEncoder(config.encode.encoder, batch_size=config.encode.batch_size, long_texts=config.encode.long_texts)
     cache = EmbeddingCache(args.run / "cache" / "embeddings" / cache_key(encoder.name, config.encode.long_texts), encoder.dim, encoder.name)
     prompts = pd.read_parquet(args.run / "prompts" / "prompts.parquet").set_index("user_index")["message"]
+    # each user's share of positive ratings among the movies the prompt lists, standardized over users
+    interactions = pd.read_parquet(args.run / "data" / "interactions.parquet", columns=["user_index", "label", "in_prompt"])
+    positive_share = interactions[interactions["in_prompt"].astype(bool)].groupby("user_index")["label"].mean()
+    positive_share = (positive_share - positive_share.mean()) / max(positive_share.std(), 1e-9)
     data = {}
     for split, table in tables.items():
         texts = np.asarray(encode_cached(encoder, cache, table["text"].tolist(), progress=False)[0], dtype=float)
@@ -97,9 +104,12 @@ def main(argv=None) -> int:
         # LLM was shown (elementwise product with the prompt's embedding: a user-conditional
         # direction), and one number needing no fit: cosine similarity to the prompt
         similarity = (texts * asked).sum(1) / (np.linalg.norm(texts, axis=1) * np.linalg.norm(asked, axis=1))
+        generous = positive_share.reindex(table["user_index"]).to_numpy()[:, None]
         data[split] = {
             "embedding + length": centred(table, np.hstack([texts, length])),
             "embedding x prompt embedding": centred(table, texts * asked),
+            # a rule keyed on one thing the prompt shows and the recommender's ids do not: how generously the user rates
+            "embedding + length, and x prompt's positive share": centred(table, np.hstack([texts, length, (texts * generous), length * generous])),
             "similarity to the prompt (no fit)": centred(table, similarity[:, None]),
         }
 

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         centred = joined - joined.groupby(level=0).transform("mean")
         print(f"{split}: {len(sampled)} users; within-user correlation of text-only and the run's rewards "
               f"{centred['text_only'].corr(centred['run']):+.3f}")
-    link_from_run(args.run, args.out, "prompts", "cache", "config.json")  # what the probe reads besides the rewards
+    link_from_run(args.run, args.out, "data", "prompts", "cache", "config.json")  # what the probe reads besides the rewards
     print("\nreward probe on the text-only rewards:")
     return reward_probe.main([str(args.out), "--round", str(args.round), "--users", "50", "195", "--alpha", "1", "10"])
 

@@ -108,6 +108,11 @@ class PromptConfig:
     """Also write one factual-knowledge prompt per item."""
     max_prompt_tokens: int = 1024
     """Prompts longer than this lose their oldest history items (counted)."""
+    rating_summary: bool = False
+    """Add a sentence after the profile: how many of the listed items the user rated above the data's
+    positive-rating threshold (what the lists' labels mean). The ratings are in the history lines already;
+    a small model reads one number more easily, and the recommender's item ids carry no ratings at all
+    (docs/results.md, "What loglik rewards"). Only for data with ratings."""
     max_item_chars: int = 1000
     """An item's line in a prompt (title and attributes) is cut to this many characters (counted), so
     one very long title cannot push every prompt that holds it over max_prompt_tokens. (The longest
