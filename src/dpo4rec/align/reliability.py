@@ -3,8 +3,8 @@
 A pair teaches DPO something about users it never saw only if the reward's
 preference between two texts is a property of the texts, not of which lists
 happened to be scored. Each validation user's validation lists are split in
-two halves by position (alternate lists, those with a positive); every sample
-is rewarded on each half; over every two samples whose half-A rewards differ,
+two halves by position (alternate lists); every sample is rewarded on each
+half (leaving out lists without a positive, as every reward does); over every two samples whose half-A rewards differ,
 the share that half B orders the same way (a tie on B counts half; chance
 0.5), with a 95% bootstrap interval over users. It is the ceiling of what
 held-out pair accuracy can show, and a reward near 0.5 here makes pairs that
