@@ -12,11 +12,11 @@ which text wins then depends on the user's calibration gap, and a direction
 that is the same for every user (what DPO could carry to unseen users) is
 hidden under it. Printed per split: the median within-user correlation of
 loglik and shift (absolute), the share of users whose correlation has the
-sign of their gap (mean label minus mean predicted probability), and the
-share of the within-user variance of loglik that the shift explains, and how the gap goes with the
-share of the prompt's movies the user rated above the label threshold
-(which the LLM sees and the recommender's item ids do not). Then
-the reward probe (experiments/reward_probe.py) on the shift and on each
+sign of their gap (mean label minus mean predicted probability), the share
+of the within-user variance of loglik that the shift explains, and how the
+gap goes with the share of the prompt's movies the user rated above the
+label threshold (which the LLM sees and the recommender's item ids do not).
+Then the reward probe (experiments/reward_probe.py) on the shift and on each
 reward kind: whose preferences can a learner fitted on train users predict
 on validation users? Writes SCRATCH/<kind>/... for the probe; the run is
 only read.
@@ -47,7 +47,7 @@ from dpo4rec.run import load_run_config
 def shift_and_gap(scorer, user: int, vectors: np.ndarray, split: str) -> tuple[np.ndarray, float]:
     """Per text: the mean score over the user's lists that hold a positive; and the user's gap (mean label -
     mean predicted probability, averaged over the texts)."""
-    rows, _, count = scorer._lists_of(np.array([user]), split)
+    rows = scorer._lists_of(np.array([user]), split)[0]
     model, idx = scorer.model, torch.as_tensor(rows)
     candidates, personal = model.list_context(scorer.lists.items[idx], scorer.lists.history[idx])
     labels = scorer.lists.labels[idx].float()
