@@ -62,6 +62,7 @@ def main(argv=None) -> int:
     embeddings = read_embeddings(here / "embeddings")
     train_users = split_user_indices(args.run, "train")
     sampled = sorted(set(embeddings.user_index[(embeddings.sample > 0)]) & set(train_users))
+    validation_users = sorted(set(embeddings.user_index[embeddings.sample > 0]) & set(split_user_indices(args.run, "validation")))
     messages = prompts.set_index("user_index")["message"]
     results = []
     for name, *settings in args.variant:
@@ -76,7 +77,6 @@ def main(argv=None) -> int:
         pairs.to_parquet(folder / "pairs.parquet")
         held_out = validation_pairs
         if align.reward != base_align.reward:
-            validation_users = sorted(set(embeddings.user_index[embeddings.sample > 0]) & set(split_user_indices(args.run, "validation")))
             validation_rewards = scorer.score_embeddings(embeddings, split="validation", users=validation_users, reward=align.reward)
             held_out = make_pairs(validation_rewards, knowledge, prompts, align.min_reward_gap, "all_gaps")
             held_out.to_parquet(folder / "validation_pairs.parquet")

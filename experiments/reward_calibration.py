@@ -39,15 +39,17 @@ from dpo4rec.align.reward_stage import reward_scorer, split_user_indices
 from dpo4rec.artifacts import read_parquet, write_parquet
 from dpo4rec.encode import read_embeddings
 from dpo4rec.recommend import reward_model_name
-from dpo4rec.recommend.reward import REWARDS
+from dpo4rec.config import REWARDS
 from dpo4rec.run import load_run_config
 
 
 @torch.inference_mode()
 def shift_and_gap(scorer, user: int, vectors: np.ndarray, split: str) -> tuple[np.ndarray, float]:
     """Per text: the mean score over the user's lists that hold a positive; and the user's gap (mean label -
-    mean predicted probability, averaged over the texts)."""
+    mean predicted probability, averaged over the texts). NaN for a user with no such list."""
     rows = scorer._lists_of(np.array([user]), split)[0]
+    if len(rows) == 0:  # no list with a positive: no reward either
+        return np.full(len(vectors), np.nan), np.nan
     model, idx = scorer.model, torch.as_tensor(rows)
     candidates, personal = model.list_context(scorer.lists.items[idx], scorer.lists.history[idx])
     labels = scorer.lists.labels[idx].float()
@@ -73,23 +75,19 @@ def main(argv: list[str] | None = None) -> int:
                                          args.run, config.align, "cpu")
     emb = read_embeddings(here / "embeddings")
     texts = read_parquet(here / "knowledge" / "knowledge.parquet")[["user_index", "sample", "text"]]
-    interactions = read_parquet(args.run / "data" / "interactions.parquet")
-    positive_share = interactions[interactions["in_prompt"].astype(bool)].groupby("user_index")["label"].mean()
+    positive_share = reward_probe.prompt_positive_share(args.run)
     tables = {}
     for split, lists in (("train", reward_split), ("validation", "validation")):
         sampled = np.unique(emb.user_index[(emb.sample > 0) & np.isin(emb.user_index, split_user_indices(args.run, split))])
         table = scorer.score_embeddings(emb, split=lists, users=sampled, reward=REWARDS[0]).drop(columns="reward")
         for kind in REWARDS:
             table[kind] = scorer.score_embeddings(emb, split=lists, users=sampled, reward=kind)["reward"].to_numpy()
-        table["shift"], table["gap"] = np.nan, np.nan
+        shifts = []
         for user in sampled:
             at = np.flatnonzero(emb.user_index == user)
-            if scorer._lists_of(np.array([user]), lists)[2][0] == 0:
-                continue  # no list with a positive: no reward either
             shift, gap = shift_and_gap(scorer, user, emb.user_vectors[at], lists)
-            rows = table.index[table["user_index"] == user]
-            table.loc[rows, "shift"] = pd.Series(shift, index=emb.sample[at]).reindex(table.loc[rows, "sample"]).to_numpy()
-            table.loc[rows, "gap"] = gap
+            shifts.append(pd.DataFrame({"user_index": user, "sample": emb.sample[at], "shift": shift, "gap": gap}))
+        table = table.merge(pd.concat(shifts), on=["user_index", "sample"], how="left")
         tables[split] = table = table[(table["sample"] > 0)].dropna(subset=["loglik", "shift"])
         by_user = table.groupby("user_index")
         corr = by_user.apply(lambda f: f["loglik"].corr(f["shift"]))

@@ -45,6 +45,12 @@ def centred(table: pd.DataFrame, features: np.ndarray) -> tuple[np.ndarray, np.n
     return features, reward, users
 
 
+def prompt_positive_share(run: Path) -> pd.Series:
+    """Per user_index: the share of the prompt's items the user rated above the label threshold."""
+    interactions = pd.read_parquet(run / "data" / "interactions.parquet", columns=["user_index", "label", "in_prompt"])
+    return interactions[interactions["in_prompt"].astype(bool)].groupby("user_index")["label"].mean()
+
+
 def ridge(features: np.ndarray, target: np.ndarray, alpha: float) -> np.ndarray:
     gram = features.T @ features + alpha * np.eye(features.shape[1])
     return np.linalg.solve(gram, features.T @ target)
@@ -91,10 +97,8 @@ def main(argv=None) -> int:
     encoder = TextEncoder(config.encode.encoder, batch_size=config.encode.batch_size, long_texts=config.encode.long_texts)
     cache = EmbeddingCache(args.run / "cache" / "embeddings" / cache_key(encoder.name, config.encode.long_texts), encoder.dim, encoder.name)
     prompts = pd.read_parquet(args.run / "prompts" / "prompts.parquet").set_index("user_index")["message"]
-    # each user's share of positive ratings among the movies the prompt lists, standardized over users
-    interactions = pd.read_parquet(args.run / "data" / "interactions.parquet", columns=["user_index", "label", "in_prompt"])
-    positive_share = interactions[interactions["in_prompt"].astype(bool)].groupby("user_index")["label"].mean()
-    positive_share = (positive_share - positive_share.mean()) / max(positive_share.std(), 1e-9)
+    positive_share = prompt_positive_share(args.run)
+    positive_share = (positive_share - positive_share.mean()) / max(positive_share.std(), 1e-9)  # standardized over users
     data = {}
     for split, table in tables.items():
         texts = np.asarray(encode_cached(encoder, cache, table["text"].tolist(), progress=False)[0], dtype=float)

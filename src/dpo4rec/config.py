@@ -17,6 +17,9 @@ from typing import Any, ClassVar, get_args, get_origin, get_type_hints
 
 from dpo4rec.errors import InputError
 
+REWARDS = ("ndcg", "ndcg_margin", "loglik", "listwise")
+"""The reward kinds of ``[align] reward`` (computed in recommend/reward.py)."""
+
 
 def _check(ok: bool, name: str, rule: str, value: Any) -> None:
     if not ok:
@@ -325,7 +328,7 @@ class AlignConfig:
     def __post_init__(self) -> None:
         _check(self.beta > 0, "align.beta", "> 0", self.beta)
         _check(self.min_reward_gap >= 0, "align.min_reward_gap", ">= 0", self.min_reward_gap)
-        _check(self.reward in ("ndcg", "ndcg_margin", "loglik", "listwise"), "align.reward", "ndcg, ndcg_margin, loglik or listwise", self.reward)
+        _check(self.reward in REWARDS, "align.reward", f"{', '.join(REWARDS[:-1])} or {REWARDS[-1]}", self.reward)
         _check(self.pairing in ("best_worst", "top_bottom", "all_gaps"), "align.pairing", "best_worst, top_bottom or all_gaps", self.pairing)
         _check(self.pairs_per_user >= 1, "align.pairs_per_user", ">= 1", self.pairs_per_user)
         _check(self.ld_alpha is None or 0 <= self.ld_alpha <= 1, "align.ld_alpha", "in [0, 1] (or unset)", self.ld_alpha)

@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from dpo4rec.artifacts import read_parquet
+from dpo4rec.config import REWARDS
 from dpo4rec.errors import InputError
 from dpo4rec.metrics import rerank_metrics
 from dpo4rec.recommend.checkpoint import load_recommender
@@ -30,7 +31,6 @@ from dpo4rec.recommend.features import ListTensors, list_tensors, mark_reward_li
 from dpo4rec.recommend.models import Reranker
 
 
-REWARDS = ("ndcg", "ndcg_margin", "loglik", "listwise")
 # Weight of the margin term in "ndcg_margin": a user's NDCG@5 average moves in steps of at least ~0.015 / lists, so
 # up to ~100 lists per user the margin only orders samples whose NDCG@5 ties, and never reverses an NDCG@5 order.
 TIE_BREAK = 1e-4
