@@ -14,7 +14,15 @@ reference log-probs, batch 4 x 2, one epoch):
   LM head projects every position, prompt included);
 * ``compact``: as shipped, but the LM head projects only answer positions;
 * ``ours``: ``dpo4rec``'s DPO stage (``compact`` plus each pair's prompt
-  evaluated once, align/shared_prompt.py).
+  evaluated once, align/shared_prompt.py), with the attention layout the
+  device gets (segments on a CPU, one block-masked call on a GPU);
+* ``ours_segments`` / ``ours_mask``: ``ours`` with that layout forced (one of
+  them repeats ``ours``; skip it).
+
+On a GPU (``--device cuda --model FOLDER``, e.g. random-init weights of the
+real shapes from benchmarks/gpu_weights.py) the pairs are built with that
+model, and the paper's 16 pairs a step can be asked for with
+``--batch-size 16 --accumulation 1``.
 
 The limit (``roofline_s_per_pair``): the minimum FLOPs of a pair (reference
 forward, policy forward and backward, prompt once, LM head on answer tokens
@@ -47,7 +55,7 @@ from dpo4rec.config import AlignConfig, ModelConfig  # noqa: E402
 from dpo4rec.generate.model import load_model, load_tokenizer, parse_dtype  # noqa: E402
 
 
-def build_pairs(n_pairs: int) -> pd.DataFrame:
+def build_pairs(n_pairs: int, model_name: str = "smollm2-135m", device: str = "cpu") -> pd.DataFrame:
     """``n_pairs`` ML-1M prompts, each with two answers sampled by our sampler (chosen and rejected by sample order)."""
     from dpo4rec.config import DataConfig, PromptConfig
     from dpo4rec.data.stage import run_data_stage
@@ -56,26 +64,36 @@ def build_pairs(n_pairs: int) -> pd.DataFrame:
 
     with tempfile.TemporaryDirectory() as run:  # fresh each time: a folder left by another version would be refused
         run_data_stage(DataConfig(dataset="ml-1m", n_users=max(64, n_pairs), seed=0), run)
-        prompts = pd.read_parquet(run_prompt_stage(run, PromptConfig(), ModelConfig()).folder / "prompts.parquet").head(n_pairs)
-    tokenizer = load_tokenizer("smollm2-135m")
-    model = load_model("smollm2-135m", dtype=parse_dtype("auto", "cpu"))
+        model_cfg = ModelConfig(name=model_name, device=device)
+        prompts = pd.read_parquet(run_prompt_stage(run, PromptConfig(), model_cfg).folder / "prompts.parquet").head(n_pairs)
+    tokenizer = load_tokenizer(model_name)
+    model = load_model(model_name, dtype=parse_dtype("auto", device), device=device)
     sampler = FastSampler(model, [tokenizer.eos_token_id], tokenizer.pad_token_id)
     settings = SamplerSettings(n_samples=2, temperature=1.0, top_p=0.9, max_new_tokens=64, greedy=False)
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompts["text"]]
-    answers = sampler.sample(ids, settings, batch_generator(0, 0))
+    answers = sampler.sample(ids, settings, batch_generator(0, 0, device))
     texts = [[tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in per_prompt] for per_prompt in answers]
     return pd.DataFrame({"prompt": prompts["message"], "chosen": [t[0] for t in texts], "rejected": [t[1] for t in texts]})
 
 
-def time_dpo(pairs: pd.DataFrame, align: AlignConfig, compact: bool) -> dict:
+def time_dpo(pairs: pd.DataFrame, align: AlignConfig, compact: bool, model_cfg: ModelConfig,
+             segment_devices: tuple[str, ...] | None = None) -> dict:
     import trl.trainer.utils as trl_utils
+
+    from dpo4rec.align import shared_prompt
 
     shipped = getattr(trl_utils, "_dpo4rec_shipped", trl_utils._use_triton)
     trl_utils._dpo4rec_shipped = shipped
     # train_dpo installs the compact choice unless it is marked done; "as shipped" keeps TRL's own choice
     trl_utils._use_triton, trl_utils._dpo4rec_compact = shipped, not compact
-    with tempfile.TemporaryDirectory() as out:
-        history = dpo.train_dpo(pairs, ModelConfig(), align, [], Path(out))
+    shipped_layout = shared_prompt.SEGMENT_DEVICES
+    if segment_devices is not None:
+        shared_prompt.SEGMENT_DEVICES = segment_devices
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            history = dpo.train_dpo(pairs, model_cfg, align, [], Path(out))
+    finally:
+        shared_prompt.SEGMENT_DEVICES = shipped_layout
     first = history["steps"][0]
     return {"trainer_s": history["train_runtime_s"], "s_per_pair": history["train_runtime_s"] / len(pairs),
             "first_step_loss": first["loss"], "first_step_logps_chosen": first["logps/chosen"]}
@@ -96,7 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", help="a reward stage's pairs.parquet (default: build pairs here)")
     parser.add_argument("--quick", action="store_true", help="8 pairs built here; a few minutes")
     parser.add_argument("--n", type=int, help="pairs to train on (default 16; 8 with --quick)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["trl", "compact", "ours"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["trl", "compact", "ours", "ours_segments", "ours_mask"])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:n] (default cpu)")
+    parser.add_argument("--model", default="smollm2-135m", help="the LLM: the built-in alias or a Hugging Face folder")
+    parser.add_argument("--batch-size", type=int, default=4, help="pairs per pass (default 4, the stage's default)")
+    parser.add_argument("--accumulation", type=int, default=2, help="passes per optimizer step (default 2)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--profile", type=int, metavar="ROWS", help="then train ours once more under the torch profiler "
                         "and print its ROWS costliest operations (self CPU time)")
@@ -108,22 +130,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.pairs and not Path(args.pairs).is_file():
         print(f"dpo.py: error: {args.pairs} not found (a reward stage's pairs.parquet), or leave --pairs out", file=sys.stderr)
         return 2
-    pairs = pd.read_parquet(args.pairs).head(n) if args.pairs and not args.quick else build_pairs(n)
-    tokenizer = load_tokenizer("smollm2-135m")
-    dtype = parse_dtype("auto", "cpu")
-    model = load_model("smollm2-135m", dtype=dtype)
+    pairs = pd.read_parquet(args.pairs).head(n) if args.pairs and not args.quick else build_pairs(n, args.model, args.device)
+    tokenizer = load_tokenizer(args.model)
+    dtype = parse_dtype("auto", args.device)
+    model_cfg = ModelConfig(name=args.model, device=args.device)
+    model = load_model(args.model, dtype=dtype, device=args.device)
     rates_before = measured_rates(model, dtype)  # measured again after the timed work; each kind's best is the limit
     flops = pair_flops(pairs, FlopCounter(model), tokenizer)
 
-    base = AlignConfig(learning_rate=5e-4)
-    methods = {"trl": (dataclasses.replace(base, shared_prompt=False), False),
-               "compact": (dataclasses.replace(base, shared_prompt=False), True),
-               "ours": (base, True)}
-    rows = {name: time_dpo(pairs, align, compact) for name, (align, compact) in methods.items() if name not in args.skip}
+    base = AlignConfig(learning_rate=5e-4, batch_size=args.batch_size, grad_accumulation=args.accumulation)
+    methods = {"trl": (dataclasses.replace(base, shared_prompt=False), False, None),
+               "compact": (dataclasses.replace(base, shared_prompt=False), True, None),
+               "ours": (base, True, None),
+               "ours_segments": (base, True, (torch.device(args.device).type,)),
+               "ours_mask": (base, True, ())}
+    rows = {name: time_dpo(pairs, align, compact, model_cfg, layout)
+            for name, (align, compact, layout) in methods.items() if name not in args.skip}
     rates = best_rates(rates_before, measured_rates(model, dtype))
     roofline = seconds_at(flops, rates)
     threads = torch.get_num_threads()
-    print(f"\nDPO on {len(pairs)} real pairs, {dtype}, {threads} threads; matrix products here: {rates['layers'] / 1e12:.2f} TFLOP/s "
+    print(f"\nDPO on {len(pairs)} pairs, {args.device}, {dtype}, {threads} threads, {base.batch_size} x {base.grad_accumulation} pairs a step; matrix products here: {rates['layers'] / 1e12:.2f} TFLOP/s "
           f"on the layers' shapes, {rates['head'] / 1e12:.2f} on the LM head's; "
           f"limit {roofline:.2f} s per pair\n")
     print("| method | s per pair (trainer) | ours is | share of the limit | first-step loss |\n|---|---|---|---|---|")
@@ -135,13 +161,13 @@ def main(argv: list[str] | None = None) -> int:
         payload = {"s_per_pair": {k: r["s_per_pair"] for k, r in rows.items()}, "roofline_s_per_pair": roofline,
                    "matmul_flops_per_s": rates, "rows": rows, "pairs": len(pairs),
                    "ratios": {f"ours_vs_{k}": r["s_per_pair"] / ours for k, r in rows.items() if ours and k != "ours"},
-                   "settings": {"dtype": str(dtype), "threads": threads, "align": dataclasses.asdict(base)},
+                   "settings": {"device": args.device, "model": args.model, "dtype": str(dtype), "threads": threads, "align": dataclasses.asdict(base)},
                    "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                                "torch": torch.__version__}}
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
     if args.profile:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-            profiled = time_dpo(pairs, base, compact=True)
+            profiled = time_dpo(pairs, base, True, model_cfg)
         print(f"\nours under the profiler: {profiled['s_per_pair']:.2f} s per pair (profiling adds its own cost)\n")
         print(profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile))
     return 0

@@ -14,6 +14,12 @@ preference. The generation and recommenders are the run's own, so the
 variants differ only in what DPO saw (and, with another reward, what counts
 as the better text). Writes ``OUT/<variant>/`` (pairs,
 adapter, held-out texts) and ``OUT/levers.json``; prints a table.
+
+A variant that keeps the run's reward and pairing settings trains on the run's
+own ``pairs.parquet`` (no embeddings or recommender needed: a run folder brought
+back from a GPU without its weights will do). ``--model`` / ``--device`` name
+the LLM when the run's is not where the run had it (a GPU run continued on a
+CPU: the same GGUF file, another path).
 """
 
 from __future__ import annotations
@@ -50,33 +56,41 @@ def main(argv=None) -> int:
     parser.add_argument("run", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("--variant", nargs="+", action="append", required=True, metavar="NAME [KEY=VALUE ...]")
+    parser.add_argument("--model", help="the LLM, when not the run's model.name (same weights, another path)")
+    parser.add_argument("--device", help="model.device, when not the run's")
     args = parser.parse_args(argv)
     config = json.loads((args.run / "config.json").read_text())
-    model_cfg = ModelConfig(**config["model"])
+    overrides = {k: v for k, v in (("name", args.model), ("device", args.device)) if v}
+    model_cfg = ModelConfig(**{**config["model"], **overrides})
     base_align = AlignConfig(**config["align"])
     recommend = RecommendConfig(**config["recommend"])
     here = args.run / "round_0"
     validation_pairs = pd.read_parquet(here / "preferences" / "validation_pairs.parquet")
     prompts = pd.read_parquet(args.run / "prompts" / "prompts.parquet")
     knowledge = pd.read_parquet(here / "knowledge" / "knowledge.parquet")
-    embeddings = read_embeddings(here / "embeddings")
-    train_users = split_user_indices(args.run, "train")
-    sampled = sorted(set(embeddings.user_index[(embeddings.sample > 0)]) & set(train_users))
-    validation_users = sorted(set(embeddings.user_index[embeddings.sample > 0]) & set(split_user_indices(args.run, "validation")))
     messages = prompts.set_index("user_index")["message"]
+    pairing_fields = ("reward_lists", "reward", "pairing", "pairs_per_user", "min_reward_gap")
     results = []
     for name, *settings in args.variant:
         align = dataclasses.replace(base_align, **{k: parse_value(v) for k, v in (s.split("=", 1) for s in settings)})
         folder = args.out / name
         folder.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        recommender = here / "recommender" / reward_model_name(recommend, align.held_out_share)
-        scorer, lists = reward_scorer(recommender, args.run, align)
-        rewards = scorer.score_embeddings(embeddings, split=lists, users=sampled, reward=align.reward)
-        pairs = make_pairs(rewards, knowledge, prompts, align.min_reward_gap, align.pairing, align.pairs_per_user)
-        pairs.to_parquet(folder / "pairs.parquet")
         held_out = validation_pairs
+        if all(getattr(align, f) == getattr(base_align, f) for f in pairing_fields):
+            pairs = pd.read_parquet(here / "preferences" / "pairs.parquet")
+            rewards = pd.read_parquet(here / "preferences" / "rewards.parquet")
+        else:
+            embeddings = read_embeddings(here / "embeddings")
+            samplers = set(embeddings.user_index[embeddings.sample > 0])
+            recommender = here / "recommender" / reward_model_name(recommend, align.held_out_share)
+            scorer, lists = reward_scorer(recommender, args.run, align)
+            sampled = sorted(samplers & set(split_user_indices(args.run, "train")))
+            rewards = scorer.score_embeddings(embeddings, split=lists, users=sampled, reward=align.reward)
+            pairs = make_pairs(rewards, knowledge, prompts, align.min_reward_gap, align.pairing, align.pairs_per_user)
+        pairs.to_parquet(folder / "pairs.parquet")
         if align.reward != base_align.reward:
+            validation_users = sorted(samplers & set(split_user_indices(args.run, "validation")))
             validation_rewards = scorer.score_embeddings(embeddings, split="validation", users=validation_users, reward=align.reward)
             held_out = make_pairs(validation_rewards, knowledge, prompts, align.min_reward_gap, "all_gaps")
             held_out.to_parquet(folder / "validation_pairs.parquet")

@@ -83,9 +83,12 @@ def real_examples(tokenizer):
     return examples
 
 
-def test_same_log_probs_and_gradients_as_two_rows(fp32_model):
+@pytest.mark.parametrize("segment_devices", [("cpu",), ()], ids=["segments", "block-mask"])  # CPUs' layout, GPUs'
+def test_same_log_probs_and_gradients_as_two_rows(fp32_model, segment_devices, monkeypatch):
+    from dpo4rec.align import shared_prompt
     from dpo4rec.align.shared_prompt import SharedPromptModel
 
+    monkeypatch.setattr(shared_prompt, "SEGMENT_DEVICES", segment_devices)
     model, tokenizer = fp32_model
     ids, mask, labels = trl_batch(real_examples(tokenizer))
     results = []

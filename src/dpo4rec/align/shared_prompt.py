@@ -19,7 +19,11 @@ itself, each branch on the shared part and itself. The block mask does the
 same in one call, but a kernel given a mask computes every block of the
 (length x length) scores and cannot skip the causal upper half: on a 2-core
 CPU the masked kernel's forward and backward were ~40% of a DPO step, for
-~2x the attention work that the segments need.
+~2x the attention work that the segments need. On a GPU the trade reverses:
+the segments cost ~30 small kernels per row and layer, and launches, not
+arithmetic, bound a 135M model there (a 16-pair step of the real model took
+7 s on an H200 by segments), so GPUs take the one masked call per layer
+(``SEGMENT_DEVICES``).
 """
 
 from __future__ import annotations
@@ -86,16 +90,19 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: to
 
 
 PAIR_ATTENTION = "dpo4rec_pairs"
+SEGMENT_DEVICES = ("cpu",)
+"""Device types whose attention runs by segments; elsewhere the block mask in one call (module docstring)."""
 
 
 def pair_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, pair_layout=None, **kwargs):
-    """Attention of packed pair rows by segments; without ``pair_layout``, the model's usual SDPA with the mask.
+    """Attention of packed pair rows by segments on the devices in ``SEGMENT_DEVICES``; elsewhere, or without
+    ``pair_layout``, the model's usual SDPA with the (block) mask.
 
     Per row: the shared part attends causally to itself (the kernel skips the upper half); each branch
     attends to the shared part and causally to itself (a small bottom-right causal mask over
     [shared; branch]); padding gets zeros (its positions carry no label). Same result as the block mask.
     """
-    if pair_layout is None:
+    if pair_layout is None or query.device.type not in SEGMENT_DEVICES:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention: each KV head serves `groups` query heads
