@@ -4,12 +4,13 @@
 # random-init SmolLM2-135M and MiniLM weights, runs the tiny pipeline on CUDA with the default backend, the sampling
 # benchmark on CUDA (ours and model.generate at the same batch), a slice of the paper's ML-1M run (its per-stage
 # times project the whole), the tiny pipeline with the other backends, and ours at a larger batch, each step bounded
-# by what is left of DEADLINE seconds. One line per result, also in $OUT/results.txt; logs and JSON in
+# by what is left of DEADLINE seconds, then DPO's speed on CUDA (benchmarks/dpo.py: TRL's two rows against ours with
+# either attention layout, 16 pairs a step). One line per result, also in $OUT/results.txt; logs and JSON in
 # $OUT/gpu-check.tar.gz (one file: the device tool brings back only a few files from $OUT).
 #   bash benchmarks/gpu_check.sh            (OUT defaults to /tmp/gpu-check; the device tool sets $OUT)
 #   DEVICE=cpu PROMPTS=4 SLICE_USERS=30 bash benchmarks/gpu_check.sh      (tries the script on a CPU machine)
 #   STEPS="sampling sampling-large" bash benchmarks/gpu_check.sh          (only those steps: tiny-auto, sampling,
-#                                                                          paper-slice-N, tiny-hf, sampling-large)
+#                                                                          paper-slice-N, tiny-hf, sampling-large, dpo)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 FINAL=${OUT:-/tmp/gpu-check}
@@ -79,5 +80,12 @@ for backend in $backends; do
     pipeline "tiny-$backend" 120 --config configs/tiny.toml --set generate.backend="\"$backend\""
 done
 sampling sampling-large 60 $(( PROMPTS * 4 )) --skip naive llama_cpp batched
+if chosen dpo && ! out_of_time dpo; then
+    start=$SECONDS
+    timeout "$(left 120)" python benchmarks/dpo.py --device "$DEVICE" --model "$WORK/models/llm" --n 32 --batch-size 16 \
+        --accumulation 1 --skip trl ours --json "$OUT/dpo.json" > "$OUT/dpo.log" 2>&1
+    say "dpo (32 pairs, 16 a step) on $DEVICE: exit $? in $(( SECONDS - start )) s"
+    grep -E "^\| (compact|ours)" "$OUT/dpo.log" | while read -r row; do say "  $row"; done
+fi
 say "done in $SECONDS s"
 tar czf "$FINAL/gpu-check.tar.gz" -C "$OUT" .
