@@ -1,6 +1,6 @@
 """Can anything learn, from train users' texts, which of an unseen user's texts the reward prefers?
 
-    python experiments/reward_probe.py RUN [--round 0] [--users 25 50 100 200]
+    python experiments/reward_probe.py RUN [--round 0] [--users 25 50 100 200] [--encoder NAME]
 
 DPO can only carry to validation users what is shared across users in the
 reward's preferences. This measures how much of that there is, with a learner
@@ -86,9 +86,12 @@ def main(argv=None) -> int:
     parser.add_argument("--users", type=int, nargs="+", default=[25, 50, 100, 200])
     parser.add_argument("--alpha", type=float, nargs="+", default=[1.0, 10.0, 100.0])
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--encoder", help="the encoder, when not the run's encode.encoder (a GPU run's folder read here)")
     args = parser.parse_args(argv)
 
     config = from_dict(PipelineConfig, json.loads((args.run / "config.json").read_text()), "config.json")
+    if args.encoder:
+        config.encode.encoder = args.encoder
     folder = args.run / f"round_{args.round}" / "preferences"
     tables = {}
     for split, name in (("train", "rewards.parquet"), ("validation", "validation_rewards.parquet")):
