@@ -53,6 +53,7 @@ from dpo4rec.align import dpo  # noqa: E402
 from dpo4rec.align.heldout import completion_ids  # noqa: E402
 from dpo4rec.align.shared_prompt import SEGMENT_DEVICES  # noqa: E402
 from dpo4rec.config import AlignConfig, ModelConfig  # noqa: E402
+from dpo4rec.errors import InputError  # noqa: E402
 from dpo4rec.generate.model import load_model, load_tokenizer, parse_dtype  # noqa: E402
 
 
@@ -131,15 +132,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.pairs and not Path(args.pairs).is_file():
         print(f"dpo.py: error: {args.pairs} not found (a reward stage's pairs.parquet), or leave --pairs out", file=sys.stderr)
         return 2
+    try:  # the settings' own checks: one line naming the field, not a traceback
+        model_cfg = ModelConfig(name=args.model, device=args.device)
+        base = AlignConfig(learning_rate=5e-4, batch_size=args.batch_size, grad_accumulation=args.accumulation)
+    except InputError as exc:
+        print(f"dpo.py: error: {exc}", file=sys.stderr)
+        return 2
     pairs = pd.read_parquet(args.pairs).head(n) if args.pairs and not args.quick else build_pairs(n, args.model, args.device)
     tokenizer = load_tokenizer(args.model)
     dtype = parse_dtype("auto", args.device)
-    model_cfg = ModelConfig(name=args.model, device=args.device)
     model = load_model(args.model, dtype=dtype, device=args.device)
     rates_before = measured_rates(model, dtype)  # measured again after the timed work; each kind's best is the limit
     flops = pair_flops(pairs, FlopCounter(model), tokenizer)
 
-    base = AlignConfig(learning_rate=5e-4, batch_size=args.batch_size, grad_accumulation=args.accumulation)
     methods = {"trl": (dataclasses.replace(base, shared_prompt=False), False, None),
                "compact": (dataclasses.replace(base, shared_prompt=False), True, None),
                "ours": (base, True, None),
