@@ -36,7 +36,7 @@ import pandas as pd
 from dpo4rec.align.dpo import train_dpo
 from dpo4rec.align.heldout import pair_margins, pair_texts, score_texts, summarize
 from dpo4rec.align.pairs import make_pairs, reward_spread
-from dpo4rec.align.reward_stage import reward_scorer, split_user_indices
+from dpo4rec.align.reward_stage import pairing_settings, reward_scorer, split_user_indices
 from dpo4rec.config import AlignConfig, ModelConfig, RecommendConfig
 from dpo4rec.encode import read_embeddings
 from dpo4rec.recommend import reward_model_name
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     prompts = pd.read_parquet(args.run / "prompts" / "prompts.parquet")
     knowledge = pd.read_parquet(here / "knowledge" / "knowledge.parquet")
     messages = prompts.set_index("user_index")["message"]
-    pairing_fields = ("reward_lists", "reward", "pairing", "pairs_per_user", "min_reward_gap")
+    run_pairing = pairing_settings(base_align, reward_model_name(recommend, base_align.held_out_share))
     results = []
     for name, *settings in args.variant:
         align = dataclasses.replace(base_align, **{k: parse_value(v) for k, v in (s.split("=", 1) for s in settings)})
@@ -77,13 +77,13 @@ def main(argv=None) -> int:
         folder.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         held_out = validation_pairs
-        if all(getattr(align, f) == getattr(base_align, f) for f in pairing_fields):
+        recommender = here / "recommender" / reward_model_name(recommend, align.held_out_share)
+        if pairing_settings(align, recommender.name) == run_pairing:  # the run's own reward stage: its pairs
             pairs = pd.read_parquet(here / "preferences" / "pairs.parquet")
             rewards = pd.read_parquet(here / "preferences" / "rewards.parquet")
         else:
             embeddings = read_embeddings(here / "embeddings")
             samplers = set(embeddings.user_index[embeddings.sample > 0])
-            recommender = here / "recommender" / reward_model_name(recommend, align.held_out_share)
             scorer, lists = reward_scorer(recommender, args.run, align)
             sampled = sorted(samplers & set(split_user_indices(args.run, "train")))
             rewards = scorer.score_embeddings(embeddings, split=lists, users=sampled, reward=align.reward)

@@ -41,6 +41,13 @@ from dpo4rec.errors import InputError
 STAGE = "preferences"
 
 
+def pairing_settings(align: AlignConfig, recommender_name: str) -> dict:
+    """What decides a round's rewards and pairs, given its samples (the stage's manifest records it)."""
+    return {"min_reward_gap": align.min_reward_gap, "recommender": recommender_name, "reward": align.reward,
+            "pairing": align.pairing, "pairs_per_user": align.pairs_per_user, "validation_pairing": "all_gaps",
+            "reward_lists": align.reward_lists, "reward_holdout": align.held_out_share}
+
+
 def run_reward_stage(run_dir: str | Path, round_index: int, recommend: RecommendConfig, align: AlignConfig) -> tuple[Path, dict, bool]:
     """Rewards and preference pairs for round ``round_index``; returns (folder, summary, reused)."""
     from dpo4rec.encode import read_embeddings
@@ -60,10 +67,7 @@ def run_reward_stage(run_dir: str | Path, round_index: int, recommend: Recommend
     for stage, path in needed.items():
         if not path.is_file():
             raise InputError(f"{path} not found; run the {stage} stage for round {round_index} first")
-    settings = {"min_reward_gap": align.min_reward_gap, "recommender": recommender.name, "reward": align.reward,
-                "pairing": align.pairing, "pairs_per_user": align.pairs_per_user, "validation_pairing": "all_gaps",
-                "reward_lists": align.reward_lists, "reward_holdout": align.held_out_share}
-    manifest = make_manifest(STAGE, settings,
+    manifest = make_manifest(STAGE, pairing_settings(align, recommender.name),
                              {name: fingerprint_file(path) for name, path in needed.items()})
     folder = here / STAGE
     if existing_output(folder, manifest):
