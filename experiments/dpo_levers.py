@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from dpo4rec.align.dpo import train_dpo
@@ -40,6 +41,9 @@ from dpo4rec.align.reward_stage import pairing_settings, reward_scorer, split_us
 from dpo4rec.config import AlignConfig, ModelConfig, RecommendConfig
 from dpo4rec.encode import read_embeddings
 from dpo4rec.recommend import reward_model_name
+
+
+REWARD_SETTINGS = ("recommender", "reward", "reward_lists", "reward_holdout")  # what decides a text's reward
 
 
 def parse_value(text: str):
@@ -58,6 +62,7 @@ def main(argv=None) -> int:
     parser.add_argument("--variant", nargs="+", action="append", required=True, metavar="NAME [KEY=VALUE ...]")
     parser.add_argument("--model", help="the LLM, when not the run's model.name (same weights, another path)")
     parser.add_argument("--device", help="model.device, when not the run's")
+    parser.add_argument("--validation-users", type=int, help="check on a seeded subset of this many validation users (default: all)")
     args = parser.parse_args(argv)
     config = json.loads((args.run / "config.json").read_text())
     overrides = {k: v for k, v in (("name", args.model), ("device", args.device)) if v}
@@ -69,18 +74,25 @@ def main(argv=None) -> int:
     prompts = pd.read_parquet(args.run / "prompts" / "prompts.parquet")
     knowledge = pd.read_parquet(here / "knowledge" / "knowledge.parquet")
     messages = prompts.set_index("user_index")["message"]
+    validation_subset = np.random.default_rng(0).permutation(np.unique(validation_pairs["user_index"]))[: args.validation_users or None]
     run_pairing = pairing_settings(base_align, reward_model_name(recommend, base_align.held_out_share))
     results = []
     for name, *settings in args.variant:
-        align = dataclasses.replace(base_align, **{k: parse_value(v) for k, v in (s.split("=", 1) for s in settings)})
+        values = {k: parse_value(v) for k, v in (s.split("=", 1) for s in settings)}
+        train_users = values.pop("train_users", None)
+        align = dataclasses.replace(base_align, **values)
         folder = args.out / name
         folder.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         held_out = validation_pairs
         recommender = here / "recommender" / reward_model_name(recommend, align.held_out_share)
-        if pairing_settings(align, recommender.name) == run_pairing:  # the run's own reward stage: its pairs
+        settings_now = pairing_settings(align, recommender.name)
+        if settings_now == run_pairing:  # the run's own reward stage: its pairs
             pairs = pd.read_parquet(here / "preferences" / "pairs.parquet")
             rewards = pd.read_parquet(here / "preferences" / "rewards.parquet")
+        elif all(settings_now[k] == run_pairing[k] for k in REWARD_SETTINGS):  # the run's rewards, paired another way
+            rewards = pd.read_parquet(here / "preferences" / "rewards.parquet")
+            pairs = make_pairs(rewards, knowledge, prompts, align.min_reward_gap, align.pairing, align.pairs_per_user)
         else:
             embeddings = read_embeddings(here / "embeddings")
             samplers = set(embeddings.user_index[embeddings.sample > 0])
@@ -88,11 +100,18 @@ def main(argv=None) -> int:
             sampled = sorted(samplers & set(split_user_indices(args.run, "train")))
             rewards = scorer.score_embeddings(embeddings, split=lists, users=sampled, reward=align.reward)
             pairs = make_pairs(rewards, knowledge, prompts, align.min_reward_gap, align.pairing, align.pairs_per_user)
+        if train_users is not None:  # a seeded subset of the users with pairs: fewer users, as a smaller run would have
+            users = np.random.default_rng(0).permutation(np.unique(pairs["user_index"]))[:train_users]
+            pairs = pairs[pairs["user_index"].isin(users)].reset_index(drop=True)
+            rewards = rewards[rewards["user_index"].isin(users)]
         pairs.to_parquet(folder / "pairs.parquet")
+        if args.validation_users:
+            held_out = held_out[held_out["user_index"].isin(validation_subset)]
         if align.reward != base_align.reward:
             validation_users = sorted(samplers & set(split_user_indices(args.run, "validation")))
             validation_rewards = scorer.score_embeddings(embeddings, split="validation", users=validation_users, reward=align.reward)
             held_out = make_pairs(validation_rewards, knowledge, prompts, align.min_reward_gap, "all_gaps")
+            held_out = held_out[held_out["user_index"].isin(validation_subset)] if args.validation_users else held_out
             held_out.to_parquet(folder / "validation_pairs.parquet")
         history = train_dpo(pairs, model_cfg, align, [], folder / "adapter")
         dpo_s = time.perf_counter() - start

@@ -52,11 +52,40 @@ def test_truncated_rows_keep_their_alignment():
     assert packed["source"].tolist() == [2, 3, 5, 6]
 
 
-def test_rows_without_the_same_prompt_are_refused():
-    ids, mask, labels = trl_batch([{"prompt_ids": [5, 6], "chosen_ids": [8], "rejected_ids": [9]}])
-    ids[1, 0] = 4
-    with pytest.raises(ValueError, match="do not share their prompt"):
-        pack_pairs(ids, mask, labels, PAD)
+def test_pairs_of_one_prompt_share_a_row_and_each_answer_runs_once():
+    # a user's three pairs (answer 8 in two of them) and another user's pair
+    ids, mask, labels = trl_batch([{"prompt_ids": [5, 6], "chosen_ids": [8], "rejected_ids": [9, 10]},
+                                   {"prompt_ids": [5, 6], "chosen_ids": [8], "rejected_ids": [11]},
+                                   {"prompt_ids": [5, 6], "chosen_ids": [12], "rejected_ids": [9, 10]},
+                                   {"prompt_ids": [3], "chosen_ids": [4], "rejected_ids": [7]}])
+    packed = pack_pairs(ids, mask, labels, PAD)
+    # prompt[:-1] | prompt[-1] 8 | prompt[-1] 9 10 | prompt[-1] 11 | prompt[-1] 12: four distinct answers, one prompt
+    assert packed["input_ids"].tolist() == [[5, 6, 8, 6, 12, 6, 9, 10, 6, 11], [3, 4, 3, 7, PAD, PAD, PAD, PAD, PAD, PAD]]
+    assert packed["pair_layout"] == [(1, 2, 2, 3, 2), (0, 2, 2)]
+    assert packed["position_ids"][0].tolist() == [0, 1, 2, 1, 2, 1, 2, 3, 1, 2]
+    visible = packed["attention_mask"][0, 0].int().tolist()
+    assert visible[7] == [1, 0, 0, 0, 0, 1, 1, 1, 0, 0]  # answer 9 10 sees the shared prompt and its own branch only
+    # TRL's rows: chosen 8, 8, 12, 4, then rejected 9 10, 11, 9 10, 7; each a flat index into the packed rows
+    assert packed["source"].tolist() == [1, 1, 3, 10 + 0, 5, 6, 8, 5, 6, 10 + 2]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sampler_keeps_a_prompts_pairs_together(seed):
+    from dpo4rec.align.shared_prompt import PromptGroupedSampler
+
+    prompts = [[1, 2], [1, 2], [3], [1, 2], [4, 5], [3]]
+    sampler = PromptGroupedSampler(prompts, seed)
+    orders = []
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        assert sorted(order) == list(range(6))
+        keys = [tuple(prompts[i]) for i in order]
+        assert sum(1 for a, b in zip(keys, keys[1:]) if a != b) == 2  # three prompts, each in one run
+        orders.append(order)
+    assert len({tuple(o) for o in orders}) > 1  # another order in another epoch
+    sampler.set_epoch(0)
+    assert list(sampler) == orders[0]  # and the same order for the same seed and epoch
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +104,9 @@ def real_examples(tokenizer):
 
     texts = [("A user who watched musicals and family dramas in the nineties, " * 4, "Loves musicals.", "Watches films of every kind, all the time."),
              ("Short prompt.", "Yes", "No, and then some more words about it"),
-             ("A user who rated westerns highly and skipped horror.", "Westerns, clearly.", "Horror.")]
+             ("A user who rated westerns highly and skipped horror.", "Westerns, clearly.", "Horror."),
+             # the first user's second pair (its chosen answer again): one packed row, that answer evaluated once
+             ("A user who watched musicals and family dramas in the nineties, " * 4, "Loves musicals.", "Action films.")]
     examples = []
     for prompt, chosen, rejected in texts:
         prompt_ids, chosen_ids = completion_ids(tokenizer, prompt, chosen)

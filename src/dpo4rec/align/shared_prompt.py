@@ -35,51 +35,63 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from trl import DPOTrainer
 from trl.trainer.utils import FusedCausalLMOutput
 
-PAD_BRANCH, SHARED, CHOSEN, REJECTED = -1, 0, 1, 2
+PAD_BRANCH, SHARED = -1, 0  # branch tags: padding, the shared prompt; answers are 1, 2, ...
 PER_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
 
 
 def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, pad_id: int) -> dict:
-    """TRL's ``[chosen rows; rejected rows]`` batch as one packed row per pair.
+    """TRL's ``[chosen rows; rejected rows]`` batch as one packed row per distinct prompt.
+
+    The pairs of a batch that share a prompt (a user's pairs, kept together by
+    ``PromptGroupedSampler``) share one row, and each distinct answer among
+    them is one branch of it, evaluated once however many pairs it is in:
+    ``prompt[:-1] | prompt[-1] answer_1 | prompt[-1] answer_2 | ...``.
 
     Returns the model inputs (``input_ids``, a boolean 4D ``attention_mask``,
-    ``position_ids``, ``shift_labels``) and ``source``: for each labelled
+    ``position_ids``, ``shift_labels``), ``source``: for each labelled
     position of TRL's shifted layout, in row-major order, the flat index in
-    the packed rows that holds its log-prob.
+    the packed rows that holds its log-prob, and ``pair_layout``: per packed
+    row, the shared length and each branch's length.
     """
-    pairs = input_ids.size(0) // 2
-    rows, branches, positions, targets, source = [], [], [], [], [[], []]  # source: per pair, chosen and rejected
-    layout = []  # per row: (shared, chosen branch, rejected branch) lengths, for pair_attention
-    for i in range(pairs):
-        (prompt, chosen), (other_prompt, rejected) = (_split(input_ids[r], attention_mask[r], labels[r]) for r in (i, pairs + i))
-        if not torch.equal(prompt, other_prompt):
-            raise ValueError(f"pair {i}: the chosen and rejected rows do not share their prompt")
+    prompts: dict[tuple, dict] = {}  # prompt ids -> its packed row's prompt, answers (ids -> branch) and branch list
+    row_branch = []  # per TRL row, in order: (packed row, branch)
+    for r in range(input_ids.size(0)):
+        prompt, answer = _split(input_ids[r], attention_mask[r], labels[r])
+        group = prompts.setdefault(tuple(prompt.tolist()), {"row": len(prompts), "prompt": prompt, "branch": {}, "answers": []})
+        key = tuple(answer.tolist())
+        if key not in group["branch"]:
+            group["branch"][key] = len(group["answers"])
+            group["answers"].append(answer)
+        row_branch.append((group["row"], group["branch"][key]))
+    rows, branches, positions, targets, starts, layout = [], [], [], [], [], []
+    for group in prompts.values():
+        prompt = group["prompt"]
         shared = prompt.numel() - 1
-        parts, tags, pos, tgt = [prompt[:-1]], [SHARED] * shared, list(range(shared)), [-100] * shared
-        for answer, tag in ((chosen, CHOSEN), (rejected, REJECTED)):
+        parts, tags, pos, tgt, begin = [prompt[:-1]], [SHARED] * shared, list(range(shared)), [-100] * shared, []
+        for tag, answer in enumerate(group["answers"], start=1):
+            begin.append(len(tags))  # TRL's position j predicts token j + 1: the answer's log-probs start at prompt[-1]'s copy
             parts += [prompt[-1:], answer]
             tags += [tag] * (answer.numel() + 1)
             pos += range(shared, shared + answer.numel() + 1)
             tgt += answer.tolist() + [-100]
         rows.append(torch.cat(parts))
-        layout.append((shared, chosen.numel() + 1, rejected.numel() + 1))
+        layout.append((shared, *(a.numel() + 1 for a in group["answers"])))
         branches.append(tags)
         positions.append(pos)
         targets.append(tgt)
-        # where each TRL log-prob lies in this packed row (TRL's position j predicts token j + 1): a chosen
-        # token keeps its index, a rejected one sits after the chosen branch (its length + 1 further on)
-        source[0].append(torch.arange(shared, shared + chosen.numel()))
-        source[1].append(torch.arange(shared + chosen.numel() + 1, shared + chosen.numel() + 1 + rejected.numel()))
+        starts.append(begin)
     width = max(r.numel() for r in rows)
-    packed = input_ids.new_full((pairs, width), pad_id)
-    branch = torch.full((pairs, width), PAD_BRANCH)
-    position = torch.zeros((pairs, width), dtype=torch.long)
-    shift_labels = torch.full((pairs, width), -100, dtype=labels.dtype)
+    count = len(rows)
+    packed = input_ids.new_full((count, width), pad_id)
+    branch = torch.full((count, width), PAD_BRANCH)
+    position = torch.zeros((count, width), dtype=torch.long)
+    shift_labels = torch.full((count, width), -100, dtype=labels.dtype)
     for i, row in enumerate(rows):
         n = row.numel()
         packed[i, :n], branch[i, :n] = row, torch.tensor(branches[i])
         position[i, :n], shift_labels[i, :n] = torch.tensor(positions[i]), torch.tensor(targets[i])
-    flat_source = torch.cat([i * width + idx for per_pair in source for i, idx in enumerate(per_pair)])  # chosen rows, then rejected
+    lengths = [[a.numel() for a in group["answers"]] for group in prompts.values()]
+    flat_source = torch.cat([i * width + starts[i][b] + torch.arange(lengths[i][b]) for i, b in row_branch])
     query, key = branch[:, :, None], branch[:, None, :]
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     visible = causal & ((key == SHARED) | (key == query)) & (query != PAD_BRANCH)
@@ -109,20 +121,22 @@ def pair_attention(module, query, key, value, attention_mask, dropout: float = 0
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     _, heads, length, dim = query.shape
     rows = []
-    for b, (shared, chosen, rejected) in enumerate(pair_layout):
+    for b, (shared, *branch_lengths) in enumerate(pair_layout):
         q, k, v = query[b : b + 1], key[b : b + 1], value[b : b + 1]
         parts = []
         if shared:
             parts.append(F.scaled_dot_product_attention(q[:, :, :shared], k[:, :, :shared], v[:, :, :shared],
                                                         dropout_p=dropout, is_causal=True, scale=scaling))
-        for start, n in ((shared, chosen), (shared + chosen, rejected)):
+        start = shared
+        for n in branch_lengths:
             keys = torch.cat([k[:, :, :shared], k[:, :, start : start + n]], dim=2)
             values = torch.cat([v[:, :, :shared], v[:, :, start : start + n]], dim=2)
             sees = torch.ones(n, shared + n, dtype=torch.bool, device=q.device).tril(diagonal=shared)
             parts.append(F.scaled_dot_product_attention(q[:, :, start : start + n], keys, values, attn_mask=sees,
                                                         dropout_p=dropout, scale=scaling))
-        if length > shared + chosen + rejected:
-            parts.append(q.new_zeros(1, heads, length - shared - chosen - rejected, dim))
+            start += n
+        if length > start:
+            parts.append(q.new_zeros(1, heads, length - start, dim))
         rows.append(torch.cat(parts, dim=2))
     return torch.cat(rows).transpose(1, 2).contiguous(), None
 
@@ -169,8 +183,46 @@ class SharedPromptModel:
         return FusedCausalLMOutput(loss=out.loss, aux_loss=getattr(out, "aux_loss", None), **fields)
 
 
+class PromptGroupedSampler(torch.utils.data.Sampler):
+    """Prompts (users) in a random order, each prompt's pairs one after another.
+
+    TRL's random order scatters a user's pairs over the epoch, so each would
+    pay for the ~530-token prompt again; kept together, the pairs of a user
+    fill a batch (whole users when the batch size is a multiple of the pairs
+    per user) and share one packed row, each distinct answer evaluated once.
+    The loss is the same mean over the batch's pairs; what changes is which
+    pairs share an optimizer step. Seeded like the trainer's data order, a new
+    order each epoch.
+    """
+
+    def __init__(self, prompt_ids: list, seed: int):
+        members: dict[tuple, list[int]] = {}
+        for index, prompt in enumerate(prompt_ids):
+            members.setdefault(tuple(prompt), []).append(index)
+        self.groups, self.seed, self.epoch = list(members.values()), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return sum(len(group) for group in self.groups)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.groups), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        for group in order.tolist():
+            yield from self.groups[group]
+
+
 class SharedPromptDPOTrainer(DPOTrainer):
-    """TRL's DPOTrainer whose policy and reference forwards evaluate each pair's prompt once."""
+    """TRL's DPOTrainer whose policy and reference forwards evaluate each distinct prompt and answer of a batch once,
+    with a user's pairs kept together in batches (``PromptGroupedSampler``)."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if "prompt_ids" not in getattr(dataset, "column_names", ()):
+            return super()._get_train_sampler(train_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return PromptGroupedSampler(dataset["prompt_ids"], seed)
 
     def _shared(self, model):
         return SharedPromptModel(model, self.processing_class.pad_token_id)
