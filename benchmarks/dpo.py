@@ -17,7 +17,11 @@ reference log-probs, batch 4 x 2, one epoch):
   evaluated once, align/shared_prompt.py), with the attention layout the
   device gets (segments on a CPU, one block-masked call on a GPU);
 * ``ours_segments`` / ``ours_mask``: ``ours`` with that layout forced (one of
-  them repeats ``ours``; skip it).
+  them repeats ``ours``; skip it);
+* ``ours_pairwise``: ``ours`` with the pairs in TRL's random order, so each
+  pair evaluates its own prompt; ``ours`` keeps a user's pairs together and
+  evaluates the prompt, and each distinct answer, once for all of them
+  (equal to ``ours`` for one pair per user; try a ``top_bottom`` run's pairs).
 
 On a GPU (``--device cuda --model FOLDER``, e.g. random-init weights of the
 real shapes from benchmarks/gpu_weights.py) the pairs are built with that
@@ -79,8 +83,9 @@ def build_pairs(n_pairs: int, model_name: str = "smollm2-135m", device: str = "c
 
 
 def time_dpo(pairs: pd.DataFrame, align: AlignConfig, compact: bool, model_cfg: ModelConfig,
-             segment_devices: tuple[str, ...] | None = None) -> dict:
+             segment_devices: tuple[str, ...] | None = None, grouped: bool = True) -> dict:
     import trl.trainer.utils as trl_utils
+    from trl import DPOTrainer
 
     from dpo4rec.align import shared_prompt
 
@@ -91,22 +96,30 @@ def time_dpo(pairs: pd.DataFrame, align: AlignConfig, compact: bool, model_cfg: 
     shipped_layout = shared_prompt.SEGMENT_DEVICES
     if segment_devices is not None:
         shared_prompt.SEGMENT_DEVICES = segment_devices
+    trainer = shared_prompt.SharedPromptDPOTrainer
+    if not grouped:  # TRL's random order, the reference pass's too: a user's pairs land in different batches
+        pairs = pairs.sample(frac=1.0, random_state=0)
+        trainer._get_train_sampler = DPOTrainer._get_train_sampler
     try:
         with tempfile.TemporaryDirectory() as out:
             history = dpo.train_dpo(pairs, model_cfg, align, [], Path(out))
     finally:
         shared_prompt.SEGMENT_DEVICES = shipped_layout
+        if not grouped:
+            del trainer._get_train_sampler
     first = history["steps"][0]
     return {"trainer_s": history["train_runtime_s"], "s_per_pair": history["train_runtime_s"] / len(pairs),
             "first_step_loss": first["loss"], "first_step_logps_chosen": first["logps/chosen"]}
 
 
 def pair_flops(pairs: pd.DataFrame, counter: FlopCounter, tokenizer) -> dict[str, float]:
-    """Mean minimum FLOPs per pair, by kind: reference forward + policy forward + policy backward (3 forwards), prompt once."""
+    """Mean minimum FLOPs per pair, by kind: reference forward + policy forward + policy backward (3 forwards), each
+    distinct prompt once with each of its distinct answers once (a user's several pairs share both)."""
     total: dict[str, float] = {}
-    for prompt, chosen, rejected in pairs[["prompt", "chosen", "rejected"]].itertuples(index=False):
-        prompt_ids, chosen_ids = completion_ids(tokenizer, prompt, chosen)
-        one = counter.prompt_and_answers(len(prompt_ids), [len(chosen_ids), len(completion_ids(tokenizer, prompt, rejected)[1])])
+    for prompt, group in pairs.groupby("prompt", sort=False):
+        answers = pd.unique(pd.concat([group["chosen"], group["rejected"]]))
+        lengths = [len(completion_ids(tokenizer, prompt, answer)[1]) for answer in answers]
+        one = counter.prompt_and_answers(len(completion_ids(tokenizer, prompt, answers[0])[0]), lengths)
         total = add(total, one, times=3.0 / len(pairs))
     return total
 
@@ -116,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", help="a reward stage's pairs.parquet (default: build pairs here)")
     parser.add_argument("--quick", action="store_true", help="8 pairs built here; a few minutes")
     parser.add_argument("--n", type=int, help="pairs to train on (default 16; 8 with --quick)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["trl", "compact", "ours", "ours_segments", "ours_mask"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["trl", "compact", "ours", "ours_segments", "ours_mask", "ours_pairwise"])
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:n] (default cpu)")
     parser.add_argument("--model", default="smollm2-135m", help="the LLM: the built-in alias or a Hugging Face folder")
     parser.add_argument("--batch-size", type=int, default=4, help="pairs per pass (default 4, the stage's default)")
@@ -149,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
                "compact": (dataclasses.replace(base, shared_prompt=False), True, None),
                "ours": (base, True, None),
                "ours_segments": (base, True, (torch.device(args.device).type,)),
-               "ours_mask": (base, True, ())}
-    rows = {name: time_dpo(pairs, align, compact, model_cfg, layout)
+               "ours_mask": (base, True, ()),
+               "ours_pairwise": (base, True, None)}
+    rows = {name: time_dpo(pairs, align, compact, model_cfg, layout, grouped=name != "ours_pairwise")
             for name, (align, compact, layout) in methods.items() if name not in args.skip}
     rates = best_rates(rates_before, measured_rates(model, dtype))
     roofline = seconds_at(flops, rates)

@@ -91,7 +91,7 @@ def main(argv=None) -> int:
             pairs = pd.read_parquet(here / "preferences" / "pairs.parquet")
             rewards = pd.read_parquet(here / "preferences" / "rewards.parquet")
         elif all(settings_now[k] == run_pairing[k] for k in REWARD_SETTINGS):  # the run's rewards, paired another way
-            rewards = pd.read_parquet(here / "preferences" / "rewards.parquet")
+            rewards = pd.read_parquet(here / "preferences" / "rewards.parquet").drop(columns="text")
             pairs = make_pairs(rewards, knowledge, prompts, align.min_reward_gap, align.pairing, align.pairs_per_user)
         else:
             embeddings = read_embeddings(here / "embeddings")

@@ -1,18 +1,22 @@
-"""DPO with each pair's prompt evaluated once: TRL's trainer and loss, one forward per pair.
+"""DPO with each prompt evaluated once: TRL's trainer and loss, one packed row per user.
 
 TRL's DPOTrainer puts ``prompt + chosen`` and ``prompt + rejected`` in two
 rows, so the ~530-token prompt runs twice for a ~60-token answer. Here the
-two rows of a pair become one packed row,
+rows of a batch that share a prompt (a user's pairs, which
+``PromptGroupedSampler`` keeps together) become one packed row,
 
-    prompt[:-1] | prompt[-1] chosen | prompt[-1] rejected
+    prompt[:-1] | prompt[-1] answer_1 | prompt[-1] answer_2 | ...
 
-where each branch sees the shared part and itself (a block attention mask)
-and restarts its positions where the prompt ends. The prompt's last token
-appears once per branch because it predicts each answer's first token, and
-one position can carry only one label. The backbone runs on the packed rows,
-TRL's own fused LM head scores the labelled positions (``shift_labels``),
-and the per-token outputs are put back into TRL's two-row layout, so TRL's
-loss, reference log-probs and metrics run unchanged on them.
+with each distinct answer once, however many pairs it is in: one pair is
+``prompt | chosen | rejected``; a user's 3 x 3 ``top_bottom`` pairs are the
+prompt and 6 answers, 9 pairs for ~1.4x the cost of one. Each branch sees
+the shared part and itself (a block attention mask) and restarts its
+positions where the prompt ends. The prompt's last token appears once per
+branch because it predicts each answer's first token, and one position can
+carry only one label. The backbone runs on the packed rows, TRL's own fused
+LM head scores the labelled positions (``shift_labels``), and the per-token
+outputs are put back into TRL's two-row layout, so TRL's loss, reference
+log-probs and metrics run unchanged on them.
 
 Attention runs by segments (``pair_attention``): the shared part causally on
 itself, each branch on the shared part and itself. The block mask does the
@@ -40,65 +44,75 @@ PER_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "
 
 
 def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, pad_id: int) -> dict:
-    """TRL's ``[chosen rows; rejected rows]`` batch as one packed row per distinct prompt.
+    """TRL's ``[chosen rows; rejected rows]`` batch as one packed row per distinct prompt (``pack_answers``).
 
     The pairs of a batch that share a prompt (a user's pairs, kept together by
     ``PromptGroupedSampler``) share one row, and each distinct answer among
-    them is one branch of it, evaluated once however many pairs it is in:
-    ``prompt[:-1] | prompt[-1] answer_1 | prompt[-1] answer_2 | ...``.
-
-    Returns the model inputs (``input_ids``, a boolean 4D ``attention_mask``,
-    ``position_ids``, ``shift_labels``), ``source``: for each labelled
+    them is one branch of it, evaluated once however many pairs it is in.
+    Returns ``pack_answers``'s model inputs and ``source``: for each labelled
     position of TRL's shifted layout, in row-major order, the flat index in
-    the packed rows that holds its log-prob, and ``pair_layout``: per packed
-    row, the shared length and each branch's length.
+    the packed rows that holds its log-prob.
     """
-    prompts: dict[tuple, dict] = {}  # prompt ids -> its packed row's prompt, answers (ids -> branch) and branch list
+    groups: dict[tuple, tuple[torch.Tensor, dict[tuple, int], list[torch.Tensor]]] = {}  # prompt -> (ids, answer -> branch, answers)
     row_branch = []  # per TRL row, in order: (packed row, branch)
     for r in range(input_ids.size(0)):
         prompt, answer = _split(input_ids[r], attention_mask[r], labels[r])
-        group = prompts.setdefault(tuple(prompt.tolist()), {"row": len(prompts), "prompt": prompt, "branch": {}, "answers": []})
-        key = tuple(answer.tolist())
-        if key not in group["branch"]:
-            group["branch"][key] = len(group["answers"])
-            group["answers"].append(answer)
-        row_branch.append((group["row"], group["branch"][key]))
+        key = tuple(prompt.tolist())
+        if key not in groups:
+            groups[key] = (prompt, {}, [])
+        _, branch_of, answers = groups[key]
+        if tuple(answer.tolist()) not in branch_of:
+            branch_of[tuple(answer.tolist())] = len(answers)
+            answers.append(answer)
+        row_branch.append((list(groups).index(key), branch_of[tuple(answer.tolist())]))
+    packed = pack_answers([(prompt, answers) for prompt, _, answers in groups.values()], pad_id, labels.dtype)
+    width, starts = packed["input_ids"].size(1), packed.pop("answer_starts")
+    lengths = [[a.numel() for a in answers] for _, _, answers in groups.values()]
+    source = torch.cat([i * width + starts[i][b] + torch.arange(lengths[i][b]) for i, b in row_branch])
+    return {**packed, "source": source.to(input_ids.device)}
+
+
+def pack_answers(groups: list[tuple[torch.Tensor, list[torch.Tensor]]], pad_id: int, label_dtype=torch.long) -> dict:
+    """One packed row per (prompt ids, answers ids) group: ``prompt[:-1] | prompt[-1] answer_1 | prompt[-1] answer_2 | ...``.
+
+    Returns the model inputs (``input_ids``, a boolean 4D ``attention_mask``,
+    ``position_ids``, ``shift_labels``), ``pair_layout`` (per row, the shared
+    length and each branch's length, for ``pair_attention``) and
+    ``answer_starts`` (per row and answer, the position whose output predicts
+    the answer's first token: TRL's position j predicts token j + 1).
+    """
     rows, branches, positions, targets, starts, layout = [], [], [], [], [], []
-    for group in prompts.values():
-        prompt = group["prompt"]
+    for prompt, answers in groups:
         shared = prompt.numel() - 1
         parts, tags, pos, tgt, begin = [prompt[:-1]], [SHARED] * shared, list(range(shared)), [-100] * shared, []
-        for tag, answer in enumerate(group["answers"], start=1):
-            begin.append(len(tags))  # TRL's position j predicts token j + 1: the answer's log-probs start at prompt[-1]'s copy
+        for tag, answer in enumerate(answers, start=1):
+            begin.append(len(tags))  # the copy of prompt[-1] that opens this branch
             parts += [prompt[-1:], answer]
             tags += [tag] * (answer.numel() + 1)
             pos += range(shared, shared + answer.numel() + 1)
             tgt += answer.tolist() + [-100]
         rows.append(torch.cat(parts))
-        layout.append((shared, *(a.numel() + 1 for a in group["answers"])))
+        layout.append((shared, *(a.numel() + 1 for a in answers)))
         branches.append(tags)
         positions.append(pos)
         targets.append(tgt)
         starts.append(begin)
     width = max(r.numel() for r in rows)
-    count = len(rows)
-    packed = input_ids.new_full((count, width), pad_id)
-    branch = torch.full((count, width), PAD_BRANCH)
-    position = torch.zeros((count, width), dtype=torch.long)
-    shift_labels = torch.full((count, width), -100, dtype=labels.dtype)
+    packed = rows[0].new_full((len(rows), width), pad_id)
+    branch = torch.full((len(rows), width), PAD_BRANCH)
+    position = torch.zeros((len(rows), width), dtype=torch.long)
+    shift_labels = torch.full((len(rows), width), -100, dtype=label_dtype)
     for i, row in enumerate(rows):
         n = row.numel()
         packed[i, :n], branch[i, :n] = row, torch.tensor(branches[i])
         position[i, :n], shift_labels[i, :n] = torch.tensor(positions[i]), torch.tensor(targets[i])
-    lengths = [[a.numel() for a in group["answers"]] for group in prompts.values()]
-    flat_source = torch.cat([i * width + starts[i][b] + torch.arange(lengths[i][b]) for i, b in row_branch])
     query, key = branch[:, :, None], branch[:, None, :]
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     visible = causal & ((key == SHARED) | (key == query)) & (query != PAD_BRANCH)
     visible |= torch.eye(width, dtype=torch.bool)  # padding attends to itself: no empty softmax rows (NaN)
-    device = input_ids.device
-    return {"input_ids": packed.to(device), "attention_mask": visible[:, None].to(device), "position_ids": position.to(device),
-            "shift_labels": shift_labels.to(device), "source": flat_source.to(device), "pair_layout": layout}
+    device = rows[0].device
+    return {"input_ids": packed, "attention_mask": visible[:, None].to(device), "position_ids": position.to(device),
+            "shift_labels": shift_labels.to(device), "pair_layout": layout, "answer_starts": starts}
 
 
 PAIR_ATTENTION = "dpo4rec_pairs"
