@@ -88,6 +88,18 @@ def test_sampler_keeps_a_prompts_pairs_together(seed):
     assert list(sampler) == orders[0]  # and the same order for the same seed and epoch
 
 
+def test_one_pair_per_prompt_keeps_the_trainers_own_order():
+    from accelerate.data_loader import SeedableRandomSampler
+
+    from dpo4rec.align.shared_prompt import PromptGroupedSampler
+
+    ours, theirs = PromptGroupedSampler([[i] for i in range(50)], seed=3), SeedableRandomSampler(range(50), data_seed=3)
+    for epoch in range(2):
+        ours.set_epoch(epoch)
+        theirs.set_epoch(epoch)
+        assert list(ours) == list(theirs)
+
+
 @pytest.fixture(scope="module")
 def fp32_model():
     from trl.trainer.utils import add_fused_lm_head

@@ -206,7 +206,9 @@ class PromptGroupedSampler(torch.utils.data.Sampler):
     per user) and share one packed row, each distinct answer evaluated once.
     The loss is the same mean over the batch's pairs; what changes is which
     pairs share an optimizer step. Seeded like the trainer's data order, a new
-    order each epoch.
+    order each epoch: with one pair per user (``best_worst``) the order is the
+    trainer's own (accelerate's seeded random order), so such runs train on
+    the same batches as without this sampler.
     """
 
     def __init__(self, prompt_ids: list, seed: int):
