@@ -16,8 +16,13 @@ as the better text). Writes ``OUT/<variant>/`` (pairs,
 adapter, held-out texts) and ``OUT/levers.json``; prints a table.
 
 A variant that keeps the run's reward and pairing settings trains on the run's
-own ``pairs.parquet`` (no embeddings or recommender needed: a run folder brought
-back from a GPU without its weights will do). ``--model`` / ``--device`` name
+own ``pairs.parquet``, and one that keeps the reward but pairs another way
+(``pairing``, ``pairs_per_user``, ``min_reward_gap``) pairs the run's own
+``rewards.parquet`` again; neither needs embeddings or a recommender (a run
+folder brought back from a GPU without its weights will do). ``train_users=K``
+(not an [align] field) keeps a seeded subset of K train users' pairs, as a
+smaller run would have had; ``--validation-users K`` checks on a seeded subset
+of K validation users (the check costs ~6 s per user on a 2-core CPU). ``--model`` / ``--device`` name
 the LLM when the run's is not where the run had it (a GPU run continued on a
 CPU: the same GGUF file, another path).
 """
