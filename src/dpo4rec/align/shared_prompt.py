@@ -53,21 +53,19 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: to
     position of TRL's shifted layout, in row-major order, the flat index in
     the packed rows that holds its log-prob.
     """
-    groups: dict[tuple, tuple[torch.Tensor, dict[tuple, int], list[torch.Tensor]]] = {}  # prompt -> (ids, answer -> branch, answers)
+    groups: dict[tuple, tuple[int, torch.Tensor, dict[tuple, int], list[torch.Tensor]]] = {}  # prompt -> (row, ids, answer -> branch, answers)
     row_branch = []  # per TRL row, in order: (packed row, branch)
     for r in range(input_ids.size(0)):
         prompt, answer = _split(input_ids[r], attention_mask[r], labels[r])
-        key = tuple(prompt.tolist())
-        if key not in groups:
-            groups[key] = (prompt, {}, [])
-        _, branch_of, answers = groups[key]
-        if tuple(answer.tolist()) not in branch_of:
-            branch_of[tuple(answer.tolist())] = len(answers)
+        row, _, branch_of, answers = groups.setdefault(tuple(prompt.tolist()), (len(groups), prompt, {}, []))
+        key = tuple(answer.tolist())
+        if key not in branch_of:
+            branch_of[key] = len(answers)
             answers.append(answer)
-        row_branch.append((list(groups).index(key), branch_of[tuple(answer.tolist())]))
-    packed = pack_answers([(prompt, answers) for prompt, _, answers in groups.values()], pad_id, labels.dtype)
+        row_branch.append((row, branch_of[key]))
+    packed = pack_answers([(prompt, answers) for _, prompt, _, answers in groups.values()], pad_id, labels.dtype)
     width, starts = packed["input_ids"].size(1), packed.pop("answer_starts")
-    lengths = [[a.numel() for a in answers] for _, _, answers in groups.values()]
+    lengths = [[a.numel() for a in answers] for *_, answers in groups.values()]
     source = torch.cat([i * width + starts[i][b] + torch.arange(lengths[i][b]) for i, b in row_branch])
     return {**packed, "source": source.to(input_ids.device)}
 
