@@ -117,9 +117,8 @@ def pair_flops(pairs: pd.DataFrame, counter: FlopCounter, tokenizer) -> dict[str
     distinct prompt once with each of its distinct answers once (a user's several pairs share both)."""
     total: dict[str, float] = {}
     for prompt, group in pairs.groupby("prompt", sort=False):
-        answers = pd.unique(pd.concat([group["chosen"], group["rejected"]]))
-        lengths = [len(completion_ids(tokenizer, prompt, answer)[1]) for answer in answers]
-        one = counter.prompt_and_answers(len(completion_ids(tokenizer, prompt, answers[0])[0]), lengths)
+        ids = [completion_ids(tokenizer, prompt, answer) for answer in pd.unique(pd.concat([group["chosen"], group["rejected"]]))]
+        one = counter.prompt_and_answers(len(ids[0][0]), [len(answer) for _, answer in ids])
         total = add(total, one, times=3.0 / len(pairs))
     return total
 

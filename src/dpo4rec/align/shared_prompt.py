@@ -174,7 +174,8 @@ def _split(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> tuple
 
 
 class SharedPromptModel:
-    """Called like TRL calls the model (two rows per pair, ``labels``, ``fused_lm_head=True``); runs one packed row."""
+    """Called like TRL calls the model (two rows per pair, ``labels``, ``fused_lm_head=True``); runs one packed row per
+    distinct prompt of the batch."""
 
     def __init__(self, model, pad_id: int):
         self.model, self.pad_id = model, pad_id
