@@ -1,0 +1,174 @@
+"""Positive control: does DPO, at a given budget, learn a preference that *can* be learned, and does the check see it?
+
+    python experiments/positive_control.py RUN OUT --variant NAME reward=genre_user KEY=VALUE ... [--variant ...]
+        [--validation-users K]
+
+The run's recommender reward gives DPO nothing that carries to unseen users at
+SmolLM2-135M scale (docs/results.md, issue 9). Is that the reward, or would
+DPO and the held-out check miss a preference that is there? Here the run's
+round-0 samples are rewarded by a transparent rule instead (genre_reward.py):
+
+* ``reward=genre_user``: the genres a text names, each worth its lift for the
+  user on the user's reward lists (train users: the held-out lists the run's
+  reward used; validation users: their validation lists). User-specific, like
+  the recommender's reward, with a direction shared across users;
+* ``reward=genre_shared``: the same with every user's lift replaced by the
+  mean lift over the sampled train users' reward lists: one preference for all.
+
+For each variant: pairs from the train users' samples (``pairing``, ...),
+a fresh DPO adapter (``learning_rate``, ``epochs``, ``batch_size``, ...;
+``train_users=K`` keeps a seeded K of them), the held-out check on the
+validation users' pairs under the same reward (every two samples whose rewards
+differ, as the pipeline's check), and the validation drift: N new samples per
+checked validation user from the trained policy minus the run's round-0
+samples, both under the same reward (paired 95% interval over users).
+Validation users never feed DPO. Writes ``OUT/<variant>/`` and
+``OUT/control.json``; prints a table. The run folder is only read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from dpo_levers import parse_value
+from genre_reward import genre_lift, genre_rewards, item_genres, mentions
+from dpo4rec.align.dpo import train_dpo
+from dpo4rec.align.heldout import pair_margins, pair_texts, score_texts, summarize
+from dpo4rec.align.pairs import make_pairs
+from dpo4rec.config import AlignConfig, GenerateConfig, ModelConfig
+from dpo4rec.generate.model import load_model, load_tokenizer, model_device, parse_dtype
+from dpo4rec.generate.sampler import SamplerSettings, batch_generator, make_sampler, plan_batches
+from dpo4rec.recommend.features import mark_reward_lists
+from dpo4rec.report.drift import sampled_drift
+
+REWARDS = ("genre_user", "genre_shared")
+
+
+def lifts(run: Path, align: AlignConfig, knowledge: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per split (train, validation): each sampled user's genre lift on the lists their reward reads."""
+    lists = pd.read_parquet(run / "data" / "lists.parquet")
+    genres = item_genres(pd.read_parquet(run / "data" / "items.parquet"))
+    sampled = knowledge.loc[knowledge["sample"] > 0, "user_index"].unique()
+    train = lists if align.reward_lists == "train" else mark_reward_lists(lists, align.reward_holdout)
+    train_split = "train" if align.reward_lists == "train" else "reward"
+    return {
+        "train": genre_lift(train[(train["split"] == train_split) & train["user_index"].isin(sampled)], genres),
+        "validation": genre_lift(lists[(lists["split"] == "validation") & lists["user_index"].isin(sampled)], genres),
+    }
+
+
+def rewards_for(kind: str, lift: dict[str, pd.DataFrame], split: str, texts: pd.DataFrame) -> pd.DataFrame:
+    if kind == "genre_user":
+        return genre_rewards(texts, lift[split])
+    shared = lift["train"].mean()  # learned from train users only, applied to every user
+    return genre_rewards(texts, pd.DataFrame([shared] * len(lift[split]), index=lift[split].index))
+
+
+def sample_texts(users: np.ndarray, prompts: pd.DataFrame, model_cfg: ModelConfig, gen: GenerateConfig, adapter: Path,
+                 seed: int) -> pd.DataFrame:
+    """N samples per user from the base model + ``adapter`` (unmerged, as the pipeline's next round samples)."""
+    tokenizer = load_tokenizer(model_cfg.name)
+    device = model_device(model_cfg)
+    model = load_model(model_cfg.name, adapters=[adapter], dtype=parse_dtype(model_cfg.dtype, device), device=device)
+    eos = [tokenizer.eos_token_id]
+    sampler = make_sampler(gen.backend if gen.backend != "vllm" else "auto", model, eos, tokenizer.pad_token_id)
+    settings = SamplerSettings(n_samples=gen.n_samples, temperature=gen.temperature, top_p=gen.top_p,
+                               max_new_tokens=gen.max_new_tokens, greedy=False, seed=seed)
+    text_of = prompts.set_index("user_index")["text"]
+    ids = [tokenizer(text_of[u], add_special_tokens=False)["input_ids"] for u in users]
+    rows = []
+    batches = plan_batches([len(i) for i in ids], settings.rows_per_prompt, gen.batch_rows, gen.max_prefill_tokens)
+    with tqdm(total=len(users), unit="user", desc="validation samples") as bar:
+        for number, batch in enumerate(batches):
+            completions = sampler.sample([ids[i] for i in batch], settings, batch_generator(seed, number, sampler.device))
+            for i, per_user in zip(batch, completions):
+                for sample, completion in enumerate(per_user, start=1):
+                    rows.append({"user_index": int(users[i]), "sample": sample, "n_tokens": len(completion.token_ids),
+                                 "text": tokenizer.decode(completion.token_ids, skip_special_tokens=True).strip()})
+            bar.update(len(batch))
+    return pd.DataFrame(rows)
+
+
+def describe(texts: pd.DataFrame) -> dict:
+    named = mentions(texts["text"])
+    return {"genres_named": float(named.sum(1).mean()), "tokens": float(texts["n_tokens"].mean())}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--variant", nargs="+", action="append", required=True, metavar="NAME [KEY=VALUE ...]")
+    parser.add_argument("--validation-users", type=int, help="check on a seeded subset of this many validation users")
+    args = parser.parse_args(argv)
+    config = json.loads((args.run / "config.json").read_text())
+    model_cfg, gen = ModelConfig(**config["model"]), GenerateConfig(**config["generate"])
+    base_align = AlignConfig(**config["align"])
+    here = args.run / "round_0"
+    prompts = pd.read_parquet(args.run / "prompts" / "prompts.parquet")
+    knowledge = pd.read_parquet(here / "knowledge" / "knowledge.parquet")
+    sampled = knowledge[knowledge["sample"] > 0]
+    messages = prompts.set_index("user_index")["message"]
+    results = []
+    for name, *settings in args.variant:
+        values = {k: parse_value(v) for k, v in (s.split("=", 1) for s in settings)}
+        kind, train_users = values.pop("reward", "genre_user"), values.pop("train_users", None)
+        if kind not in REWARDS:
+            raise SystemExit(f"reward must be one of {', '.join(REWARDS)}, got {kind!r}")
+        align = dataclasses.replace(base_align, **values)
+        folder = args.out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        lift = lifts(args.run, align, knowledge)
+        rewards = rewards_for(kind, lift, "train", sampled)
+        pairs = make_pairs(rewards, knowledge, prompts, align.min_reward_gap, align.pairing, align.pairs_per_user)
+        if train_users is not None:
+            keep = np.random.default_rng(0).permutation(np.unique(pairs["user_index"]))[:train_users]
+            pairs = pairs[pairs["user_index"].isin(keep)].reset_index(drop=True)
+        validation_users = np.random.default_rng(0).permutation(lift["validation"].index.to_numpy())[: args.validation_users or None]
+        before = rewards_for(kind, lift, "validation", sampled[sampled["user_index"].isin(validation_users)])
+        held_out = make_pairs(before, knowledge, prompts, 0.0, "all_gaps")
+        pairs.to_parquet(folder / "pairs.parquet")
+        held_out.to_parquet(folder / "validation_pairs.parquet")
+        start = time.perf_counter()
+        history = train_dpo(pairs, model_cfg, align, [], folder / "adapter")
+        dpo_s = time.perf_counter() - start
+        scored = score_texts(pair_texts(held_out), messages, model_cfg, [folder / "adapter"])
+        summary = summarize(pair_margins(held_out, scored, align.beta))
+        heldout_s = time.perf_counter() - start - dpo_s
+        after_texts = sample_texts(np.sort(validation_users), prompts, model_cfg, gen, folder / "adapter", gen.seed + 1000)
+        after_texts.to_parquet(folder / "validation_samples.parquet")
+        drift = sampled_drift(before, rewards_for(kind, lift, "validation", after_texts))
+        steps = history["steps"]
+        before_texts = sampled[sampled["user_index"].isin(validation_users)]
+        row = {"variant": name, "reward": kind, "settings": settings, "train_pairs": len(pairs), "optimizer_steps": len(steps),
+               "train_reward_accuracy_mean": sum(s["rewards/accuracies"] for s in steps) / max(1, len(steps)),
+               "validation_pairs": summary.pop("pairs"), **summary, **drift,
+               "before": describe(before_texts), "after": describe(after_texts), "dpo_s": round(dpo_s, 1),
+               "heldout_s": round(heldout_s, 1), "sampling_s": round(time.perf_counter() - start - dpo_s - heldout_s, 1)}
+        results.append(row)
+        (args.out / "control.json").write_text(json.dumps(results, indent=2))
+        print(f"{name}: held-out {row['heldout_pair_accuracy']:.3f} {[round(x, 3) for x in row['heldout_pair_accuracy_ci95']]}, "
+              f"drift {row['validation_reward_drift']:+.4f} {[round(x, 4) for x in row['validation_reward_drift_ci95']]}", flush=True)
+    print("| variant | reward | settings | pairs | steps | train batch acc. | held-out pair acc. [95% CI] | validation drift [95% CI] "
+          "| genres named, before -> after | tokens, before -> after | DPO s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        ci, dci = r["heldout_pair_accuracy_ci95"], r["validation_reward_drift_ci95"]
+        print(f"| {r['variant']} | {r['reward']} | {' '.join(r['settings'])} | {r['train_pairs']} | {r['optimizer_steps']} | "
+              f"{r['train_reward_accuracy_mean']:.2f} | {r['heldout_pair_accuracy']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | "
+              f"{r['validation_reward_drift']:+.4f} [{dci[0]:+.4f}, {dci[1]:+.4f}] | {r['before']['genres_named']:.2f} -> "
+              f"{r['after']['genres_named']:.2f} | {r['before']['tokens']:.1f} -> {r['after']['tokens']:.1f} | {r['dpo_s']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
