@@ -45,8 +45,8 @@ from dpo4rec.align.dpo import train_dpo
 from dpo4rec.align.heldout import pair_margins, pair_texts, score_texts, summarize
 from dpo4rec.align.pairs import make_pairs
 from dpo4rec.config import AlignConfig, GenerateConfig, ModelConfig
-from dpo4rec.generate.model import load_model, load_tokenizer, model_device, parse_dtype
-from dpo4rec.generate.sampler import SamplerSettings, batch_generator, make_sampler, plan_batches
+from dpo4rec.generate.sampler import SamplerSettings, batch_generator, plan_batches
+from dpo4rec.generate.stage import _open_sampler
 from dpo4rec.recommend.features import mark_reward_lists
 from dpo4rec.report.drift import sampled_drift
 
@@ -73,14 +73,10 @@ def rewards_for(kind: str, lift: dict[str, pd.DataFrame], split: str, texts: pd.
     return genre_rewards(texts, pd.DataFrame([shared] * len(lift[split]), index=lift[split].index))
 
 
-def sample_texts(users: np.ndarray, prompts: pd.DataFrame, model_cfg: ModelConfig, gen: GenerateConfig, adapter: Path,
+def sample_texts(users: np.ndarray, prompts: pd.DataFrame, model_cfg: ModelConfig, gen: GenerateConfig, adapters: list[Path],
                  seed: int) -> pd.DataFrame:
-    """N samples per user from the base model + ``adapter`` (unmerged, as the pipeline's next round samples)."""
-    tokenizer = load_tokenizer(model_cfg.name)
-    device = model_device(model_cfg)
-    model = load_model(model_cfg.name, adapters=[adapter], dtype=parse_dtype(model_cfg.dtype, device), device=device)
-    eos = [tokenizer.eos_token_id]
-    sampler = make_sampler(gen.backend if gen.backend != "vllm" else "auto", model, eos, tokenizer.pad_token_id)
+    """N samples per user from the base model + ``adapters``, through the pipeline's own sampler (unmerged adapters)."""
+    tokenizer, sampler, _ = _open_sampler(model_cfg, gen, adapters)
     settings = SamplerSettings(n_samples=gen.n_samples, temperature=gen.temperature, top_p=gen.top_p,
                                max_new_tokens=gen.max_new_tokens, greedy=False, seed=seed)
     text_of = prompts.set_index("user_index")["text"]
@@ -109,6 +105,8 @@ def main(argv=None) -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--variant", nargs="+", action="append", required=True, metavar="NAME [KEY=VALUE ...]")
     parser.add_argument("--validation-users", type=int, help="check on a seeded subset of this many validation users")
+    parser.add_argument("--base-drift", action="store_true",
+                        help="first sample the validation users again from the base model: the drift with no DPO (should be ~0)")
     args = parser.parse_args(argv)
     config = json.loads((args.run / "config.json").read_text())
     model_cfg, gen = ModelConfig(**config["model"]), GenerateConfig(**config["generate"])
@@ -118,7 +116,17 @@ def main(argv=None) -> int:
     knowledge = pd.read_parquet(here / "knowledge" / "knowledge.parquet")
     sampled = knowledge[knowledge["sample"] > 0]
     messages = prompts.set_index("user_index")["message"]
+    validation_users = np.random.default_rng(0).permutation(
+        lifts(args.run, base_align, knowledge)["validation"].index.to_numpy())[: args.validation_users or None]
+    before_texts = sampled[sampled["user_index"].isin(validation_users)]
     results = []
+    if args.base_drift:
+        again = sample_texts(np.sort(validation_users), prompts, model_cfg, gen, [], gen.seed + 1000)
+        lift = lifts(args.run, base_align, knowledge)
+        results.append({"variant": "base model, no DPO", "before": describe(before_texts), "after": describe(again), **{
+            f"drift_{kind}": sampled_drift(rewards_for(kind, lift, "validation", before_texts),
+                                           rewards_for(kind, lift, "validation", again)) for kind in REWARDS}})
+        print(json.dumps(results[-1], indent=1), flush=True)
     for name, *settings in args.variant:
         values = {k: parse_value(v) for k, v in (s.split("=", 1) for s in settings)}
         kind, train_users = values.pop("reward", "genre_user"), values.pop("train_users", None)
@@ -133,8 +141,7 @@ def main(argv=None) -> int:
         if train_users is not None:
             keep = np.random.default_rng(0).permutation(np.unique(pairs["user_index"]))[:train_users]
             pairs = pairs[pairs["user_index"].isin(keep)].reset_index(drop=True)
-        validation_users = np.random.default_rng(0).permutation(lift["validation"].index.to_numpy())[: args.validation_users or None]
-        before = rewards_for(kind, lift, "validation", sampled[sampled["user_index"].isin(validation_users)])
+        before = rewards_for(kind, lift, "validation", before_texts)
         held_out = make_pairs(before, knowledge, prompts, 0.0, "all_gaps")
         pairs.to_parquet(folder / "pairs.parquet")
         held_out.to_parquet(folder / "validation_pairs.parquet")
@@ -144,11 +151,10 @@ def main(argv=None) -> int:
         scored = score_texts(pair_texts(held_out), messages, model_cfg, [folder / "adapter"])
         summary = summarize(pair_margins(held_out, scored, align.beta))
         heldout_s = time.perf_counter() - start - dpo_s
-        after_texts = sample_texts(np.sort(validation_users), prompts, model_cfg, gen, folder / "adapter", gen.seed + 1000)
+        after_texts = sample_texts(np.sort(validation_users), prompts, model_cfg, gen, [folder / "adapter"], gen.seed + 1000)
         after_texts.to_parquet(folder / "validation_samples.parquet")
         drift = sampled_drift(before, rewards_for(kind, lift, "validation", after_texts))
         steps = history["steps"]
-        before_texts = sampled[sampled["user_index"].isin(validation_users)]
         row = {"variant": name, "reward": kind, "settings": settings, "train_pairs": len(pairs), "optimizer_steps": len(steps),
                "train_reward_accuracy_mean": sum(s["rewards/accuracies"] for s in steps) / max(1, len(steps)),
                "validation_pairs": summary.pop("pairs"), **summary, **drift,
@@ -161,7 +167,7 @@ def main(argv=None) -> int:
     print("| variant | reward | settings | pairs | steps | train batch acc. | held-out pair acc. [95% CI] | validation drift [95% CI] "
           "| genres named, before -> after | tokens, before -> after | DPO s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in results:
+    for r in results[int(args.base_drift):]:
         ci, dci = r["heldout_pair_accuracy_ci95"], r["validation_reward_drift_ci95"]
         print(f"| {r['variant']} | {r['reward']} | {' '.join(r['settings'])} | {r['train_pairs']} | {r['optimizer_steps']} | "
               f"{r['train_reward_accuracy_mean']:.2f} | {r['heldout_pair_accuracy']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | "
