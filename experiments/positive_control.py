@@ -149,6 +149,7 @@ def main(argv=None) -> int:
         history = train_dpo(pairs, model_cfg, align, [], folder / "adapter")
         dpo_s = time.perf_counter() - start
         scored = score_texts(pair_texts(held_out), messages, model_cfg, [folder / "adapter"])
+        scored.to_parquet(folder / "heldout_texts.parquet")
         summary = summarize(pair_margins(held_out, scored, align.beta))
         heldout_s = time.perf_counter() - start - dpo_s
         after_texts = sample_texts(np.sort(validation_users), prompts, model_cfg, gen, [folder / "adapter"], gen.seed + 1000)
