@@ -13,7 +13,10 @@ round-0 samples are rewarded by a transparent rule instead (genre_reward.py):
   reward used; validation users: their validation lists). User-specific, like
   the recommender's reward, with a direction shared across users;
 * ``reward=genre_shared``: the same with every user's lift replaced by the
-  mean lift over the sampled train users' reward lists: one preference for all.
+  mean lift over the sampled train users' reward lists: one preference for all;
+* ``reward=recommender``: the run's own reward (``align.reward`` from its
+  reward recommender on the texts' sentence embeddings), for comparison
+  under the same budget and check.
 
 For each variant: pairs from the train users' samples (``pairing``, ...),
 a fresh DPO adapter (``learning_rate``, ``epochs``, ``batch_size``, ...;
@@ -44,13 +47,18 @@ from genre_reward import genre_lift, genre_rewards, item_genres, mentions
 from dpo4rec.align.dpo import train_dpo
 from dpo4rec.align.heldout import pair_margins, pair_texts, score_texts, summarize
 from dpo4rec.align.pairs import make_pairs
-from dpo4rec.config import AlignConfig, GenerateConfig, ModelConfig
+from dpo4rec.align.reward_stage import reward_scorer, split_user_indices
+from dpo4rec.config import AlignConfig, EncodeConfig, GenerateConfig, ModelConfig, RecommendConfig
+from dpo4rec.encode.cache import EmbeddingCache, cache_key
+from dpo4rec.encode.encoder import TextEncoder
+from dpo4rec.encode.stage import encode_cached
 from dpo4rec.generate.sampler import SamplerSettings, batch_generator, plan_batches
 from dpo4rec.generate.stage import _open_sampler
+from dpo4rec.recommend import reward_model_name
 from dpo4rec.recommend.features import mark_reward_lists
 from dpo4rec.report.drift import sampled_drift
 
-REWARDS = ("genre_user", "genre_shared")
+REWARDS = ("genre_user", "genre_shared", "recommender")
 
 
 def lifts(run: Path, align: AlignConfig, knowledge: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -66,11 +74,25 @@ def lifts(run: Path, align: AlignConfig, knowledge: pd.DataFrame) -> dict[str, p
     }
 
 
-def rewards_for(kind: str, lift: dict[str, pd.DataFrame], split: str, texts: pd.DataFrame) -> pd.DataFrame:
-    if kind == "genre_user":
-        return genre_rewards(texts, lift[split])
-    shared = lift["train"].mean()  # learned from train users only, applied to every user
-    return genre_rewards(texts, pd.DataFrame([shared] * len(lift[split]), index=lift[split].index))
+def make_reward(kind: str, run: Path, config: dict, align: AlignConfig, knowledge: pd.DataFrame, out: Path):
+    """``reward(split, texts) -> user_index, sample, reward`` (split: train or validation; texts: user_index, sample, text)."""
+    if kind == "recommender":  # the run's own: its reward recommender on the texts' sentence embeddings
+        encode = EncodeConfig(**config["encode"])
+        recommender = run / "round_0" / "recommender" / reward_model_name(RecommendConfig(**config["recommend"]), align.held_out_share)
+        scorer, train_split = reward_scorer(recommender, run, align)
+        encoder = TextEncoder(encode.encoder, batch_size=encode.batch_size, long_texts=encode.long_texts)
+        cache = EmbeddingCache(out / "cache" / cache_key(encoder.name, encode.long_texts), encoder.dim, encoder.name)
+
+        def recommender_reward(split: str, texts: pd.DataFrame) -> pd.DataFrame:
+            vectors = encode_cached(encoder, cache, texts["text"].tolist(), progress=False)[0]
+            users = texts["user_index"].to_numpy()
+            reward = scorer.score(users, vectors, train_split if split == "train" else "validation", 5, align.reward)
+            return pd.DataFrame({"user_index": users, "sample": texts["sample"].to_numpy(), "reward": reward})
+        return recommender_reward
+    lift = lifts(run, align, knowledge)
+    if kind == "genre_shared":  # the train users' mean lift, applied to every user
+        lift = {split: pd.DataFrame([lift["train"].mean()] * len(table), index=table.index) for split, table in lift.items()}
+    return lambda split, texts: genre_rewards(texts, lift[split])
 
 
 def sample_texts(users: np.ndarray, prompts: pd.DataFrame, model_cfg: ModelConfig, gen: GenerateConfig, adapters: list[Path],
@@ -122,10 +144,10 @@ def main(argv=None) -> int:
     results = []
     if args.base_drift:
         again = sample_texts(np.sort(validation_users), prompts, model_cfg, gen, [], gen.seed + 1000)
-        lift = lifts(args.run, base_align, knowledge)
+        rewards = {kind: make_reward(kind, args.run, config, base_align, knowledge, args.out) for kind in REWARDS}
         results.append({"variant": "base model, no DPO", "before": describe(before_texts), "after": describe(again), **{
-            f"drift_{kind}": sampled_drift(rewards_for(kind, lift, "validation", before_texts),
-                                           rewards_for(kind, lift, "validation", again)) for kind in REWARDS}})
+            f"drift_{kind}": sampled_drift(reward("validation", before_texts), reward("validation", again))
+            for kind, reward in rewards.items()}})
         print(json.dumps(results[-1], indent=1), flush=True)
     for name, *settings in args.variant:
         values = {k: parse_value(v) for k, v in (s.split("=", 1) for s in settings)}
@@ -135,13 +157,13 @@ def main(argv=None) -> int:
         align = dataclasses.replace(base_align, **values)
         folder = args.out / name
         folder.mkdir(parents=True, exist_ok=True)
-        lift = lifts(args.run, align, knowledge)
-        rewards = rewards_for(kind, lift, "train", sampled)
+        reward = make_reward(kind, args.run, config, align, knowledge, args.out)
+        rewards = reward("train", sampled[sampled["user_index"].isin(split_user_indices(args.run, "train"))])
         pairs = make_pairs(rewards, knowledge, prompts, align.min_reward_gap, align.pairing, align.pairs_per_user)
         if train_users is not None:
             keep = np.random.default_rng(0).permutation(np.unique(pairs["user_index"]))[:train_users]
             pairs = pairs[pairs["user_index"].isin(keep)].reset_index(drop=True)
-        before = rewards_for(kind, lift, "validation", before_texts)
+        before = reward("validation", before_texts)
         held_out = make_pairs(before, knowledge, prompts, 0.0, "all_gaps")
         pairs.to_parquet(folder / "pairs.parquet")
         held_out.to_parquet(folder / "validation_pairs.parquet")
@@ -154,7 +176,7 @@ def main(argv=None) -> int:
         heldout_s = time.perf_counter() - start - dpo_s
         after_texts = sample_texts(np.sort(validation_users), prompts, model_cfg, gen, [folder / "adapter"], gen.seed + 1000)
         after_texts.to_parquet(folder / "validation_samples.parquet")
-        drift = sampled_drift(before, rewards_for(kind, lift, "validation", after_texts))
+        drift = sampled_drift(before, reward("validation", after_texts))
         steps = history["steps"]
         row = {"variant": name, "reward": kind, "settings": settings, "train_pairs": len(pairs), "optimizer_steps": len(steps),
                "train_reward_accuracy_mean": sum(s["rewards/accuracies"] for s in steps) / max(1, len(steps)),
