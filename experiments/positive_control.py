@@ -116,6 +116,11 @@ def sample_texts(users: np.ndarray, prompts: pd.DataFrame, model_cfg: ModelConfi
     return pd.DataFrame(rows)
 
 
+def within_user_sd(rewards: pd.DataFrame) -> float:
+    """Mean over users of the standard deviation of their sampled texts' rewards (each reward's own unit)."""
+    return float(rewards[rewards["sample"] > 0].groupby("user_index")["reward"].std().mean())
+
+
 def describe(texts: pd.DataFrame) -> dict:
     named = mentions(texts["text"])
     return {"genres_named": float(named.sum(1).mean()), "tokens": float(texts["n_tokens"].mean())}
@@ -146,7 +151,8 @@ def main(argv=None) -> int:
         again = sample_texts(np.sort(validation_users), prompts, model_cfg, gen, [], gen.seed + 1000)
         rewards = {kind: make_reward(kind, args.run, config, base_align, knowledge, args.out) for kind in REWARDS}
         results.append({"variant": "base model, no DPO", "before": describe(before_texts), "after": describe(again), **{
-            f"drift_{kind}": sampled_drift(reward("validation", before_texts), reward("validation", again))
+            f"drift_{kind}": {**sampled_drift(reward("validation", before_texts), reward("validation", again)),
+                              "within_user_sd": within_user_sd(reward("validation", before_texts))}
             for kind, reward in rewards.items()}})
         print(json.dumps(results[-1], indent=1), flush=True)
     for name, *settings in args.variant:
@@ -177,6 +183,7 @@ def main(argv=None) -> int:
         after_texts = sample_texts(np.sort(validation_users), prompts, model_cfg, gen, [folder / "adapter"], gen.seed + 1000)
         after_texts.to_parquet(folder / "validation_samples.parquet")
         drift = sampled_drift(before, reward("validation", after_texts))
+        drift["within_user_sd"] = within_user_sd(before)  # the drift's scale: how far apart a user's own texts are
         steps = history["steps"]
         row = {"variant": name, "reward": kind, "settings": settings, "train_pairs": len(pairs), "optimizer_steps": len(steps),
                "train_reward_accuracy_mean": sum(s["rewards/accuracies"] for s in steps) / max(1, len(steps)),
