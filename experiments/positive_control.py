@@ -195,13 +195,14 @@ def main(argv=None) -> int:
         print(f"{name}: held-out {row['heldout_pair_accuracy']:.3f} {[round(x, 3) for x in row['heldout_pair_accuracy_ci95']]}, "
               f"drift {row['validation_reward_drift']:+.4f} {[round(x, 4) for x in row['validation_reward_drift_ci95']]}", flush=True)
     print("| variant | reward | settings | pairs | steps | train batch acc. | held-out pair acc. [95% CI] | validation drift [95% CI] "
-          "| genres named, before -> after | tokens, before -> after | DPO s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| drift / within-user SD | genres named, before -> after | tokens, before -> after | DPO s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results[int(args.base_drift):]:
         ci, dci = r["heldout_pair_accuracy_ci95"], r["validation_reward_drift_ci95"]
         print(f"| {r['variant']} | {r['reward']} | {' '.join(r['settings'])} | {r['train_pairs']} | {r['optimizer_steps']} | "
               f"{r['train_reward_accuracy_mean']:.2f} | {r['heldout_pair_accuracy']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | "
-              f"{r['validation_reward_drift']:+.4f} [{dci[0]:+.4f}, {dci[1]:+.4f}] | {r['before']['genres_named']:.2f} -> "
+              f"{r['validation_reward_drift']:+.4f} [{dci[0]:+.4f}, {dci[1]:+.4f}] | "
+              f"{r['validation_reward_drift'] / r['within_user_sd']:+.2f} | {r['before']['genres_named']:.2f} -> "
               f"{r['after']['genres_named']:.2f} | {r['before']['tokens']:.1f} -> {r['after']['tokens']:.1f} | {r['dpo_s']} |")
     return 0
 
