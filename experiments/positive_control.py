@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("out", type=Path)
-    parser.add_argument("--variant", nargs="+", action="append", required=True, metavar="NAME [KEY=VALUE ...]")
+    parser.add_argument("--variant", nargs="+", action="append", default=[], metavar="NAME [KEY=VALUE ...]")
     parser.add_argument("--validation-users", type=int, help="check on a seeded subset of this many validation users")
     parser.add_argument("--base-drift", action="store_true",
                         help="first sample the validation users again from the base model: the drift with no DPO (should be ~0)")
@@ -155,6 +155,9 @@ def main(argv=None) -> int:
                               "within_user_sd": within_user_sd(reward("validation", before_texts))}
             for kind, reward in rewards.items()}})
         print(json.dumps(results[-1], indent=1), flush=True)
+        args.out.mkdir(parents=True, exist_ok=True)
+        again.to_parquet(args.out / "base_validation_samples.parquet")
+        (args.out / "control.json").write_text(json.dumps(results, indent=2))
     for name, *settings in args.variant:
         values = {k: parse_value(v) for k, v in (s.split("=", 1) for s in settings)}
         kind, train_users = values.pop("reward", "genre_user"), values.pop("train_users", None)
