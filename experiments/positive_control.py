@@ -1,7 +1,7 @@
 """Positive control: does DPO, at a given budget, learn a preference that *can* be learned, and does the check see it?
 
     python experiments/positive_control.py RUN OUT --variant NAME reward=genre_user KEY=VALUE ... [--variant ...]
-        [--validation-users K]
+        [--validation-users K] [--base-drift]
 
 The run's recommender reward gives DPO nothing that carries to unseen users at
 SmolLM2-135M scale (docs/results.md, issue 9). Is that the reward, or would
@@ -25,7 +25,9 @@ validation users' pairs under the same reward (every two samples whose rewards
 differ, as the pipeline's check), and the validation drift: N new samples per
 checked validation user from the trained policy minus the run's round-0
 samples, both under the same reward (paired 95% interval over users).
-Validation users never feed DPO. Writes ``OUT/<variant>/`` and
+Validation users never feed DPO. ``--base-drift`` first resamples the
+validation users from the base model with the variants' seed: the drift with
+no DPO, which should contain 0. Writes ``OUT/<variant>/`` and
 ``OUT/control.json``; prints a table. The run folder is only read.
 """
 
@@ -149,11 +151,12 @@ def main(argv=None) -> int:
     results = []
     if args.base_drift:
         again = sample_texts(np.sort(validation_users), prompts, model_cfg, gen, [], gen.seed + 1000)
-        rewards = {kind: make_reward(kind, args.run, config, base_align, knowledge, args.out) for kind in REWARDS}
-        results.append({"variant": "base model, no DPO", "before": describe(before_texts), "after": describe(again), **{
-            f"drift_{kind}": {**sampled_drift(reward("validation", before_texts), reward("validation", again)),
-                              "within_user_sd": within_user_sd(reward("validation", before_texts))}
-            for kind, reward in rewards.items()}})
+        row = {"variant": "base model, no DPO", "before": describe(before_texts), "after": describe(again)}
+        for kind in REWARDS:
+            reward = make_reward(kind, args.run, config, base_align, knowledge, args.out)
+            before = reward("validation", before_texts)
+            row[f"drift_{kind}"] = {**sampled_drift(before, reward("validation", again)), "within_user_sd": within_user_sd(before)}
+        results.append(row)
         print(json.dumps(results[-1], indent=1), flush=True)
         args.out.mkdir(parents=True, exist_ok=True)
         again.to_parquet(args.out / "base_validation_samples.parquet")
