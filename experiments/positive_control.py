@@ -2,6 +2,7 @@
 
     python experiments/positive_control.py RUN OUT --variant NAME reward=genre_user KEY=VALUE ... [--variant ...]
         [--validation-users K] [--base-drift]
+    python experiments/positive_control.py RUN OUT --summarize --validation-users K   # OUT's variants on K of its users
 
 The run's recommender reward gives DPO nothing that carries to unseen users at
 SmolLM2-135M scale (docs/results.md, issue 9). Is that the reward, or would
@@ -128,12 +129,37 @@ def describe(texts: pd.DataFrame) -> dict:
     return {"genres_named": float(named.sum(1).mean()), "tokens": float(texts["n_tokens"].mean())}
 
 
+def summarize_folder(args, config: dict, align: AlignConfig, knowledge: pd.DataFrame, users: np.ndarray) -> int:
+    """OUT's finished variants restricted to ``users`` (the same seeded order, fewer users), from their saved files."""
+    sampled = knowledge[(knowledge["sample"] > 0) & knowledge["user_index"].isin(users)]
+    for row in json.loads((args.out / "control.json").read_text()):
+        if "reward" not in row:
+            continue
+        folder = args.out / row["variant"]
+        reward = make_reward(row["reward"], args.run, config, align, knowledge, args.out)
+        before = reward("validation", sampled)
+        after = pd.read_parquet(folder / "validation_samples.parquet")
+        drift = sampled_drift(before, reward("validation", after[after["user_index"].isin(users)]))
+        scale = within_user_sd(before)
+        line = (f"{row['variant']}: {drift['users']} users, drift / within-user SD {drift['validation_reward_drift'] / scale:+.2f} "
+                f"[{drift['validation_reward_drift_ci95'][0] / scale:+.2f}, {drift['validation_reward_drift_ci95'][1] / scale:+.2f}]")
+        if (folder / "heldout_texts.parquet").is_file():
+            pairs = pd.read_parquet(folder / "validation_pairs.parquet")
+            summary = summarize(pair_margins(pairs[pairs["user_index"].isin(users)], pd.read_parquet(folder / "heldout_texts.parquet"), align.beta))
+            ci = summary["heldout_pair_accuracy_ci95"]
+            line += f", held-out pair accuracy {summary['heldout_pair_accuracy']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+        print(line)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("--variant", nargs="+", action="append", default=[], metavar="NAME [KEY=VALUE ...]")
     parser.add_argument("--validation-users", type=int, help="check on a seeded subset of this many validation users")
+    parser.add_argument("--summarize", action="store_true",
+                        help="train nothing: recompute OUT's finished variants' check and drift on --validation-users K")
     parser.add_argument("--base-drift", action="store_true",
                         help="first sample the validation users again from the base model: the drift with no DPO (should be ~0)")
     args = parser.parse_args(argv)
@@ -148,6 +174,8 @@ def main(argv=None) -> int:
     validation_users = np.random.default_rng(0).permutation(
         lifts(args.run, base_align, knowledge)["validation"].index.to_numpy())[: args.validation_users or None]
     before_texts = sampled[sampled["user_index"].isin(validation_users)]
+    if args.summarize:
+        return summarize_folder(args, config, base_align, knowledge, validation_users)
     results = []
     if args.base_drift:
         again = sample_texts(np.sort(validation_users), prompts, model_cfg, gen, [], gen.seed + 1000)
