@@ -79,27 +79,44 @@ def genre_rewards(knowledge: pd.DataFrame, lift: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"user_index": texts["user_index"], "sample": texts["sample"], "reward": reward})
 
 
+def reward_lists(run: Path, align, users) -> dict[str, pd.DataFrame]:
+    """The lists of ``users`` each split's reward reads: train users' reward lists (their held-out last share, or
+    all their train lists, as ``align.reward_lists`` says) and validation users' validation lists."""
+    from dpo4rec.recommend.features import mark_reward_lists
+
+    lists = pd.read_parquet(run / "data" / "lists.parquet")
+    train = lists if align.reward_lists == "train" else mark_reward_lists(lists, align.reward_holdout)
+    train_split = "train" if align.reward_lists == "train" else "reward"
+    return {"train": train[(train["split"] == train_split) & train["user_index"].isin(users)],
+            "validation": lists[(lists["split"] == "validation") & lists["user_index"].isin(users)]}
+
+
+def lifts(run: Path, align, knowledge: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per split (train, validation): each sampled user's genre lift on the lists their reward reads."""
+    genres = item_genres(pd.read_parquet(run / "data" / "items.parquet"))
+    sampled = knowledge.loc[knowledge["sample"] > 0, "user_index"].unique()
+    return {split: genre_lift(lists, genres) for split, lists in reward_lists(run, align, sampled).items()}
+
+
 def main(argv=None) -> int:
     import reward_probe
     from dpo4rec.align.reliability import agreement
-    from dpo4rec.recommend.features import mark_reward_lists
+    from dpo4rec.config import AlignConfig
 
     run = Path((argv or sys.argv[1:])[0])
-    share = json.loads((run / "config.json").read_text())["align"]["reward_holdout"]
-    lists = pd.read_parquet(run / "data" / "lists.parquet")
+    align = AlignConfig(**json.loads((run / "config.json").read_text())["align"])
     knowledge = pd.read_parquet(run / "round_0" / "knowledge" / "knowledge.parquet")
     sampled = knowledge[knowledge["sample"] > 0]
     genres = item_genres(pd.read_parquet(run / "data" / "items.parquet"))
-    marked = mark_reward_lists(lists, share)
-    train = genre_lift(marked[(marked["split"] == "reward") & marked["user_index"].isin(sampled["user_index"])], genres)
-    validation_lists = lists[(lists["split"] == "validation") & lists["user_index"].isin(sampled["user_index"])]
+    validation_lists = reward_lists(run, align, sampled["user_index"].unique())["validation"]
     half = validation_lists.groupby("user_index").cumcount() % 2
     a, b = (genre_rewards(sampled, genre_lift(validation_lists[half == h], genres)) for h in (0, 1))
     split_half = agreement(a, b)
     print(f"split-half reliability, validation users: {split_half['pair_agreement']:.3f} "
           f"[{split_half['pair_agreement_ci95'][0]:.3f}, {split_half['pair_agreement_ci95'][1]:.3f}]")
-    print("mean lift over train users:", train.mean().round(3).to_dict())
-    rewards = {"train": genre_rewards(sampled, train), "validation": genre_rewards(sampled, genre_lift(validation_lists, genres))}
+    lift = lifts(run, align, knowledge)
+    print("mean lift over train users:", lift["train"].mean().round(3).to_dict())
+    rewards = {split: genre_rewards(sampled, table) for split, table in lift.items()}
     text_of = sampled.set_index(["user_index", "sample"])["text"]
     features = {}
     for split, table in rewards.items():

@@ -46,7 +46,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from dpo_levers import parse_value
-from genre_reward import genre_lift, genre_rewards, item_genres, mentions
+from genre_reward import genre_rewards, lifts, mentions
 from dpo4rec.align.dpo import train_dpo
 from dpo4rec.align.heldout import pair_margins, pair_texts, score_texts, summarize
 from dpo4rec.align.pairs import make_pairs
@@ -58,23 +58,9 @@ from dpo4rec.encode.stage import encode_cached
 from dpo4rec.generate.sampler import SamplerSettings, batch_generator, plan_batches
 from dpo4rec.generate.stage import _open_sampler
 from dpo4rec.recommend import reward_model_name
-from dpo4rec.recommend.features import mark_reward_lists
 from dpo4rec.report.drift import sampled_drift
 
 REWARDS = ("genre_user", "genre_shared", "recommender")
-
-
-def lifts(run: Path, align: AlignConfig, knowledge: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Per split (train, validation): each sampled user's genre lift on the lists their reward reads."""
-    lists = pd.read_parquet(run / "data" / "lists.parquet")
-    genres = item_genres(pd.read_parquet(run / "data" / "items.parquet"))
-    sampled = knowledge.loc[knowledge["sample"] > 0, "user_index"].unique()
-    train = lists if align.reward_lists == "train" else mark_reward_lists(lists, align.reward_holdout)
-    train_split = "train" if align.reward_lists == "train" else "reward"
-    return {
-        "train": genre_lift(train[(train["split"] == train_split) & train["user_index"].isin(sampled)], genres),
-        "validation": genre_lift(lists[(lists["split"] == "validation") & lists["user_index"].isin(sampled)], genres),
-    }
 
 
 def make_reward(kind: str, run: Path, config: dict, align: AlignConfig, knowledge: pd.DataFrame, out: Path):
