@@ -17,7 +17,9 @@ round-0 samples are rewarded by a transparent rule instead (genre_reward.py):
   mean lift over the sampled train users' reward lists: one preference for all;
 * ``reward=recommender``: the run's own reward (``align.reward`` from its
   reward recommender on the texts' sentence embeddings), for comparison
-  under the same budget and check.
+  under the same budget and check; ``recommender_reward=listwise`` picks
+  another of the recommender's rewards, ``reward_seeds=K`` the mean over K
+  reward recommenders trained with seeds 0..K-1 (experiments/reward_seeds.py).
 
 For each variant: pairs from the train users' samples (``pairing``, ...),
 a fresh DPO adapter (``learning_rate``, ``epochs``, ``batch_size``, ...;
@@ -28,7 +30,8 @@ checked validation user from the trained policy minus the run's round-0
 samples, both under the same reward (paired 95% interval over users).
 Validation users never feed DPO. ``--base-drift`` first resamples the
 validation users from the base model with the variants' seed: the drift with
-no DPO, which should contain 0. Writes ``OUT/<variant>/`` and
+no DPO, which should contain 0 (kept in OUT, and every later variant of OUT
+reports it under its own reward). Writes ``OUT/<variant>/`` and
 ``OUT/control.json``; prints a table. The run folder is only read.
 """
 
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -47,6 +51,7 @@ from tqdm.auto import tqdm
 
 from dpo_levers import parse_value
 from genre_reward import genre_rewards, lifts, mentions
+from reward_seeds import run_inputs, train_seeds
 from dpo4rec.align.dpo import train_dpo
 from dpo4rec.align.heldout import pair_margins, pair_texts, score_texts, summarize
 from dpo4rec.align.pairs import make_pairs
@@ -58,17 +63,30 @@ from dpo4rec.encode.stage import encode_cached
 from dpo4rec.generate.sampler import SamplerSettings, batch_generator, plan_batches
 from dpo4rec.generate.stage import _open_sampler
 from dpo4rec.recommend import reward_model_name
+from dpo4rec.recommend.reward import EnsembleScorer
 from dpo4rec.report.drift import sampled_drift
 
 REWARDS = ("genre_user", "genre_shared", "recommender")
 
 
-def make_reward(kind: str, run: Path, config: dict, align: AlignConfig, knowledge: pd.DataFrame, out: Path):
-    """``reward(split, texts) -> user_index, sample, reward`` (split: train or validation; texts: user_index, sample, text)."""
+@functools.cache
+def ensemble_scorer(run: Path, seeds: int) -> EnsembleScorer:
+    """``seeds`` reward recommenders trained as the run's (once per process: every variant shares them)."""
+    run_config, frames, lists, emb, greedy = run_inputs(run)
+    return EnsembleScorer(train_seeds(run_config, frames, lists, emb, greedy, seeds)[0])
+
+
+def make_reward(kind: str, run: Path, config: dict, align: AlignConfig, knowledge: pd.DataFrame, out: Path, seeds: int = 1):
+    """``reward(split, texts) -> user_index, sample, reward`` (split: train or validation; texts: user_index, sample, text).
+
+    ``seeds`` > 1 (recommender only): the mean reward of that many reward recommenders trained as the run's
+    (seed 0 gives the run's own model again), as experiments/reward_seeds.py."""
     if kind == "recommender":  # the run's own: its reward recommender on the texts' sentence embeddings
         encode = EncodeConfig(**config["encode"])
         recommender = run / "round_0" / "recommender" / reward_model_name(RecommendConfig(**config["recommend"]), align.held_out_share)
         scorer, train_split = reward_scorer(recommender, run, align)
+        if seeds > 1:
+            scorer = ensemble_scorer(run, seeds)
         encoder = TextEncoder(encode.encoder, batch_size=encode.batch_size, long_texts=encode.long_texts)
         cache = EmbeddingCache(out / "cache" / cache_key(encoder.name, encode.long_texts), encoder.dim, encoder.name)
 
@@ -115,6 +133,18 @@ def describe(texts: pd.DataFrame) -> dict:
     return {"genres_named": float(named.sum(1).mean()), "tokens": float(texts["n_tokens"].mean())}
 
 
+def variant_settings(settings: list[str], base_align: AlignConfig):
+    """A variant's KEY=VALUE settings: (reward kind, train_users or None, reward_seeds, its AlignConfig)."""
+    values = {k: parse_value(v) for k, v in (s.split("=", 1) for s in settings)}
+    kind, train_users = values.pop("reward", "genre_user"), values.pop("train_users", None)
+    seeds = values.pop("reward_seeds", 1)
+    if "recommender_reward" in values:  # which of the recommender's rewards (align.reward; "reward" names the kind here)
+        values["reward"] = values.pop("recommender_reward")
+    if kind not in REWARDS:
+        raise SystemExit(f"reward must be one of {', '.join(REWARDS)}, got {kind!r}")
+    return kind, train_users, seeds, dataclasses.replace(base_align, **values)
+
+
 def summarize_folder(args, config: dict, align: AlignConfig, knowledge: pd.DataFrame, users: np.ndarray) -> int:
     """OUT's finished variants restricted to ``users`` (the same seeded order, fewer users), from their saved files."""
     sampled = knowledge[(knowledge["sample"] > 0) & knowledge["user_index"].isin(users)]
@@ -122,7 +152,8 @@ def summarize_folder(args, config: dict, align: AlignConfig, knowledge: pd.DataF
         if "reward" not in row:
             continue
         folder = args.out / row["variant"]
-        reward = make_reward(row["reward"], args.run, config, align, knowledge, args.out)
+        kind, _, seeds, row_align = variant_settings(row["settings"], align)
+        reward = make_reward(kind, args.run, config, row_align, knowledge, args.out, seeds)
         before = reward("validation", sampled)
         after = pd.read_parquet(folder / "validation_samples.parquet")
         drift = sampled_drift(before, reward("validation", after[after["user_index"].isin(users)]))
@@ -131,7 +162,7 @@ def summarize_folder(args, config: dict, align: AlignConfig, knowledge: pd.DataF
                 f"[{drift['validation_reward_drift_ci95'][0] / scale:+.2f}, {drift['validation_reward_drift_ci95'][1] / scale:+.2f}]")
         if (folder / "heldout_texts.parquet").is_file():
             pairs = pd.read_parquet(folder / "validation_pairs.parquet")
-            summary = summarize(pair_margins(pairs[pairs["user_index"].isin(users)], pd.read_parquet(folder / "heldout_texts.parquet"), align.beta))
+            summary = summarize(pair_margins(pairs[pairs["user_index"].isin(users)], pd.read_parquet(folder / "heldout_texts.parquet"), row_align.beta))
             ci = summary["heldout_pair_accuracy_ci95"]
             line += f", held-out pair accuracy {summary['heldout_pair_accuracy']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
         print(line)
@@ -176,14 +207,10 @@ def main(argv=None) -> int:
         again.to_parquet(args.out / "base_validation_samples.parquet")
         (args.out / "control.json").write_text(json.dumps(results, indent=2))
     for name, *settings in args.variant:
-        values = {k: parse_value(v) for k, v in (s.split("=", 1) for s in settings)}
-        kind, train_users = values.pop("reward", "genre_user"), values.pop("train_users", None)
-        if kind not in REWARDS:
-            raise SystemExit(f"reward must be one of {', '.join(REWARDS)}, got {kind!r}")
-        align = dataclasses.replace(base_align, **values)
+        kind, train_users, seeds, align = variant_settings(settings, base_align)
         folder = args.out / name
         folder.mkdir(parents=True, exist_ok=True)
-        reward = make_reward(kind, args.run, config, align, knowledge, args.out)
+        reward = make_reward(kind, args.run, config, align, knowledge, args.out, seeds)
         rewards = reward("train", sampled[sampled["user_index"].isin(split_user_indices(args.run, "train"))])
         pairs = make_pairs(rewards, knowledge, prompts, align.min_reward_gap, align.pairing, align.pairs_per_user)
         if train_users is not None:
@@ -204,6 +231,9 @@ def main(argv=None) -> int:
         after_texts.to_parquet(folder / "validation_samples.parquet")
         drift = sampled_drift(before, reward("validation", after_texts))
         drift["within_user_sd"] = within_user_sd(before)  # the drift's scale: how far apart a user's own texts are
+        base_samples = args.out / "base_validation_samples.parquet"  # written by --base-drift
+        if base_samples.is_file():  # the drift's null under this variant's own reward
+            drift["base_drift"] = sampled_drift(before, reward("validation", pd.read_parquet(base_samples)))
         steps = history["steps"]
         row = {"variant": name, "reward": kind, "settings": settings, "train_pairs": len(pairs), "optimizer_steps": len(steps),
                "train_reward_accuracy_mean": sum(s["rewards/accuracies"] for s in steps) / max(1, len(steps)),
@@ -213,7 +243,10 @@ def main(argv=None) -> int:
         results.append(row)
         (args.out / "control.json").write_text(json.dumps(results, indent=2))
         print(f"{name}: held-out {row['heldout_pair_accuracy']:.3f} {[round(x, 3) for x in row['heldout_pair_accuracy_ci95']]}, "
-              f"drift {row['validation_reward_drift']:+.4f} {[round(x, 4) for x in row['validation_reward_drift_ci95']]}", flush=True)
+              f"drift {row['validation_reward_drift']:+.4f} {[round(x, 4) for x in row['validation_reward_drift_ci95']]}"
+              + (f", base model's drift {row['base_drift']['validation_reward_drift']:+.4f} "
+                 f"{[round(x, 4) for x in row['base_drift']['validation_reward_drift_ci95']]}" if "base_drift" in row else "")
+              + f" (within-user SD {row['within_user_sd']:.4f})", flush=True)
     print("| variant | reward | settings | pairs | steps | train batch acc. | held-out pair acc. [95% CI] | validation drift [95% CI] "
           "| drift / within-user SD | genres named, before -> after | tokens, before -> after | DPO s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -9,7 +9,7 @@ from dpo4rec.errors import InputError
 from dpo4rec.metrics import rerank_metrics
 from dpo4rec.recommend.features import list_tensors, user_knowledge
 from dpo4rec.align.reliability import halves, split_half_reliability
-from dpo4rec.recommend.reward import RewardScorer
+from dpo4rec.recommend.reward import EnsembleScorer, RewardScorer
 from dpo4rec.recommend.train import build_recommender, predict, train_recommender
 
 
@@ -161,3 +161,29 @@ def test_split_half_reliability_scores_alternate_validation_lists(ml100k):
     out = split_half_reliability(scorer, samples, users, "loglik")
     assert out["users"] == len(users) and out["pair_agreement_pairs"] == 3 * len(users) - 3 * out["tied_users"]
     assert 0 <= out["pair_agreement_ci95"][0] <= out["pair_agreement"] <= out["pair_agreement_ci95"][1] <= 1
+
+
+def test_ensemble_reward_is_the_mean_of_its_recommenders(ml100k):
+    """Two recommenders of different seeds: the ensemble's reward of each sample is the mean of theirs, on any split,
+    and its halves (split-half reliability) relabel every member's lists alike."""
+    protocol, emb = ml100k
+    lists = list_tensors(protocol.lists)
+    members = []
+    for seed in (0, 1):
+        config = RecommendConfig(device="cpu", seed=seed)
+        members.append(RewardScorer(build_recommender(config, protocol.items, lists, emb.dim, (emb.item_index, emb.item_vectors), emb.encoder), lists))
+    ensemble = EnsembleScorer(members)
+    users = protocol.users.loc[protocol.users["split"] == "validation", "user_index"].to_numpy()[:6]
+    vectors = np.random.default_rng(0).standard_normal((len(users) * 3, emb.dim)).astype(np.float32)
+    rows = np.repeat(users, 3)
+    for reward in ("loglik", "listwise"):
+        each = [m.score(rows, vectors, "validation", reward=reward) for m in members]
+        assert not np.allclose(each[0], each[1])  # the seeds' models differ
+        np.testing.assert_allclose(ensemble.score(rows, vectors, "validation", reward=reward), (each[0] + each[1]) / 2)
+    halved = halves(ensemble, users)
+    assert isinstance(halved, EnsembleScorer) and all((m.lists.split == halved.lists.split).all() for m in halved.scorers)
+    assert (ensemble.lists.split == lists.split).all()  # the ensemble is left as it was
+    np.testing.assert_allclose(halved.score(rows, vectors, "half_a", reward="loglik"),
+                               np.mean([halves(m, users).score(rows, vectors, "half_a", reward="loglik") for m in members], axis=0))
+    with pytest.raises(InputError, match="at least one"):
+        EnsembleScorer([])

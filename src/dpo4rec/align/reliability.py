@@ -59,7 +59,7 @@ def halves(scorer, users: np.ndarray):
     rows = np.flatnonzero((split == "validation") & np.isin(owner, users))
     rank = pd.Series(rows).groupby(owner[rows]).cumcount().to_numpy()
     split[rows] = np.where(rank % 2 == 0, "half_a", "half_b")
-    return type(scorer)(scorer.model, dataclasses.replace(scorer.lists, split=split), scorer.max_pairs)
+    return scorer.with_lists(dataclasses.replace(scorer.lists, split=split))
 
 
 def split_half_reliability(scorer, embeddings, users: np.ndarray, reward: str, seed: int = 0) -> dict:

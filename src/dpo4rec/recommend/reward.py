@@ -140,10 +140,11 @@ class RewardScorer:
 
     def score_embeddings(self, embeddings, split: str | None = "train", users: np.ndarray | None = None, k: int = 5,
                          reward: str = "ndcg") -> pd.DataFrame:
-        """Rewards for an encode-stage ``Embeddings`` (optionally only ``users``): user_index, sample, reward."""
-        keep = np.ones(len(embeddings.user_index), bool) if users is None else np.isin(embeddings.user_index, users)
-        rewards = self.score(embeddings.user_index[keep], embeddings.user_vectors[keep], split, k, reward)
-        return pd.DataFrame({"user_index": embeddings.user_index[keep], "sample": embeddings.sample[keep], "reward": rewards})
+        return score_embeddings(self, embeddings, split, users, k, reward)
+
+    def with_lists(self, lists: ListTensors) -> RewardScorer:
+        """The same model scoring other lists (e.g. the same lists with another split column)."""
+        return RewardScorer(self.model, lists, self.max_pairs)
 
     def _check(self, user_index: np.ndarray, vectors: np.ndarray) -> None:
         dim = self.model.spec.knowledge_dim
@@ -196,3 +197,37 @@ class RewardScorer:
         scores = model.rank(model.join(candidates[pl], user_out[pr]), personal[pl])  # (P, L)
         labels = self.lists.labels[idx].to(dev)[pl]
         return list_rewards(reward, scores, labels, model, k)
+
+
+def score_embeddings(scorer, embeddings, split: str | None = "train", users: np.ndarray | None = None, k: int = 5,
+                     reward: str = "ndcg") -> pd.DataFrame:
+    """Rewards for an encode-stage ``Embeddings`` (optionally only ``users``): user_index, sample, reward."""
+    keep = np.ones(len(embeddings.user_index), bool) if users is None else np.isin(embeddings.user_index, users)
+    rewards = scorer.score(embeddings.user_index[keep], embeddings.user_vectors[keep], split, k, reward)
+    return pd.DataFrame({"user_index": embeddings.user_index[keep], "sample": embeddings.sample[keep], "reward": rewards})
+
+
+class EnsembleScorer:
+    """The mean reward of several reward recommenders (the same data and texts, trained with different seeds).
+
+    One trained recommender's preference between two of a user's texts is partly its own: retrained with another
+    seed, it agrees on a pair far less often than with itself (docs/results.md, issue 9 section 10). Averaging
+    over trainings keeps what they share.
+    """
+
+    def __init__(self, scorers: list[RewardScorer]):
+        if not scorers:
+            raise InputError("an ensemble reward needs at least one recommender")
+        self.scorers = scorers
+        self.lists = scorers[0].lists
+
+    def score(self, user_index: np.ndarray, vectors: np.ndarray, split: str | None = "train", k: int = 5,
+              reward: str = "ndcg") -> np.ndarray:
+        return np.mean([s.score(user_index, vectors, split, k, reward) for s in self.scorers], axis=0)
+
+    def score_embeddings(self, embeddings, split: str | None = "train", users: np.ndarray | None = None, k: int = 5,
+                         reward: str = "ndcg") -> pd.DataFrame:
+        return score_embeddings(self, embeddings, split, users, k, reward)
+
+    def with_lists(self, lists: ListTensors) -> EnsembleScorer:
+        return EnsembleScorer([s.with_lists(lists) for s in self.scorers])

@@ -1,0 +1,159 @@
+"""Is a user's best text a property of the text, or of the one recommender that scored it?
+
+    python experiments/reward_seeds.py RUN --out SCRATCH [--seeds 5] [--rewards loglik listwise ndcg] [--any-text]
+
+Split-half reliability (experiments/reward_reliability.py) asks whether one
+trained reward recommender orders a user's texts the same way on two halves
+of the user's lists. It cannot see noise that belongs to the model: trained
+again with another seed (same data, same texts, same settings, as good on
+validation), a recommender may prefer other texts. Here the run's held-out
+reward recommender is trained with ``--seeds`` seeds, and for each reward:
+
+* across seeds: the within-user correlation of two seeds' rewards of the
+  validation users' samples, and how often seed j orders a pair that seed i
+  orders (pair agreement, chance 0.5), over every two seeds;
+* the ensemble (the mean reward of the first k seeds, k = 1 and all): its
+  split-half reliability and the reward probe (experiments/reward_probe.py),
+  i.e. whether averaging out the model's own noise leaves something another
+  user's texts predict.
+
+``--any-text`` trains each seed as experiments/augmented_reward.py's
+"any text" variant. Rewards go to SCRATCH/k<k>/<reward>/round_<t>/preferences/;
+a summary to SCRATCH/reward_seeds.json. The run folder is only read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import reward_probe
+from augmented_reward import any_text_knowledge
+from scratch import link_from_run
+from dpo4rec.align.reliability import agreement, halves
+from dpo4rec.artifacts import read_parquet, write_parquet
+from dpo4rec.config import REWARDS
+from dpo4rec.encode import read_embeddings
+from dpo4rec.recommend import RewardScorer
+from dpo4rec.recommend.features import list_tensors, mark_reward_lists, user_knowledge
+from dpo4rec.recommend.train import build_recommender, evaluate, train_recommender
+from dpo4rec.run import load_run_config
+
+
+def fmt(r: dict, key: str) -> str:
+    return f"{r[key]:.3f} [{r[key + '_ci95'][0]:.3f}, {r[key + '_ci95'][1]:.3f}]" if key in r else "-"
+
+
+def mean_table(tables: list[pd.DataFrame]) -> pd.DataFrame:
+    """user_index, sample, reward: the mean reward over the tables (same rows, same order)."""
+    out = tables[0][["user_index", "sample"]].copy()
+    out["reward"] = np.mean([t["reward"].to_numpy() for t in tables], axis=0)
+    return out
+
+
+def train_seeds(config, frames: dict, lists, emb, greedy, seeds: int, any_text_users: np.ndarray | None = None):
+    """``seeds`` held-out reward recommenders (recommend.seed, seed + 1, ...) as the run trains its one: their
+    scorers, and each one's validation MAP@5. ``any_text_users``: train as augmented_reward.py's "any text"."""
+    scorers, summary = [], {"seeds": []}
+    for k in range(seeds):
+        recommend = dataclasses.replace(config.recommend, seed=config.recommend.seed + k)
+        knowledge = greedy if any_text_users is None else any_text_knowledge(greedy, emb, any_text_users, recommend.seed)
+        model = build_recommender(recommend, frames["items"], lists, emb.dim, (emb.item_index, emb.item_vectors), emb.encoder)
+        result = train_recommender(model, lists, knowledge, recommend, progress=False)
+        validation = float(np.mean(evaluate(model, lists.of_split("validation"), greedy)["map@5"]))
+        summary["seeds"].append({"seed": recommend.seed, "validation_map@5": validation, "best_epoch": result.best_epoch})
+        print(f"seed {recommend.seed}: validation MAP@5 {validation:.4f} (greedy texts), epoch {result.best_epoch}, {result.seconds:.0f} s", flush=True)
+        scorers.append(RewardScorer(model, lists))
+    return scorers, summary
+
+
+def run_inputs(run: Path, round_index: int = 0):
+    """What a reward recommender of ``run`` trains on: config, data frames, lists (train users' last lists held out
+    as split "reward"), the round's embeddings, and the greedy texts' knowledge table."""
+    config = load_run_config(run)
+    frames = {name: read_parquet(run / "data" / f"{name}.parquet") for name in ("items", "lists", "users")}
+    lists = list_tensors(mark_reward_lists(frames["lists"], config.align.held_out_share or 0.25))
+    folder = run / f"round_{round_index}" / "embeddings"
+    emb = read_embeddings(folder, config.recommend.item_knowledge)
+    greedy = user_knowledge(len(frames["users"]), *emb.for_sample(0), str(folder))
+    return config, frames, lists, emb, greedy
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--out", type=Path, required=True, help="scratch folder (the run is only read)")
+    parser.add_argument("--round", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--rewards", nargs="+", choices=REWARDS, default=["loglik", "listwise", "ndcg"])
+    parser.add_argument("--users", type=int, nargs="+", default=[50, 195], help="train users the probe fits on")
+    parser.add_argument("--any-text", action="store_true", help="train each seed on any of a sampled user's texts")
+    args = parser.parse_args(argv)
+    if args.seeds < 2:
+        raise SystemExit("--seeds must be at least 2")
+
+    config, frames, lists, emb, greedy = run_inputs(args.run, args.round)
+    here = args.run / f"round_{args.round}"
+    split_of = frames["users"].set_index("user_index")["split"].astype(str)
+    sampled = {split: np.unique(emb.user_index[(emb.sample > 0) & np.isin(emb.user_index, split_of.index[split_of == split])])
+               for split in ("train", "validation")}
+    texts = read_parquet(here / "knowledge" / "knowledge.parquet")[["user_index", "sample", "text"]]
+
+    # every seed's scorer, and a copy whose validation users' lists are split in two alternating halves
+    keep = (emb.sample > 0) & np.isin(emb.user_index, sampled["validation"])
+    owner = lists.user_index.numpy()
+    counts = pd.Series(owner[lists.split == "validation"]).value_counts()
+    halved_users = np.asarray([u for u in sampled["validation"] if counts.get(u, 0) >= 2])
+    scorers, summary = train_seeds(config, frames, lists, emb, greedy, args.seeds, sampled["train"] if args.any_text else None)
+
+    for kind in args.rewards:
+        scored = {}  # (seed, lists) -> user_index, sample, reward
+        for k, scorer in enumerate(scorers):
+            for split, list_split in (("train", "reward"), ("validation", "validation")):
+                scored[k, split] = scorer.score_embeddings(emb, split=list_split, users=sampled[split], reward=kind)
+            halved = halves(scorer, halved_users)
+            at = keep & np.isin(emb.user_index, halved_users)
+            for half in ("half_a", "half_b"):
+                scored[k, half] = pd.DataFrame({"user_index": emb.user_index[at], "sample": emb.sample[at],
+                                                "reward": halved.score(emb.user_index[at], emb.user_vectors[at], half, reward=kind)})
+        across = []
+        for i, j in itertools.combinations(range(args.seeds), 2):
+            a, b = (scored[s, "validation"] for s in (i, j))
+            samples = a["sample"].to_numpy() > 0
+            a, b = a[samples], b[samples]
+            centred = [t["reward"] - t.groupby("user_index")["reward"].transform("mean") for t in (a, b)]
+            across.append({"seeds": [i, j], "within_user_correlation": float(centred[0].corr(centred[1])), **agreement(a, b)})
+        row = {"reward": kind, "across_seeds": across,
+               "within_user_correlation_mean": float(np.mean([c["within_user_correlation"] for c in across])),
+               "pair_agreement_mean": float(np.mean([c["pair_agreement"] for c in across])), "ensembles": {}}
+        print(f"\n{kind}, validation users' samples, over {len(across)} pairs of seeds: within-user correlation "
+              f"{row['within_user_correlation_mean']:+.3f}, pair agreement {row['pair_agreement_mean']:.3f} "
+              f"(seeds 0 and 1: {fmt(across[0], 'pair_agreement')})", flush=True)
+        for size in sorted({1, args.seeds}):
+            ensemble = {name: mean_table([scored[k, name] for k in range(size)]) for name in ("train", "validation", "half_a", "half_b")}
+            reliability = agreement(ensemble["half_a"], ensemble["half_b"], config.data.seed)
+            folder = args.out / f"k{size}" / kind
+            for split, file in (("train", "rewards.parquet"), ("validation", "validation_rewards.parquet")):
+                write_parquet(folder / f"round_{args.round}" / "preferences" / file,
+                              ensemble[split].merge(texts, on=["user_index", "sample"], how="left"))
+            link_from_run(args.run, folder, "data", "prompts", "cache", "config.json")  # what the probe reads besides the rewards
+            print(f"\n{kind}, mean of {size} seed(s): split-half pair agreement {fmt(reliability, 'pair_agreement')}, "
+                  f"best-worst {fmt(reliability, 'best_worst_agreement')}; reward probe:", flush=True)
+            reward_probe.main([str(folder), "--round", str(args.round), "--users", *map(str, args.users),
+                               "--alpha", "1", "10", "--json", str(folder / "probe.json")])
+            row["ensembles"][size] = {"reliability": reliability, "probe": json.loads((folder / "probe.json").read_text())}
+        summary[kind] = row
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "reward_seeds.json").write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
