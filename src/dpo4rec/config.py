@@ -296,6 +296,13 @@ class AlignConfig:
     ``reward_holdout`` share of lists, kept out of a separate reward recommender's training)
     or "train" (every train list, scored by the round's recommender that trained on them)."""
     reward_holdout: float = 0.25
+    reward_seeds: int = 1
+    """Reward recommenders the reward averages over (held-out reward lists only): the held-out
+    reward recommender trained with recommend.seed, seed + 1, ... One recommender's preference
+    between two of a user's texts is partly its own (retrained with another seed it agrees on far
+    fewer pairs); the mean keeps what the trainings share (docs/results.md, issue 9 section 10).
+    Cost: one more recommender training per seed and round (~20 s at the default size on 2 cores)
+    and as many scorings of every sampled text."""
     learning_rate: float = 5e-5
     epochs: int = 1
     """Passes over the pairs. Cost: DPO time = pairs x epochs x ~2 s on a 2-core CPU with AMX
@@ -336,6 +343,9 @@ class AlignConfig:
         _check(self.ld_alpha is None or 0 <= self.ld_alpha <= 1, "align.ld_alpha", "in [0, 1] (or unset)", self.ld_alpha)
         _check(self.reward_lists in ("held_out", "train"), "align.reward_lists", "held_out or train", self.reward_lists)
         _check(0 < self.reward_holdout < 1, "align.reward_holdout", "in (0, 1)", self.reward_holdout)
+        _check(self.reward_seeds >= 1, "align.reward_seeds", ">= 1", self.reward_seeds)
+        _check(self.reward_seeds == 1 or self.reward_lists == "held_out", "align.reward_seeds",
+               '1 unless align.reward_lists = "held_out" (the train lists are scored by the reported recommender)', self.reward_seeds)
         _check(self.learning_rate > 0, "align.learning_rate", "> 0", self.learning_rate)
         for name in ("epochs", "batch_size", "grad_accumulation", "lora_r", "lora_alpha"):
             _check(getattr(self, name) >= 1, f"align.{name}", ">= 1", getattr(self, name))

@@ -98,8 +98,9 @@ def train_reward_recommender(config: PipelineConfig, run_dir: str | Path, round_
 
     if not config.align.held_out_share:
         return None
-    return run_recommend_stage(replace(config.recommend, knowledge=True, train_text="greedy"), run_dir, round_index,
-                               reward_holdout=config.align.held_out_share)
+    results = [run_recommend_stage(replace(config.recommend, knowledge=True, train_text="greedy"), run_dir, round_index,
+                                   reward_holdout=config.align.held_out_share, member=k) for k in range(config.align.reward_seeds)]
+    return results, all(r.reused for r in results)
 
 
 def check_run_config(config: PipelineConfig, run_dir: Path) -> None:

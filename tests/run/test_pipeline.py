@@ -110,10 +110,27 @@ def test_single_stage_commands_reuse_the_run_and_another_config_is_refused(unint
     for part in ("data", "prompts", "cache", "round_0/knowledge", "round_0/embeddings", "round_0/recommender/prm"):
         shutil.copytree(run / part, copy / part)
     held = tmp_path / "held.toml"
-    held.write_text(TINY.read_text().replace('reward_lists = "train"', 'reward_lists = "held_out"'))
+    held.write_text(TINY.read_text().replace('reward_lists = "train"', 'reward_lists = "held_out"\nreward_seeds = 2'))
     reward = cli("reward", "--config", str(held), "--out", str(copy), "--round", "0")
     assert reward.returncode == 0 and "held-out lists" in reward.stdout, reward.stderr[-2000:]
-    assert (copy / "round_0" / "recommender" / "prm-reward-holdout" / "model.safetensors").is_file()
+    # align.reward_seeds = 2: two held-out reward recommenders (seeds 0 and 1), the reward the mean of theirs
+    members = [copy / "round_0" / "recommender" / name for name in ("prm-reward-holdout", "prm-reward-holdout-seed1")]
+    assert all((m / "model.safetensors").is_file() for m in members)
+    assert (members[0] / "model.safetensors").read_bytes() != (members[1] / "model.safetensors").read_bytes()
+    from dpo4rec.align.reward_stage import reward_scorer
+    from dpo4rec.config import load_config
+    from dpo4rec.encode import read_embeddings
+
+    config = load_config(held)
+    rewards = pd.read_parquet(copy / "round_0" / "preferences" / "rewards.parquet")
+    emb = read_embeddings(copy / "round_0" / "embeddings")
+    each = [reward_scorer(m, copy, config.align, "cpu")[0].score_embeddings(emb, "reward", rewards["user_index"].unique(), reward="loglik")
+            for m in members]
+    expected = (each[0]["reward"].to_numpy() + each[1]["reward"].to_numpy()) / 2
+    assert not pd.Series(each[0]["reward"]).equals(pd.Series(each[1]["reward"]))
+    merged = rewards.merge(each[0][["user_index", "sample"]].assign(expected=expected), on=["user_index", "sample"])
+    assert len(merged) == len(rewards) and merged["reward"].to_numpy() == pytest.approx(merged["expected"].to_numpy(), rel=1e-6, nan_ok=True)
+    assert json.loads((copy / "round_0" / "preferences" / "summary.json").read_text())["reward_seeds"] == 2
     # two runs of the same data compare pairwise, arm by arm: B is A with dpo_round_1 0.05 MAP@5 better on every list
     other = tmp_path / "other"
     shutil.copytree(run, other)
@@ -133,7 +150,7 @@ def test_single_stage_commands_reuse_the_run_and_another_config_is_refused(unint
 
 
 @pytest.mark.parametrize("setting", ["generate.n_samples=1", "align.beta=0", "run.rounds=0", "data.n_users=0",
-                                     "align.reward_lists=sometimes", "align.no_such_key=1", "nonsense",
+                                     "align.reward_lists=sometimes", "align.no_such_key=1", "nonsense", "align.reward_seeds=0", "align.reward_seeds=2",
                                      "align.reward=clicks", "align.pairing=random", "align.epochs=0", "align.learning_rate=0",
                                      "generate.sampled_validation_users=0", "generate.sampled_train_users=-1",
                                      "recommend.train_text=bestest", "model.device=tpu", "encode.device=gpu",

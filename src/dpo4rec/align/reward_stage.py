@@ -20,7 +20,8 @@ Only train users' pairs feed DPO; test users are never scored.
 
 Reward lists (``align.reward_lists``): "held_out" (default) scores each train
 user's last ``reward_holdout`` share of lists with ``<backbone>-reward-holdout``,
-a recommender trained without them; "train" scores all train lists with the
+a recommender trained without them (``align.reward_seeds`` > 1: the mean reward
+of that many such recommenders, ``-seed<k>`` for seeds after the first); "train" scores all train lists with the
 round's recommender, which trained on those very lists and may reward texts
 that merely help it recall them.
 """
@@ -43,7 +44,7 @@ STAGE = "preferences"
 
 def pairing_settings(align: AlignConfig, recommender_name: str) -> dict:
     """What decides a round's rewards and pairs, given its samples (the stage's manifest records it)."""
-    return {"min_reward_gap": align.min_reward_gap, "recommender": recommender_name, "reward": align.reward,
+    return {"min_reward_gap": align.min_reward_gap, "recommender": recommender_name, "reward_seeds": align.reward_seeds, "reward": align.reward,
             "pairing": align.pairing, "pairs_per_user": align.pairs_per_user, "validation_pairing": "all_gaps",
             "reward_lists": align.reward_lists, "reward_holdout": align.held_out_share}
 
@@ -51,22 +52,22 @@ def pairing_settings(align: AlignConfig, recommender_name: str) -> dict:
 def run_reward_stage(run_dir: str | Path, round_index: int, recommend: RecommendConfig, align: AlignConfig) -> tuple[Path, dict, bool]:
     """Rewards and preference pairs for round ``round_index``; returns (folder, summary, reused)."""
     from dpo4rec.encode import read_embeddings
-    from dpo4rec.recommend import reward_model_name
 
     run_dir = Path(run_dir)
     here = round_dir(run_dir, round_index)
     if not recommend.knowledge:
         raise InputError("the reward needs the knowledge-augmented recommender (recommend.knowledge = true)")
-    recommender = here / "recommender" / reward_model_name(recommend, align.held_out_share)
+    recommenders = reward_folders(run_dir, round_index, recommend, align)
+    recommender = recommenders[0]
     needed = {
         "embeddings": here / "embeddings" / "users.safetensors",
-        "recommender": recommender / "model.safetensors",
+        **{"recommender" + (f" {r.name}" if k else ""): r / "model.safetensors" for k, r in enumerate(recommenders)},
         "knowledge": here / "knowledge" / "knowledge.parquet",
         "prompts": run_dir / "prompts" / "prompts.parquet",
     }
     for stage, path in needed.items():
         if not path.is_file():
-            raise InputError(f"{path} not found; run the {stage} stage for round {round_index} first")
+            raise InputError(f"{path} not found; run the {stage.split()[0]} stage for round {round_index} first")
     manifest = make_manifest(STAGE, pairing_settings(align, recommender.name),
                              {name: fingerprint_file(path) for name, path in needed.items()})
     folder = here / STAGE
@@ -74,10 +75,11 @@ def run_reward_stage(run_dir: str | Path, round_index: int, recommend: Recommend
         return folder, read_json(folder / "summary.json"), True
 
     embeddings = read_embeddings(here / "embeddings")
-    scorer, split = reward_scorer(recommender, run_dir, align, recommend.device)
+    scorer, split = reward_scorer(recommenders, run_dir, align, recommend.device)
     knowledge = read_parquet(needed["knowledge"])
     prompts = read_parquet(needed["prompts"])
-    summary = {"reward": align.reward, "pairing": align.pairing, "reward_lists": align.reward_lists, "recommender": recommender.name}
+    summary = {"reward": align.reward, "pairing": align.pairing, "reward_lists": align.reward_lists, "recommender": recommender.name,
+               "reward_seeds": align.reward_seeds}
     outputs = {}
     for name, users, lists in (("train", split_user_indices(run_dir, "train"), split),
                                ("validation", split_user_indices(run_dir, "validation"), "validation")):
@@ -105,15 +107,24 @@ def run_reward_stage(run_dir: str | Path, round_index: int, recommend: Recommend
     return folder, summary, False
 
 
-def reward_scorer(recommender: Path, run_dir: Path, align: AlignConfig, device: str = "auto"):
-    """The reward recommender's scorer (on ``device``, a recommend.device value), and the split of lists its rewards
-    average over."""
-    from dpo4rec.devices import resolve_device
-    from dpo4rec.recommend import RewardScorer
+def reward_folders(run_dir: Path, round_index: int, recommend: RecommendConfig, align: AlignConfig) -> list[Path]:
+    """The round's reward recommenders: one, or align.reward_seeds of them (their rewards are averaged)."""
+    from dpo4rec.recommend import reward_model_name
 
-    scorer = RewardScorer.from_folders(recommender, run_dir / "data", str(resolve_device(device, "recommend.device")),
-                                       reward_holdout=align.held_out_share)
-    return scorer, "reward" if align.held_out_share else "train"
+    here = round_dir(Path(run_dir), round_index) / "recommender"
+    return [here / reward_model_name(recommend, align.held_out_share, k) for k in range(align.reward_seeds)]
+
+
+def reward_scorer(recommender: Path | list[Path], run_dir: Path, align: AlignConfig, device: str = "auto"):
+    """The reward recommender's scorer (on ``device``, a recommend.device value), and the split of lists its rewards
+    average over. Several folders: an ensemble whose reward is the mean of theirs."""
+    from dpo4rec.devices import resolve_device
+    from dpo4rec.recommend.reward import EnsembleScorer, RewardScorer
+
+    folders = [recommender] if isinstance(recommender, Path) else list(recommender)
+    scorers = [RewardScorer.from_folders(folder, run_dir / "data", str(resolve_device(device, "recommend.device")),
+                                         reward_holdout=align.held_out_share) for folder in folders]
+    return scorers[0] if len(scorers) == 1 else EnsembleScorer(scorers), "reward" if align.held_out_share else "train"
 
 
 def split_user_indices(run_dir: Path, split: str) -> np.ndarray:

@@ -58,19 +58,28 @@ def model_name(config: RecommendConfig, reward_holdout: float = 0.0) -> str:
     return f"{name}-best-text" if config.train_text == "best" else name
 
 
-def reward_model_name(config: RecommendConfig, reward_holdout: float = 0.0) -> str:
-    """The recommender that gives a round's rewards: trained on greedy texts (the best ones come from its rewards)."""
-    return model_name(replace(config, knowledge=True, train_text="greedy"), reward_holdout)
+def reward_model_name(config: RecommendConfig, reward_holdout: float = 0.0, member: int = 0) -> str:
+    """The recommender that gives a round's rewards: trained on greedy texts (the best ones come from its rewards).
+    ``member`` k > 0: the same trained with seed recommend.seed + k (align.reward_seeds)."""
+    name = model_name(replace(config, knowledge=True, train_text="greedy"), reward_holdout)
+    return f"{name}-seed{config.seed + member}" if member else name
 
 
 def run_recommend_stage(config: RecommendConfig, run_dir: str | Path, round_index: int = 0, progress: bool = True,
-                        reward_holdout: float = 0.0) -> RecommendStageResult:
+                        reward_holdout: float = 0.0, member: int = 0) -> RecommendStageResult:
     """Train, evaluate and save one re-ranker for round ``round_index``, or reuse it.
 
     ``reward_holdout`` > 0 trains without each train user's last share of lists
-    (see ``mark_reward_lists``): the held-out reward's model.
+    (see ``mark_reward_lists``): the held-out reward's model; ``member`` k > 0
+    the same with seed recommend.seed + k, in its own folder (align.reward_seeds).
     """
     run_dir = Path(run_dir)
+    folder_name = model_name(config, reward_holdout)
+    if member:
+        if reward_holdout <= 0:
+            raise InputError("more reward recommenders (align.reward_seeds > 1) need held-out reward lists")
+        folder_name = reward_model_name(config, reward_holdout, member)
+        config = replace(config, seed=config.seed + member)
     data = run_dir / "data"
     embeddings_dir = round_dir(run_dir, round_index) / "embeddings"
     for name in _DATA_FILES:
@@ -94,7 +103,7 @@ def run_recommend_stage(config: RecommendConfig, run_dir: str | Path, round_inde
     if reward_holdout > 0:
         settings["reward_holdout"] = reward_holdout
     manifest = make_manifest(STAGE, {**settings, "round": round_index}, inputs)
-    folder = round_dir(run_dir, round_index) / "recommender" / model_name(config, reward_holdout)
+    folder = round_dir(run_dir, round_index) / "recommender" / folder_name
     if existing_output(folder, manifest):
         log.info("recommend stage: reusing %s", folder)
         return RecommendStageResult(folder, read_json(folder / "metrics.json"), reused=True)

@@ -23,14 +23,13 @@ from dpo4rec.report.bootstrap import paired_bootstrap
 
 def reward_drift(run_dir: Path, config: PipelineConfig) -> list[dict]:
     """Per round: mean reward of greedy and sampled texts under round 0's reward model, and the change since round 0."""
-    from dpo4rec.align.reward_stage import reward_scorer, train_user_indices
+    from dpo4rec.align.reward_stage import reward_folders, reward_scorer, train_user_indices
     from dpo4rec.encode import read_embeddings
-    from dpo4rec.recommend import reward_model_name
 
-    recommender = round_dir(run_dir, 0) / "recommender" / reward_model_name(config.recommend, config.align.held_out_share)
-    if not (recommender / "model.safetensors").is_file():
+    recommenders = reward_folders(run_dir, 0, config.recommend, config.align)
+    if not all((r / "model.safetensors").is_file() for r in recommenders):
         return []
-    scorer, split = reward_scorer(recommender, run_dir, config.align, config.recommend.device)
+    scorer, split = reward_scorer(recommenders, run_dir, config.align, config.recommend.device)
     embeddings = {t: read_embeddings(round_dir(run_dir, t) / "embeddings") for t in range(config.run.rounds + 1)
                   if (round_dir(run_dir, t) / "embeddings" / "users.safetensors").is_file()}
     if 0 not in embeddings:
@@ -60,20 +59,19 @@ def validation_drift(run_dir: Path, config: PipelineConfig) -> list[dict]:
     here is what DPO learned carrying to unseen users. Per user, the mean
     reward over their samples; paired over users sampled in both rounds.
     """
-    from dpo4rec.align.reward_stage import reward_scorer
+    from dpo4rec.align.reward_stage import reward_folders, reward_scorer
     from dpo4rec.encode import read_embeddings
-    from dpo4rec.recommend import reward_model_name
 
     rows = []
     for t in range(config.run.rounds):
         before_file = round_dir(run_dir, t) / "preferences" / "validation_rewards.parquet"
         after_folder = round_dir(run_dir, t + 1) / "embeddings"
-        recommender = round_dir(run_dir, t) / "recommender" / reward_model_name(config.recommend, config.align.held_out_share)
+        recommenders = reward_folders(run_dir, t, config.recommend, config.align)
         if not before_file.is_file() or not (after_folder / "users.safetensors").is_file():
             continue
         before = read_parquet(before_file)
         users = before["user_index"].unique()
-        scorer, _ = reward_scorer(recommender, run_dir, config.align, config.recommend.device)
+        scorer, _ = reward_scorer(recommenders, run_dir, config.align, config.recommend.device)
         after = scorer.score_embeddings(read_embeddings(after_folder), split="validation", users=users, reward=config.align.reward)
         row = sampled_drift(before, after, config.data.seed)
         if row:
