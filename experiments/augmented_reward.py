@@ -68,6 +68,25 @@ def any_text_knowledge(greedy: UserKnowledge, emb, users: np.ndarray, seed: int)
     return UserKnowledge(AnyOfTheirTexts(texts, counts, seed), greedy.known)
 
 
+def run_inputs(run: Path, round_index: int = 0):
+    """What a reward recommender of ``run`` trains on: config, data frames, lists (train users' last lists held out
+    as split "reward"), the round's embeddings, and the greedy texts' knowledge table."""
+    config = load_run_config(run)
+    frames = {name: read_parquet(run / "data" / f"{name}.parquet") for name in ("items", "lists", "users")}
+    lists = list_tensors(mark_reward_lists(frames["lists"], config.align.held_out_share or 0.25))
+    folder = run / f"round_{round_index}" / "embeddings"
+    emb = read_embeddings(folder, config.recommend.item_knowledge)
+    greedy = user_knowledge(len(frames["users"]), *emb.for_sample(0), str(folder))
+    return config, frames, lists, emb, greedy
+
+
+def sampled_users(frames: dict, emb) -> dict[str, np.ndarray]:
+    """Per split (train, validation): the users with sampled texts (sample > 0) in the round's embeddings."""
+    split_of = frames["users"].set_index("user_index")["split"].astype(str)
+    return {split: np.unique(emb.user_index[(emb.sample > 0) & np.isin(emb.user_index, split_of.index[split_of == split])])
+            for split in ("train", "validation")}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
@@ -77,16 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-rewards", nargs="+", choices=REWARDS, help="rewards to probe (default: the run's align.reward)")
     args = parser.parse_args(argv)
 
-    config = load_run_config(args.run)
+    config, frames, lists, emb, greedy = run_inputs(args.run, args.round)
     probed = args.probe_rewards or [config.align.reward]
-    data, here = args.run / "data", args.run / f"round_{args.round}"
-    frames = {name: read_parquet(data / f"{name}.parquet") for name in ("items", "lists", "users")}
-    lists = list_tensors(mark_reward_lists(frames["lists"], config.align.held_out_share or 0.25))
-    emb = read_embeddings(here / "embeddings", config.recommend.item_knowledge)
-    greedy = user_knowledge(len(frames["users"]), *emb.for_sample(0), str(here / "embeddings"))
-    split_of = frames["users"].set_index("user_index")["split"].astype(str)
-    sampled = {split: np.unique(emb.user_index[(emb.sample > 0) & np.isin(emb.user_index, split_of.index[split_of == split])])
-               for split in ("train", "validation")}
+    here = args.run / f"round_{args.round}"
+    sampled = sampled_users(frames, emb)
     texts = read_parquet(here / "knowledge" / "knowledge.parquet")[["user_index", "sample", "text"]]
     variants = {"greedy": greedy, "any_text": any_text_knowledge(greedy, emb, sampled["train"], config.recommend.seed)}
 

@@ -51,7 +51,8 @@ from tqdm.auto import tqdm
 
 from dpo_levers import parse_value
 from genre_reward import genre_rewards, lifts, mentions
-from reward_seeds import run_inputs, train_seeds
+from augmented_reward import run_inputs
+from reward_seeds import train_seeds
 from dpo4rec.align.dpo import train_dpo
 from dpo4rec.align.heldout import pair_margins, pair_texts, score_texts, summarize
 from dpo4rec.align.pairs import make_pairs

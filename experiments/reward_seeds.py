@@ -35,16 +35,13 @@ import numpy as np
 import pandas as pd
 
 import reward_probe
-from augmented_reward import any_text_knowledge
+from augmented_reward import any_text_knowledge, run_inputs, sampled_users
 from scratch import link_from_run
 from dpo4rec.align.reliability import agreement, halves
 from dpo4rec.artifacts import read_parquet, write_parquet
 from dpo4rec.config import REWARDS
-from dpo4rec.encode import read_embeddings
 from dpo4rec.recommend import RewardScorer
-from dpo4rec.recommend.features import list_tensors, mark_reward_lists, user_knowledge
 from dpo4rec.recommend.train import build_recommender, evaluate, train_recommender
-from dpo4rec.run import load_run_config
 
 
 def fmt(r: dict, key: str) -> str:
@@ -74,18 +71,6 @@ def train_seeds(config, frames: dict, lists, emb, greedy, seeds: int, any_text_u
     return scorers, summary
 
 
-def run_inputs(run: Path, round_index: int = 0):
-    """What a reward recommender of ``run`` trains on: config, data frames, lists (train users' last lists held out
-    as split "reward"), the round's embeddings, and the greedy texts' knowledge table."""
-    config = load_run_config(run)
-    frames = {name: read_parquet(run / "data" / f"{name}.parquet") for name in ("items", "lists", "users")}
-    lists = list_tensors(mark_reward_lists(frames["lists"], config.align.held_out_share or 0.25))
-    folder = run / f"round_{round_index}" / "embeddings"
-    emb = read_embeddings(folder, config.recommend.item_knowledge)
-    greedy = user_knowledge(len(frames["users"]), *emb.for_sample(0), str(folder))
-    return config, frames, lists, emb, greedy
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
@@ -101,9 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config, frames, lists, emb, greedy = run_inputs(args.run, args.round)
     here = args.run / f"round_{args.round}"
-    split_of = frames["users"].set_index("user_index")["split"].astype(str)
-    sampled = {split: np.unique(emb.user_index[(emb.sample > 0) & np.isin(emb.user_index, split_of.index[split_of == split])])
-               for split in ("train", "validation")}
+    sampled = sampled_users(frames, emb)
     texts = read_parquet(here / "knowledge" / "knowledge.parquet")[["user_index", "sample", "text"]]
 
     # every seed's scorer, and a copy whose validation users' lists are split in two alternating halves
