@@ -20,10 +20,11 @@ Only train users' pairs feed DPO; test users are never scored.
 
 Reward lists (``align.reward_lists``): "held_out" (default) scores each train
 user's last ``reward_holdout`` share of lists with ``<backbone>-reward-holdout``,
-a recommender trained without them (``align.reward_seeds`` > 1: the mean reward
-of that many such recommenders, ``-seed<k>`` for seeds after the first); "train" scores all train lists with the
-round's recommender, which trained on those very lists and may reward texts
-that merely help it recall them.
+a recommender trained without them (``align.reward_seeds`` > 1: the mean
+reward of that many such recommenders, ``-seed<s>`` for the seeds after the
+first); "train" scores all train lists with the round's recommender, which
+trained on those very lists and may reward texts that merely help it recall
+them.
 """
 
 from __future__ import annotations
@@ -44,9 +45,10 @@ STAGE = "preferences"
 
 def pairing_settings(align: AlignConfig, recommender_name: str) -> dict:
     """What decides a round's rewards and pairs, given its samples (the stage's manifest records it)."""
-    return {"min_reward_gap": align.min_reward_gap, "recommender": recommender_name, "reward_seeds": align.reward_seeds, "reward": align.reward,
+    return {"min_reward_gap": align.min_reward_gap, "recommender": recommender_name, "reward": align.reward,
             "pairing": align.pairing, "pairs_per_user": align.pairs_per_user, "validation_pairing": "all_gaps",
-            "reward_lists": align.reward_lists, "reward_holdout": align.held_out_share}
+            "reward_lists": align.reward_lists, "reward_holdout": align.held_out_share,
+            **({"reward_seeds": align.reward_seeds} if align.reward_seeds > 1 else {})}  # runs made before it keep their manifests
 
 
 def run_reward_stage(run_dir: str | Path, round_index: int, recommend: RecommendConfig, align: AlignConfig) -> tuple[Path, dict, bool]:
