@@ -21,6 +21,7 @@ folder is only read.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -68,12 +69,16 @@ def any_text_knowledge(greedy: UserKnowledge, emb, users: np.ndarray, seed: int)
     return UserKnowledge(AnyOfTheirTexts(texts, counts, seed), greedy.known)
 
 
-def run_inputs(run: Path, round_index: int = 0):
+def run_inputs(run: Path, round_index: int = 0, history: bool = True):
     """What a reward recommender of ``run`` trains on: config, data frames, lists (train users' last lists held out
-    as split "reward"), the round's embeddings, and the greedy texts' knowledge table."""
+    as split "reward"), the round's embeddings, and the greedy texts' knowledge table. ``history=False``: every
+    list's recent history is blanked, so a recommender trained and scored on these lists knows the user only
+    through the text."""
     config = load_run_config(run)
     frames = {name: read_parquet(run / "data" / f"{name}.parquet") for name in ("items", "lists", "users")}
     lists = list_tensors(mark_reward_lists(frames["lists"], config.align.held_out_share or 0.25))
+    if not history:
+        lists = dataclasses.replace(lists, history=torch.zeros_like(lists.history))
     folder = run / f"round_{round_index}" / "embeddings"
     emb = read_embeddings(folder, config.recommend.item_knowledge)
     greedy = user_knowledge(len(frames["users"]), *emb.for_sample(0), str(folder))

@@ -19,7 +19,9 @@ round-0 samples are rewarded by a transparent rule instead (genre_reward.py):
   reward recommender on the texts' sentence embeddings), for comparison
   under the same budget and check; ``recommender_reward=listwise`` picks
   another of the recommender's rewards, ``reward_seeds=K`` the mean over K
-  reward recommenders trained with seeds 0..K-1 (experiments/reward_seeds.py).
+  reward recommenders trained with seeds 0..K-1 (experiments/reward_seeds.py),
+  ``reward_history=false`` reward recommender(s) trained and scored with every
+  list's recent history blanked (the text is their only view of the user).
 
 For each variant: pairs from the train users' samples (``pairing``, ...),
 a fresh DPO adapter (``learning_rate``, ``epochs``, ``batch_size``, ...;
@@ -71,23 +73,27 @@ REWARDS = ("genre_user", "genre_shared", "recommender")
 
 
 @functools.cache
-def ensemble_scorer(run: Path, seeds: int) -> EnsembleScorer:
+def ensemble_scorer(run: Path, seeds: int, history: bool = True) -> EnsembleScorer:
     """``seeds`` reward recommenders trained as the run's (once per process: every variant shares them)."""
-    run_config, frames, lists, emb, greedy = run_inputs(run)
+    run_config, frames, lists, emb, greedy = run_inputs(run, history=history)
     return EnsembleScorer(train_seeds(run_config, frames, lists, emb, greedy, seeds)[0])
 
 
-def make_reward(kind: str, run: Path, config: dict, align: AlignConfig, knowledge: pd.DataFrame, out: Path, seeds: int = 1):
+def make_reward(kind: str, run: Path, config: dict, align: AlignConfig, knowledge: pd.DataFrame, out: Path, seeds: int = 1,
+                history: bool = True):
     """``reward(split, texts) -> user_index, sample, reward`` (split: train or validation; texts: user_index, sample, text).
 
-    ``seeds`` > 1 (recommender only): the mean reward of that many reward recommenders trained as the run's
-    (seed 0 gives the run's own model again), as experiments/reward_seeds.py."""
+    ``seeds`` > 1 or ``history=False`` (recommender only): the mean reward of that many reward recommenders trained
+    as the run's (seed 0 gives the run's own model again), as experiments/reward_seeds.py, on lists whose recent
+    history is blanked when ``history`` is False."""
     if kind == "recommender":  # the run's own: its reward recommender on the texts' sentence embeddings
         encode = EncodeConfig(**config["encode"])
-        recommender = run / "round_0" / "recommender" / reward_model_name(RecommendConfig(**config["recommend"]), align.held_out_share)
-        scorer, train_split = reward_scorer(recommender, run, align)
-        if seeds > 1:
-            scorer = ensemble_scorer(run, seeds)
+        train_split = "reward" if align.held_out_share else "train"
+        if seeds > 1 or not history:
+            scorer = ensemble_scorer(run, seeds, history)
+        else:
+            recommender = run / "round_0" / "recommender" / reward_model_name(RecommendConfig(**config["recommend"]), align.held_out_share)
+            scorer, train_split = reward_scorer(recommender, run, align)
         encoder = TextEncoder(encode.encoder, batch_size=encode.batch_size, long_texts=encode.long_texts)
         cache = EmbeddingCache(out / "cache" / cache_key(encoder.name, encode.long_texts), encoder.dim, encoder.name)
 
@@ -135,15 +141,15 @@ def describe(texts: pd.DataFrame) -> dict:
 
 
 def variant_settings(settings: list[str], base_align: AlignConfig):
-    """A variant's KEY=VALUE settings: (reward kind, train_users or None, reward_seeds, its AlignConfig)."""
+    """A variant's KEY=VALUE settings: (reward kind, train_users or None, reward_seeds, reward_history, its AlignConfig)."""
     values = {k: parse_value(v) for k, v in (s.split("=", 1) for s in settings)}
     kind, train_users = values.pop("reward", "genre_user"), values.pop("train_users", None)
-    seeds = values.pop("reward_seeds", 1)
+    seeds, history = values.pop("reward_seeds", 1), values.pop("reward_history", True)
     if "recommender_reward" in values:  # which of the recommender's rewards (align.reward; "reward" names the kind here)
         values["reward"] = values.pop("recommender_reward")
     if kind not in REWARDS:
         raise SystemExit(f"reward must be one of {', '.join(REWARDS)}, got {kind!r}")
-    return kind, train_users, seeds, dataclasses.replace(base_align, **values)
+    return kind, train_users, seeds, history, dataclasses.replace(base_align, **values)
 
 
 def summarize_folder(args, config: dict, align: AlignConfig, knowledge: pd.DataFrame, users: np.ndarray) -> int:
@@ -153,8 +159,8 @@ def summarize_folder(args, config: dict, align: AlignConfig, knowledge: pd.DataF
         if "reward" not in row:
             continue
         folder = args.out / row["variant"]
-        kind, _, seeds, row_align = variant_settings(row["settings"], align)
-        reward = make_reward(kind, args.run, config, row_align, knowledge, args.out, seeds)
+        kind, _, seeds, history, row_align = variant_settings(row["settings"], align)
+        reward = make_reward(kind, args.run, config, row_align, knowledge, args.out, seeds, history)
         before = reward("validation", sampled)
         after = pd.read_parquet(folder / "validation_samples.parquet")
         drift = sampled_drift(before, reward("validation", after[after["user_index"].isin(users)]))
@@ -208,10 +214,10 @@ def main(argv=None) -> int:
         again.to_parquet(args.out / "base_validation_samples.parquet")
         (args.out / "control.json").write_text(json.dumps(results, indent=2))
     for name, *settings in args.variant:
-        kind, train_users, seeds, align = variant_settings(settings, base_align)
+        kind, train_users, seeds, history, align = variant_settings(settings, base_align)
         folder = args.out / name
         folder.mkdir(parents=True, exist_ok=True)
-        reward = make_reward(kind, args.run, config, align, knowledge, args.out, seeds)
+        reward = make_reward(kind, args.run, config, align, knowledge, args.out, seeds, history)
         rewards = reward("train", sampled[sampled["user_index"].isin(split_user_indices(args.run, "train"))])
         pairs = make_pairs(rewards, knowledge, prompts, align.min_reward_gap, align.pairing, align.pairs_per_user)
         if train_users is not None:
