@@ -1,6 +1,6 @@
 """Is a user's best text a property of the text, or of the one recommender that scored it?
 
-    python experiments/reward_seeds.py RUN --out SCRATCH [--seeds 5] [--rewards loglik listwise ndcg] [--any-text]
+    python experiments/reward_seeds.py RUN --out SCRATCH [--seeds 5] [--rewards loglik listwise ndcg] [--any-text] [--no-history]
 
 Split-half reliability (experiments/reward_reliability.py) asks whether one
 trained reward recommender orders a user's texts the same way on two halves
@@ -18,7 +18,8 @@ reward recommender is trained with ``--seeds`` seeds, and for each reward:
   user's texts predict.
 
 ``--any-text`` trains each seed as experiments/augmented_reward.py's
-"any text" variant. Rewards go to SCRATCH/k<k>/<reward>/round_<t>/preferences/;
+"any text" variant, ``--no-history`` on lists whose recent history is blanked (the
+text is then the recommenders' only view of the user). Rewards go to SCRATCH/k<k>/<reward>/round_<t>/preferences/;
 a summary to SCRATCH/reward_seeds.json. The run folder is only read.
 """
 
@@ -32,27 +33,20 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 import reward_probe
 from augmented_reward import any_text_knowledge, run_inputs, sampled_users
 from scratch import link_from_run
-from dpo4rec.align.reliability import agreement, halves
+from dpo4rec.align.reliability import agreement, split_half_reliability
 from dpo4rec.artifacts import read_parquet, write_parquet
 from dpo4rec.config import REWARDS
 from dpo4rec.recommend import RewardScorer
+from dpo4rec.recommend.reward import EnsembleScorer
 from dpo4rec.recommend.train import build_recommender, evaluate, train_recommender
 
 
 def fmt(r: dict, key: str) -> str:
     return f"{r[key]:.3f} [{r[key + '_ci95'][0]:.3f}, {r[key + '_ci95'][1]:.3f}]" if key in r else "-"
-
-
-def mean_table(tables: list[pd.DataFrame]) -> pd.DataFrame:
-    """user_index, sample, reward: the mean reward over the tables (same rows, same order)."""
-    out = tables[0][["user_index", "sample"]].copy()
-    out["reward"] = np.mean([t["reward"].to_numpy() for t in tables], axis=0)
-    return out
 
 
 def train_seeds(config, frames: dict, lists, emb, greedy, seeds: int, any_text_users: np.ndarray | None = None):
@@ -80,35 +74,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rewards", nargs="+", choices=REWARDS, default=["loglik", "listwise", "ndcg"])
     parser.add_argument("--users", type=int, nargs="+", default=[50, 195], help="train users the probe fits on")
     parser.add_argument("--any-text", action="store_true", help="train each seed on any of a sampled user's texts")
+    parser.add_argument("--no-history", action="store_true",
+                        help="blank every list's recent history (train and score): the text is the recommenders' only view of the user")
     args = parser.parse_args(argv)
     if args.seeds < 2:
         raise SystemExit("--seeds must be at least 2")
 
-    config, frames, lists, emb, greedy = run_inputs(args.run, args.round)
+    config, frames, lists, emb, greedy = run_inputs(args.run, args.round, history=not args.no_history)
     here = args.run / f"round_{args.round}"
     sampled = sampled_users(frames, emb)
     texts = read_parquet(here / "knowledge" / "knowledge.parquet")[["user_index", "sample", "text"]]
 
-    # every seed's scorer, and a copy whose validation users' lists are split in two alternating halves
-    keep = (emb.sample > 0) & np.isin(emb.user_index, sampled["validation"])
-    owner = lists.user_index.numpy()
-    counts = pd.Series(owner[lists.split == "validation"]).value_counts()
-    halved_users = np.asarray([u for u in sampled["validation"] if counts.get(u, 0) >= 2])
     scorers, summary = train_seeds(config, frames, lists, emb, greedy, args.seeds, sampled["train"] if args.any_text else None)
 
     for kind in args.rewards:
-        scored = {}  # (seed, lists) -> user_index, sample, reward
-        for k, scorer in enumerate(scorers):
-            for split, list_split in (("train", "reward"), ("validation", "validation")):
-                scored[k, split] = scorer.score_embeddings(emb, split=list_split, users=sampled[split], reward=kind)
-            halved = halves(scorer, halved_users)
-            at = keep & np.isin(emb.user_index, halved_users)
-            for half in ("half_a", "half_b"):
-                scored[k, half] = pd.DataFrame({"user_index": emb.user_index[at], "sample": emb.sample[at],
-                                                "reward": halved.score(emb.user_index[at], emb.user_vectors[at], half, reward=kind)})
+        scored = [scorer.score_embeddings(emb, split="validation", users=sampled["validation"], reward=kind) for scorer in scorers]
         across = []
         for i, j in itertools.combinations(range(args.seeds), 2):
-            a, b = (scored[s, "validation"] for s in (i, j))
+            a, b = scored[i], scored[j]
             samples = a["sample"].to_numpy() > 0
             a, b = a[samples], b[samples]
             centred = [t["reward"] - t.groupby("user_index")["reward"].transform("mean") for t in (a, b)]
@@ -120,12 +103,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['within_user_correlation_mean']:+.3f}, pair agreement {row['pair_agreement_mean']:.3f} "
               f"(seeds 0 and 1: {fmt(across[0], 'pair_agreement')})", flush=True)
         for size in sorted({1, args.seeds}):
-            ensemble = {name: mean_table([scored[k, name] for k in range(size)]) for name in ("train", "validation", "half_a", "half_b")}
-            reliability = agreement(ensemble["half_a"], ensemble["half_b"], config.data.seed)
+            ensemble = EnsembleScorer(scorers[:size])
+            reliability = split_half_reliability(ensemble, emb, sampled["validation"], kind, config.data.seed)
             folder = args.out / f"k{size}" / kind
-            for split, file in (("train", "rewards.parquet"), ("validation", "validation_rewards.parquet")):
-                write_parquet(folder / f"round_{args.round}" / "preferences" / file,
-                              ensemble[split].merge(texts, on=["user_index", "sample"], how="left"))
+            for split, list_split, file in (("train", "reward", "rewards.parquet"), ("validation", "validation", "validation_rewards.parquet")):
+                table = ensemble.score_embeddings(emb, split=list_split, users=sampled[split], reward=kind)
+                write_parquet(folder / f"round_{args.round}" / "preferences" / file, table.merge(texts, on=["user_index", "sample"], how="left"))
             link_from_run(args.run, folder, "data", "prompts", "cache", "config.json")  # what the probe reads besides the rewards
             print(f"\n{kind}, mean of {size} seed(s): split-half pair agreement {fmt(reliability, 'pair_agreement')}, "
                   f"best-worst {fmt(reliability, 'best_worst_agreement')}; reward probe:", flush=True)
