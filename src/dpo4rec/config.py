@@ -116,6 +116,10 @@ class PromptConfig:
     positive-rating threshold (what the lists' labels mean). The ratings are in the history lines already;
     a small model reads one number more easily, and the recommender's item ids carry no ratings at all
     (docs/results.md, "What loglik rewards"). Only for data with ratings."""
+    history_genres: bool = False
+    """Each history line also names the item's genres (items.parquet's ``genres`` column, e.g. ML-1M's):
+    '"Heat (1995)" (Action, Crime, Thriller), 4 stars'. A small model then has genres to read instead of to
+    invent; costs ~20% more prompt tokens. Refused for items without a genres column."""
     max_item_chars: int = 1000
     """An item's line in a prompt (title and attributes) is cut to this many characters (counted), so
     one very long title cannot push every prompt that holds it over max_prompt_tokens. (The longest

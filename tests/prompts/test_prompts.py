@@ -42,6 +42,23 @@ def test_movie_prompts_hold_the_prompt_history_only(tmp_path):
     assert not prompts["message"].str.contains("they rated").any()  # prompts.rating_summary is off by default
 
 
+def test_history_genres_name_each_movies_genres_and_need_a_genres_column(tmp_path):
+    run_data_stage(DataConfig(dataset="ml-1m", n_users=20, seed=2), tmp_path / "ml")
+    prompts = pd.read_parquet(run_prompt_stage(tmp_path / "ml", PromptConfig(history_genres=True), ModelConfig()).folder / "prompts.parquet")
+    inter = pd.read_parquet(tmp_path / "ml" / "data" / "interactions.parquet")
+    items = pd.read_parquet(tmp_path / "ml" / "data" / "items.parquet").set_index("item_index")
+    row = prompts.iloc[0]
+    shown = inter[(inter["user_index"] == row["user_index"]) & inter["in_prompt"]]
+    for item, rating in zip(shown["item_index"], shown["rating"]):
+        genres = ", ".join(items.loc[item, "genres"].split("|"))
+        assert f'"{items.loc[item, "title"]}" ({genres}), {rating:g} stars\n' in row["message"] + "\n"
+    run = tmp_path / "own"  # own data without a genres column: refused, naming the field and the file
+    run_data_stage(DataConfig(dataset=str(_own_data(tmp_path / "mine"))), run)
+    with pytest.raises(InputError, match=r"prompts.history_genres: .*items.parquet has no genres column"):
+        run_prompt_stage(run, PromptConfig(history_genres=True), ModelConfig())
+    assert not (run / "prompts").exists()
+
+
 def test_braces_quotes_and_newlines_in_titles_and_truncation(tmp_path):
     data = _own_data(tmp_path / "mine")
     run = tmp_path / "run"

@@ -32,10 +32,13 @@ class PromptStageResult:
     reused: bool
 
 
-def describe_item(row, domain: str) -> str:
-    """One history line for an item: quoted title plus its attributes."""
+def describe_item(row, domain: str, genres: bool = False) -> str:
+    """One history line for an item: quoted title plus its attributes (``genres``: and its genres)."""
     title = clean_text(row.get("title"))
-    if domain == "movies":  # KAR's form, '"Title (Year)", N stars': genres cost ~20% more tokens
+    if genres:
+        names = [clean_text(g) for g in str(row.get("genres") or "").split("|") if clean_text(g)]
+        return f'"{title}"' + (f" ({', '.join(names)})" if names else "")
+    if domain == "movies":  # KAR's form, '"Title (Year)", N stars': genres cost ~20% more tokens (prompts.history_genres)
         return f'"{title}"'
     if domain == "beauty":
         parts = [clean_text(row.get("brand")) if pd.notna(row.get("brand")) else "", clean_text(row.get("categories", ""))]
@@ -73,7 +76,9 @@ def build_user_prompts(data_dir: Path, prompts: PromptConfig, tokenizer, dataset
     users = read_parquet(data_dir / "users.parquet")
     items = read_parquet(data_dir / "items.parquet")
     inter = read_parquet(data_dir / "interactions.parquet")
-    item_text = {int(r["item_index"]): describe_item(r, domain) for r in items.to_dict("records")}
+    if prompts.history_genres and "genres" not in items.columns:
+        raise InputError(f"prompts.history_genres: {data_dir / 'items.parquet'} has no genres column")
+    item_text = {int(r["item_index"]): describe_item(r, domain, prompts.history_genres) for r in items.to_dict("records")}
     long_items = {i for i, text in item_text.items() if len(text) > prompts.max_item_chars}
     for i in long_items:  # cut, not refused: one huge title must not make every prompt holding it too long
         item_text[i] = shorten(item_text[i], prompts.max_item_chars)
