@@ -38,7 +38,7 @@ def describe_item(row, domain: str, genres: bool = False) -> str:
     if genres:
         names = [clean_text(g) for g in str(row.get("genres") or "").split("|") if clean_text(g)]
         return f'"{title}"' + (f" ({', '.join(names)})" if names else "")
-    if domain == "movies":  # KAR's form, '"Title (Year)", N stars': genres cost ~20% more tokens (prompts.history_genres)
+    if domain == "movies":  # KAR's form, '"Title (Year)", N stars': genres cost ~a third more tokens (prompts.history_genres)
         return f'"{title}"'
     if domain == "beauty":
         parts = [clean_text(row.get("brand")) if pd.notna(row.get("brand")) else "", clean_text(row.get("categories", ""))]
