@@ -36,7 +36,8 @@ def describe_item(row, domain: str, genres: bool = False) -> str:
     """One history line for an item: quoted title plus its attributes (``genres``: and its genres)."""
     title = clean_text(row.get("title"))
     if genres:
-        names = [clean_text(g) for g in str(row.get("genres") or "").split("|") if clean_text(g)]
+        value = row.get("genres")
+        names = [clean_text(g) for g in (str(value).split("|") if pd.notna(value) else []) if clean_text(g)]  # an item may have none
         return f'"{title}"' + (f" ({', '.join(names)})" if names else "")
     if domain == "movies":  # KAR's form, '"Title (Year)", N stars': genres cost ~a third more tokens (prompts.history_genres)
         return f'"{title}"'
