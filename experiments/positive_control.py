@@ -58,7 +58,7 @@ from reward_seeds import train_seeds
 from dpo4rec.align.dpo import train_dpo
 from dpo4rec.align.heldout import pair_margins, pair_texts, score_texts, summarize
 from dpo4rec.align.pairs import make_pairs
-from dpo4rec.align.reward_stage import reward_scorer, split_user_indices
+from dpo4rec.align.reward_stage import reward_list_split, reward_scorer, split_user_indices
 from dpo4rec.config import AlignConfig, EncodeConfig, GenerateConfig, ModelConfig, RecommendConfig
 from dpo4rec.encode.cache import EmbeddingCache, cache_key
 from dpo4rec.encode.encoder import TextEncoder
@@ -88,12 +88,12 @@ def make_reward(kind: str, run: Path, config: dict, align: AlignConfig, knowledg
     history is blanked when ``history`` is False."""
     if kind == "recommender":  # the run's own: its reward recommender on the texts' sentence embeddings
         encode = EncodeConfig(**config["encode"])
-        train_split = "reward" if align.held_out_share else "train"
+        train_split = reward_list_split(align)
         if seeds > 1 or not history:
             scorer = ensemble_scorer(run, seeds, history)
         else:
             recommender = run / "round_0" / "recommender" / reward_model_name(RecommendConfig(**config["recommend"]), align.held_out_share)
-            scorer, train_split = reward_scorer(recommender, run, align)
+            scorer = reward_scorer(recommender, run, align)[0]
         encoder = TextEncoder(encode.encoder, batch_size=encode.batch_size, long_texts=encode.long_texts)
         cache = EmbeddingCache(out / "cache" / cache_key(encoder.name, encode.long_texts), encoder.dim, encoder.name)
 
@@ -124,8 +124,9 @@ def sample_texts(users: np.ndarray, prompts: pd.DataFrame, model_cfg: ModelConfi
             completions = sampler.sample([ids[i] for i in batch], settings, batch_generator(seed, number, sampler.device))
             for i, per_user in zip(batch, completions):
                 for sample, completion in enumerate(per_user, start=1):
-                    rows.append({"user_index": int(users[i]), "sample": sample, "n_tokens": len(completion.token_ids),
-                                 "text": tokenizer.decode(completion.token_ids, skip_special_tokens=True).strip()})
+                    text = tokenizer.decode(completion.token_ids, skip_special_tokens=True).strip()
+                    rows.append({"user_index": int(users[i]), "sample": sample, "n_tokens": len(completion.token_ids), "text": text,
+                                 "finish_reason": completion.finish_reason, "empty": not text})
             bar.update(len(batch))
     return pd.DataFrame(rows)
 

@@ -18,7 +18,6 @@ RUN is only read.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import sys
@@ -45,8 +44,8 @@ def main(argv=None) -> int:
     config = json.loads((args.run / "config.json").read_text())
     changes = {"temperature": args.temperature, **({"top_p": args.top_p} if args.top_p is not None else {}),
                **({"seed": args.seed} if args.seed is not None else {})}
-    gen = dataclasses.replace(GenerateConfig(**config["generate"]), **changes)
     config["generate"].update(changes)
+    gen = GenerateConfig(**config["generate"])
 
     link_from_run(args.run, args.out, "data", "prompts", "round_0/recommender")
     if not (args.out / "cache").exists():
@@ -57,8 +56,6 @@ def main(argv=None) -> int:
     users = np.unique(knowledge.loc[knowledge["sample"] > 0, "user_index"])
     prompts = read_parquet(args.run / "prompts" / "prompts.parquet")
     new = sample_texts(users, prompts, ModelConfig(**config["model"]), gen, [], gen.seed)
-    new["finish_reason"] = np.where(new["n_tokens"] < gen.max_new_tokens, "stop", "length")
-    new["empty"] = new["text"] == ""
     table = pd.concat([knowledge[knowledge["sample"] == 0], new[knowledge.columns]], ignore_index=True)
     write_parquet(args.out / "round_0" / "knowledge" / "knowledge.parquet", table.sort_values(["user_index", "sample"]).reset_index(drop=True))
     run_encode_stage(EncodeConfig(**config["encode"]), args.out, 0)

@@ -126,7 +126,12 @@ def reward_scorer(recommender: Path | list[Path], run_dir: Path, align: AlignCon
     folders = [recommender] if isinstance(recommender, Path) else list(recommender)
     scorers = [RewardScorer.from_folders(folder, run_dir / "data", str(resolve_device(device, "recommend.device")),
                                          reward_holdout=align.held_out_share) for folder in folders]
-    return scorers[0] if len(scorers) == 1 else EnsembleScorer(scorers), "reward" if align.held_out_share else "train"
+    return scorers[0] if len(scorers) == 1 else EnsembleScorer(scorers), reward_list_split(align)
+
+
+def reward_list_split(align: AlignConfig) -> str:
+    """The split of lists a train user's reward averages over: the held-out "reward" lists, or the train lists."""
+    return "reward" if align.held_out_share else "train"
 
 
 def split_user_indices(run_dir: Path, split: str) -> np.ndarray:

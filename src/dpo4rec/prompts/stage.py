@@ -37,7 +37,7 @@ def describe_item(row, domain: str, genres: bool = False) -> str:
     title = clean_text(row.get("title"))
     if genres:
         value = row.get("genres")
-        names = [clean_text(g) for g in (str(value).split("|") if pd.notna(value) else []) if clean_text(g)]  # an item may have none
+        names = [g for g in map(clean_text, str(value).split("|") if pd.notna(value) else []) if g]  # an item may have none
         return f'"{title}"' + (f" ({', '.join(names)})" if names else "")
     if domain == "movies":  # KAR's form, '"Title (Year)", N stars': genres cost ~a third more tokens (prompts.history_genres)
         return f'"{title}"'
