@@ -1,13 +1,11 @@
 """The whole pipeline on configs/tiny.toml: end to end, and killed then resumed."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest

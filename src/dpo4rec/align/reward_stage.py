@@ -32,7 +32,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from dpo4rec.align.pairs import make_pairs, reward_spread
 from dpo4rec.align.reliability import split_half_reliability

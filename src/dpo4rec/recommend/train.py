@@ -18,7 +18,6 @@ import copy
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -29,7 +28,7 @@ from dpo4rec.config import RecommendConfig
 from dpo4rec.devices import resolve_device
 from dpo4rec.errors import InputError
 from dpo4rec.metrics import mean_metrics, rerank_metrics
-from dpo4rec.recommend.features import ListTensors, UserKnowledge, attribute_table, item_knowledge, user_knowledge
+from dpo4rec.recommend.features import ListTensors, UserKnowledge, attribute_table, item_knowledge
 from dpo4rec.recommend.models import ModelSpec, Reranker, build_model
 
 log = logging.getLogger(__name__)

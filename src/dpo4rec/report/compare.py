@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from dpo4rec.artifacts import fingerprint_file, first_difference, read_json, read_parquet
 from dpo4rec.errors import InputError
