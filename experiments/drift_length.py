@@ -30,6 +30,7 @@ from dpo4rec.align.heldout import accuracy_ci, pair_correct
 from dpo4rec.align.reward_stage import reward_folders, reward_scorer
 from dpo4rec.artifacts import read_parquet, round_dir
 from dpo4rec.encode import read_embeddings
+from dpo4rec.errors import InputError
 from dpo4rec.report.drift import sampled_drift
 from dpo4rec.run import load_run_config
 
@@ -59,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--round", type=int, default=0, help="the DPO round to check (its texts and the next round's)")
     args = parser.parse_args(argv)
     run, t = args.run, args.round
-    config = load_run_config(run)
+    try:
+        config = load_run_config(run)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     rewards_file = round_dir(run, t) / "preferences" / "validation_rewards.parquet"
     after_embeddings = round_dir(run, t + 1) / "embeddings"
     if not rewards_file.is_file() or not (after_embeddings / "users.safetensors").is_file():
