@@ -27,11 +27,9 @@ import numpy as np
 import pandas as pd
 
 from dpo4rec.align.heldout import accuracy_ci, pair_correct
-from dpo4rec.align.reward_stage import reward_folders, reward_scorer
 from dpo4rec.artifacts import read_parquet, round_dir
-from dpo4rec.encode import read_embeddings
 from dpo4rec.errors import InputError
-from dpo4rec.report.drift import sampled_drift
+from dpo4rec.report.drift import sampled_drift, validation_rewards
 from dpo4rec.run import load_run_config
 
 
@@ -65,17 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    rewards_file = round_dir(run, t) / "preferences" / "validation_rewards.parquet"
-    after_embeddings = round_dir(run, t + 1) / "embeddings"
-    if not rewards_file.is_file() or not (after_embeddings / "users.safetensors").is_file():
+    both = validation_rewards(run, config, t)
+    if both is None:
         print(f"error: {run} has no validation rewards of round {t} or no embeddings of round {t + 1}", file=sys.stderr)
         return 2
-
-    before_rewards = read_parquet(rewards_file)
+    before_rewards, after_rewards = both
     users = before_rewards["user_index"].unique()
-    scorer, _ = reward_scorer(reward_folders(run, t, config.recommend, config.align), run, config.align, config.recommend.device)
-    after_rewards = scorer.score_embeddings(read_embeddings(after_embeddings), split="validation", users=users,
-                                            reward=config.align.reward)
     before = with_length(before_rewards, read_parquet(round_dir(run, t) / "knowledge" / "knowledge.parquet"))
     after = with_length(after_rewards, read_parquet(round_dir(run, t + 1) / "knowledge" / "knowledge.parquet"))
     seed = config.data.seed

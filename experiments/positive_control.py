@@ -64,7 +64,7 @@ from dpo4rec.encode.cache import EmbeddingCache, cache_key
 from dpo4rec.encode.encoder import TextEncoder
 from dpo4rec.encode.stage import encode_cached
 from dpo4rec.generate.sampler import SamplerSettings, batch_generator, plan_batches
-from dpo4rec.generate.stage import _open_sampler
+from dpo4rec.generate.stage import _open_sampler, completion_row
 from dpo4rec.recommend import reward_model_name
 from dpo4rec.recommend.reward import EnsembleScorer
 from dpo4rec.report.drift import sampled_drift
@@ -123,10 +123,7 @@ def sample_texts(users: np.ndarray, prompts: pd.DataFrame, model_cfg: ModelConfi
         for number, batch in enumerate(batches):
             completions = sampler.sample([ids[i] for i in batch], settings, batch_generator(seed, number, sampler.device))
             for i, per_user in zip(batch, completions):
-                for sample, completion in enumerate(per_user, start=1):
-                    text = tokenizer.decode(completion.token_ids, skip_special_tokens=True).strip()
-                    rows.append({"user_index": int(users[i]), "sample": sample, "n_tokens": len(completion.token_ids), "text": text,
-                                 "finish_reason": completion.finish_reason, "empty": not text})
+                rows += [completion_row(tokenizer, int(users[i]), sample, completion) for sample, completion in enumerate(per_user, start=1)]
             bar.update(len(batch))
     return pd.DataFrame(rows)
 

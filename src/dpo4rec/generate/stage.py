@@ -270,13 +270,18 @@ def _generate(prompts, batches, todo, parts, model_cfg, gen, adapters, stop_afte
             rows = []
             for user, per_user in zip(batch["users"], completions):
                 for sample, completion in enumerate(per_user):
-                    text = tokenizer.decode(completion.token_ids, skip_special_tokens=True).strip()
-                    rows.append({"user_index": user, "sample": sample, "text": text, "n_tokens": len(completion.token_ids),
-                                 "finish_reason": completion.finish_reason, "empty": not text})
+                    rows.append(completion_row(tokenizer, user, sample, completion))
                     new_tokens += len(completion.token_ids)
             write_parquet(part_file(parts, number), pd.DataFrame(rows))
             bar.update(len(batch["users"]))
             bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - start):.0f}")
+
+
+def completion_row(tokenizer, user: int, sample: int, completion) -> dict:
+    """One row of knowledge.parquet for a sampler's completion (the columns the module docstring lists)."""
+    text = tokenizer.decode(completion.token_ids, skip_special_tokens=True).strip()
+    return {"user_index": user, "sample": sample, "text": text, "n_tokens": len(completion.token_ids),
+            "finish_reason": completion.finish_reason, "empty": not text}
 
 
 def _as_list(value) -> list[int]:

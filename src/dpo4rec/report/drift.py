@@ -59,24 +59,30 @@ def validation_drift(run_dir: Path, config: PipelineConfig) -> list[dict]:
     here is what DPO learned carrying to unseen users. Per user, the mean
     reward over their samples; paired over users sampled in both rounds.
     """
-    from dpo4rec.align.reward_stage import reward_folders, reward_scorer
-    from dpo4rec.encode import read_embeddings
-
     rows = []
     for t in range(config.run.rounds):
-        before_file = round_dir(run_dir, t) / "preferences" / "validation_rewards.parquet"
-        after_folder = round_dir(run_dir, t + 1) / "embeddings"
-        recommenders = reward_folders(run_dir, t, config.recommend, config.align)
-        if not before_file.is_file() or not (after_folder / "users.safetensors").is_file():
-            continue
-        before = read_parquet(before_file)
-        users = before["user_index"].unique()
-        scorer, _ = reward_scorer(recommenders, run_dir, config.align, config.recommend.device)
-        after = scorer.score_embeddings(read_embeddings(after_folder), split="validation", users=users, reward=config.align.reward)
-        row = sampled_drift(before, after, config.data.seed)
+        both = validation_rewards(run_dir, config, t)
+        row = sampled_drift(*both, config.data.seed) if both else {}
         if row:
             rows.append({"round": t, **row, "reward": config.align.reward})
     return rows
+
+
+def validation_rewards(run_dir: Path, config: PipelineConfig, t: int) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """Round t's and round t+1's validation texts, both under round t's reward model (user_index, sample, reward);
+    None when round t has no validation rewards or round t+1 no embeddings."""
+    from dpo4rec.align.reward_stage import reward_folders, reward_scorer
+    from dpo4rec.encode import read_embeddings
+
+    before_file = round_dir(run_dir, t) / "preferences" / "validation_rewards.parquet"
+    after_folder = round_dir(run_dir, t + 1) / "embeddings"
+    if not before_file.is_file() or not (after_folder / "users.safetensors").is_file():
+        return None
+    before = read_parquet(before_file)
+    scorer, _ = reward_scorer(reward_folders(run_dir, t, config.recommend, config.align), run_dir, config.align, config.recommend.device)
+    after = scorer.score_embeddings(read_embeddings(after_folder), split="validation", users=before["user_index"].unique(),
+                                    reward=config.align.reward)
+    return before, after
 
 
 def sampled_drift(before: pd.DataFrame, after: pd.DataFrame, seed: int = 0) -> dict:
