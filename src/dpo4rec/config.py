@@ -284,6 +284,16 @@ class AlignConfig:
     (mean log-probability a softmax over the list's scores gives its positives: continuous,
     blind to a shift of all scores, so it rewards a better order, not a calibration that suits
     one user; lists without a negative are left out too)."""
+    reward_model: str = "recommender"
+    """What scores a text on the user's reward lists: "recommender" (the paper: the knowledge-augmented
+    re-ranker trained on the round's greedy texts) or "text_match" (no training: each candidate scored by
+    the cosine between the text's vector and the item's text vector, so a text earns reward by describing
+    the items this user goes on to like; the encoder is the one the re-ranker reads). At SmolLM2-135M scale
+    the re-ranker gains nothing from any user text, not even one naming the user's future films, so what
+    it prefers between two texts is its own noise; "text_match" prefers texts that an embedding probe
+    learns on train users and applies to unseen ones (docs/results.md, issue 9 section 13). Takes
+    align.reward "ndcg", "ndcg_margin" or "listwise" (scores are cosine / 0.05), reward_seeds = 1,
+    and skips the reward recommenders' training."""
     pairing: str = "best_worst"
     """Pairs per user: "best_worst" (the paper: one pair), "top_bottom" (each of the best
     ``pairs_per_user`` samples against each of the worst ``pairs_per_user``) or "all_gaps"
@@ -342,6 +352,11 @@ class AlignConfig:
         _check(self.beta > 0, "align.beta", "> 0", self.beta)
         _check(self.min_reward_gap >= 0, "align.min_reward_gap", ">= 0", self.min_reward_gap)
         _check(self.reward in REWARDS, "align.reward", f"{', '.join(REWARDS[:-1])} or {REWARDS[-1]}", self.reward)
+        _check(self.reward_model in ("recommender", "text_match"), "align.reward_model", "recommender or text_match", self.reward_model)
+        _check(self.reward_model == "recommender" or self.reward != "loglik", "align.reward",
+               'ndcg, ndcg_margin or listwise with align.reward_model = "text_match" (loglik needs a trained model)', self.reward)
+        _check(self.reward_model == "recommender" or self.reward_seeds == 1, "align.reward_seeds",
+               '1 with align.reward_model = "text_match" (nothing is trained, so there are no seeds)', self.reward_seeds)
         _check(self.pairing in ("best_worst", "top_bottom", "all_gaps"), "align.pairing", "best_worst, top_bottom or all_gaps", self.pairing)
         _check(self.pairs_per_user >= 1, "align.pairs_per_user", ">= 1", self.pairs_per_user)
         _check(self.ld_alpha is None or 0 <= self.ld_alpha <= 1, "align.ld_alpha", "in [0, 1] (or unset)", self.ld_alpha)

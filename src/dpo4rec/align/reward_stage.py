@@ -18,6 +18,10 @@ recommender, ``knowledge/`` and ``prompts/``; writes ``RUN/round_<t>/preferences
 
 Only train users' pairs feed DPO; test users are never scored.
 
+``align.reward_model = "text_match"`` scores the same lists with no recommender: each
+candidate by the cosine between the text's vector and the item's (recommend/reward.py,
+``TextMatchScorer``); nothing is trained for it.
+
 Reward lists (``align.reward_lists``): "held_out" (default) scores each train
 user's last ``reward_holdout`` share of lists with ``<backbone>-reward-holdout``,
 a recommender trained without them (``align.reward_seeds`` > 1: the mean
@@ -37,6 +41,7 @@ from dpo4rec.align.pairs import make_pairs, reward_spread
 from dpo4rec.align.reliability import split_half_reliability
 from dpo4rec.artifacts import StageFolder, existing_output, fingerprint_file, make_manifest, read_json, read_parquet, round_dir, write_json, write_parquet
 from dpo4rec.config import AlignConfig, RecommendConfig
+from dpo4rec.encode.stage import item_vectors_file
 from dpo4rec.errors import InputError
 
 STAGE = "preferences"
@@ -47,7 +52,8 @@ def pairing_settings(align: AlignConfig, recommender_name: str) -> dict:
     return {"min_reward_gap": align.min_reward_gap, "recommender": recommender_name, "reward": align.reward,
             "pairing": align.pairing, "pairs_per_user": align.pairs_per_user, "validation_pairing": "all_gaps",
             "reward_lists": align.reward_lists, "reward_holdout": align.held_out_share,
-            **({"reward_seeds": align.reward_seeds} if align.reward_seeds > 1 else {})}  # runs made before it keep their manifests
+            **({"reward_seeds": align.reward_seeds} if align.reward_seeds > 1 else {}),  # runs made before them keep their manifests
+            **({"reward_model": align.reward_model} if align.reward_model != "recommender" else {})}
 
 
 def run_reward_stage(run_dir: str | Path, round_index: int, recommend: RecommendConfig, align: AlignConfig) -> tuple[Path, dict, bool]:
@@ -56,12 +62,14 @@ def run_reward_stage(run_dir: str | Path, round_index: int, recommend: Recommend
 
     run_dir = Path(run_dir)
     here = round_dir(run_dir, round_index)
-    if not recommend.knowledge:
+    text_match = align.reward_model == "text_match"
+    if not recommend.knowledge and not text_match:
         raise InputError("the reward needs the knowledge-augmented recommender (recommend.knowledge = true)")
-    recommenders = reward_folders(run_dir, round_index, recommend, align)
-    recommender = recommenders[0]
+    recommenders = [] if text_match else reward_folders(run_dir, round_index, recommend, align)
+    recommender_name = "text_match" if text_match else recommenders[0].name
     needed = {
         "embeddings": here / "embeddings" / "users.safetensors",
+        **({"embeddings items": item_vectors_file(here / "embeddings", recommend.item_knowledge)} if text_match else {}),
         **{"recommender" + (f" {r.name}" if k else ""): r / "model.safetensors" for k, r in enumerate(recommenders)},
         "knowledge": here / "knowledge" / "knowledge.parquet",
         "prompts": run_dir / "prompts" / "prompts.parquet",
@@ -69,17 +77,17 @@ def run_reward_stage(run_dir: str | Path, round_index: int, recommend: Recommend
     for stage, path in needed.items():
         if not path.is_file():
             raise InputError(f"{path} not found; run the {stage.split()[0]} stage for round {round_index} first")
-    manifest = make_manifest(STAGE, pairing_settings(align, recommender.name),
+    manifest = make_manifest(STAGE, pairing_settings(align, recommender_name),
                              {name: fingerprint_file(path) for name, path in needed.items()})
     folder = here / STAGE
     if existing_output(folder, manifest):
         return folder, read_json(folder / "summary.json"), True
 
     embeddings = read_embeddings(here / "embeddings")
-    scorer, split = reward_scorer(recommenders, run_dir, align, recommend.device)
+    scorer, split = round_reward_scorer(run_dir, round_index, recommend, align)
     knowledge = read_parquet(needed["knowledge"])
     prompts = read_parquet(needed["prompts"])
-    summary = {"reward": align.reward, "pairing": align.pairing, "reward_lists": align.reward_lists, "recommender": recommender.name,
+    summary = {"reward": align.reward, "pairing": align.pairing, "reward_lists": align.reward_lists, "recommender": recommender_name,
                "reward_seeds": align.reward_seeds}
     outputs = {}
     for name, users, lists in (("train", split_user_indices(run_dir, "train"), split),
@@ -114,6 +122,18 @@ def reward_folders(run_dir: Path, round_index: int, recommend: RecommendConfig, 
 
     here = round_dir(Path(run_dir), round_index) / "recommender"
     return [here / reward_model_name(recommend, align.held_out_share, k) for k in range(align.reward_seeds)]
+
+
+def round_reward_scorer(run_dir: Path, round_index: int, recommend: RecommendConfig, align: AlignConfig):
+    """Round t's reward (align.reward_model: its reward recommenders, or text matching on its item vectors) and the
+    split of lists a train user's reward averages over."""
+    if align.reward_model == "text_match":
+        from dpo4rec.recommend.reward import TextMatchScorer
+
+        scorer = TextMatchScorer.from_folders(round_dir(Path(run_dir), round_index) / "embeddings", Path(run_dir) / "data",
+                                              recommend.item_knowledge, align.held_out_share)
+        return scorer, reward_list_split(align)
+    return reward_scorer(reward_folders(run_dir, round_index, recommend, align), Path(run_dir), align, recommend.device)
 
 
 def reward_scorer(recommender: Path | list[Path], run_dir: Path, align: AlignConfig, device: str = "auto"):

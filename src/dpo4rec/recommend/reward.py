@@ -34,6 +34,8 @@ from dpo4rec.recommend.models import Reranker
 # Weight of the margin term in "ndcg_margin": a user's NDCG@5 average moves in steps of at least ~0.015 / lists, so
 # up to ~100 lists per user the margin only orders samples whose NDCG@5 ties, and never reverses an NDCG@5 order.
 TIE_BREAK = 1e-4
+# Cosines of two texts' vectors span ~0.1-0.5 within a list; over 0.05 they make a softmax that is neither flat nor one-hot.
+TEXT_MATCH_TEMPERATURE = 0.05
 
 
 def list_rewards(kind: str, scores: torch.Tensor, labels: torch.Tensor, model, k: int = 5) -> np.ndarray:
@@ -197,6 +199,63 @@ class RewardScorer:
         scores = model.rank(model.join(candidates[pl], user_out[pr]), personal[pl])  # (P, L)
         labels = self.lists.labels[idx].to(dev)[pl]
         return list_rewards(reward, scores, labels, model, k)
+
+
+class TextMatchScorer(RewardScorer):
+    """Rewards from a recommender with no parameters (``align.reward_model = "text_match"``): each candidate of
+    a list scores the cosine between the user's text vector and the item's text vector, over
+    ``TEXT_MATCH_TEMPERATURE`` (the scale only matters to "listwise"). A text earns reward by being close, in the
+    encoder's space, to the items the user goes on to like rather than to the list's other candidates; nothing
+    is trained, so the reward has no seed and the same text always gets the same reward."""
+
+    def __init__(self, item_index: np.ndarray, item_vectors: np.ndarray, lists: ListTensors, max_pairs: int = 16384):
+        item_index = np.asarray(item_index, dtype=np.int64)
+        table = np.zeros((max(int(item_index.max()), int(lists.items.max())) + 1, item_vectors.shape[1]), np.float32)
+        table[item_index] = item_vectors
+        missing = np.setdiff1d(np.unique(lists.items.numpy()), item_index)
+        if len(missing):
+            raise InputError(f"{len(missing)} items of the lists have no text vector (first: item_index {missing[0]}); "
+                             "were the embeddings made from another data run?")
+        self.model, self.lists, self.max_pairs, self.device = None, lists, max_pairs, torch.device("cpu")
+        self.item_vectors = torch.nn.functional.normalize(torch.from_numpy(table), dim=1)
+
+    @classmethod
+    def from_folders(cls, embeddings_folder: str | Path, data_folder: str | Path, item_knowledge: bool = True,
+                     reward_holdout: float = 0.0) -> TextMatchScorer:
+        """A round's item vectors (encode stage) and the data stage's lists (``reward_holdout``: as RewardScorer's)."""
+        from dpo4rec.encode import read_embeddings
+
+        lists_path = Path(data_folder) / "lists.parquet"
+        if not lists_path.is_file():
+            raise InputError(f"{lists_path} not found; run the data stage first")
+        lists = read_parquet(lists_path)
+        embeddings = read_embeddings(embeddings_folder, item_knowledge)
+        return cls(embeddings.item_index, embeddings.item_vectors, list_tensors(mark_reward_lists(lists, reward_holdout) if reward_holdout > 0 else lists))
+
+    def with_lists(self, lists: ListTensors) -> TextMatchScorer:
+        other = object.__new__(TextMatchScorer)
+        other.__dict__.update(self.__dict__, lists=lists)
+        return other
+
+    def _check(self, user_index: np.ndarray, vectors: np.ndarray) -> None:
+        dim = self.item_vectors.shape[1]
+        if vectors.ndim != 2 or vectors.shape[1] != dim:
+            raise InputError(f"knowledge vectors have shape {vectors.shape}, the item vectors have dimension {dim}")
+        if len(user_index) != len(vectors):
+            raise InputError(f"{len(user_index)} user indices but {len(vectors)} vectors")
+        if not np.isfinite(vectors).all():
+            raise InputError("knowledge vectors contain NaN or infinity")
+
+    def _pair_rewards(self, lists: np.ndarray, vectors: np.ndarray, pair_row: np.ndarray, pair_list: np.ndarray, k: int,
+                      reward: str) -> np.ndarray:
+        if reward == "loglik":
+            raise InputError('align.reward = "loglik" needs a trained recommender, not align.reward_model = "text_match"')
+        idx = torch.as_tensor(lists)
+        users = torch.nn.functional.normalize(torch.as_tensor(vectors), dim=1)  # (R, d)
+        items = self.item_vectors[self.lists.items[idx]]  # (lists, L, d)
+        pl, pr = torch.as_tensor(pair_list), torch.as_tensor(pair_row)
+        scores = torch.einsum("pld,pd->pl", items[pl], users[pr]) / TEXT_MATCH_TEMPERATURE
+        return list_rewards(reward, scores, self.lists.labels[idx][pl], None, k)
 
 
 def score_embeddings(scorer, embeddings, split: str | None = "train", users: np.ndarray | None = None, k: int = 5,

@@ -23,13 +23,15 @@ from dpo4rec.report.bootstrap import paired_bootstrap
 
 def reward_drift(run_dir: Path, config: PipelineConfig) -> list[dict]:
     """Per round: mean reward of greedy and sampled texts under round 0's reward model, and the change since round 0."""
-    from dpo4rec.align.reward_stage import reward_folders, reward_scorer, train_user_indices
+    from dpo4rec.align.reward_stage import reward_folders, round_reward_scorer, train_user_indices
     from dpo4rec.encode import read_embeddings
 
-    recommenders = reward_folders(run_dir, 0, config.recommend, config.align)
-    if not all((r / "model.safetensors").is_file() for r in recommenders):
+    if config.align.reward_model == "recommender" and not all(
+            (r / "model.safetensors").is_file() for r in reward_folders(run_dir, 0, config.recommend, config.align)):
         return []
-    scorer, split = reward_scorer(recommenders, run_dir, config.align, config.recommend.device)
+    if not (round_dir(run_dir, 0) / "embeddings" / "users.safetensors").is_file():
+        return []
+    scorer, split = round_reward_scorer(run_dir, 0, config.recommend, config.align)
     embeddings = {t: read_embeddings(round_dir(run_dir, t) / "embeddings") for t in range(config.run.rounds + 1)
                   if (round_dir(run_dir, t) / "embeddings" / "users.safetensors").is_file()}
     if 0 not in embeddings:
@@ -71,7 +73,7 @@ def validation_drift(run_dir: Path, config: PipelineConfig) -> list[dict]:
 def validation_rewards(run_dir: Path, config: PipelineConfig, t: int) -> tuple[pd.DataFrame, pd.DataFrame] | None:
     """Round t's and round t+1's validation texts, both under round t's reward model (user_index, sample, reward);
     None when round t has no validation rewards or round t+1 no embeddings."""
-    from dpo4rec.align.reward_stage import reward_folders, reward_scorer
+    from dpo4rec.align.reward_stage import round_reward_scorer
     from dpo4rec.encode import read_embeddings
 
     before_file = round_dir(run_dir, t) / "preferences" / "validation_rewards.parquet"
@@ -79,7 +81,7 @@ def validation_rewards(run_dir: Path, config: PipelineConfig, t: int) -> tuple[p
     if not before_file.is_file() or not (after_folder / "users.safetensors").is_file():
         return None
     before = read_parquet(before_file)
-    scorer, _ = reward_scorer(reward_folders(run_dir, t, config.recommend, config.align), run_dir, config.align, config.recommend.device)
+    scorer, _ = round_reward_scorer(run_dir, t, config.recommend, config.align)
     after = scorer.score_embeddings(read_embeddings(after_folder), split="validation", users=before["user_index"].unique(),
                                     reward=config.align.reward)
     return before, after
