@@ -21,7 +21,9 @@ round-0 samples are rewarded by a transparent rule instead (genre_reward.py):
   another of the recommender's rewards, ``reward_seeds=K`` the mean over K
   reward recommenders trained with seeds 0..K-1 (experiments/reward_seeds.py),
   ``reward_history=false`` reward recommender(s) trained and scored with every
-  list's recent history blanked (the text is their only view of the user).
+  list's recent history blanked (the text is their only view of the user);
+  ``reward_model=text_match`` the parameter-free text-matching reward
+  (``align.reward_model``) on the run's round-0 item vectors instead.
 
 For each variant: pairs from the train users' samples (``pairing``, ...),
 a fresh DPO adapter (``learning_rate``, ``epochs``, ``batch_size``, ...;
@@ -58,7 +60,7 @@ from reward_seeds import train_seeds
 from dpo4rec.align.dpo import train_dpo
 from dpo4rec.align.heldout import pair_margins, pair_texts, score_texts, summarize
 from dpo4rec.align.pairs import make_pairs
-from dpo4rec.align.reward_stage import reward_list_split, reward_scorer, split_user_indices
+from dpo4rec.align.reward_stage import reward_list_split, reward_scorer, round_reward_scorer, split_user_indices
 from dpo4rec.config import AlignConfig, EncodeConfig, GenerateConfig, ModelConfig, RecommendConfig
 from dpo4rec.encode.cache import EmbeddingCache, cache_key
 from dpo4rec.encode.encoder import TextEncoder
@@ -89,7 +91,9 @@ def make_reward(kind: str, run: Path, config: dict, align: AlignConfig, knowledg
     if kind == "recommender":  # the run's own: its reward recommender on the texts' sentence embeddings
         encode = EncodeConfig(**config["encode"])
         train_split = reward_list_split(align)
-        if seeds > 1 or not history:
+        if align.reward_model == "text_match":  # no recommender: cosine of text and item vectors (round 0's items)
+            scorer = round_reward_scorer(run, 0, RecommendConfig(**config["recommend"]), align)[0]
+        elif seeds > 1 or not history:
             scorer = ensemble_scorer(run, seeds, history)
         else:
             recommender = run / "round_0" / "recommender" / reward_model_name(RecommendConfig(**config["recommend"]), align.held_out_share)

@@ -11,7 +11,9 @@ import torch
 from dpo4rec.align.heldout import answer_logps, completion_ids, pair_margins, summarize
 from dpo4rec.align.pairs import make_pairs, reward_spread
 from dpo4rec.align.reliability import agreement
-from dpo4rec.recommend.reward import TIE_BREAK, list_rewards
+from dpo4rec.errors import InputError
+from dpo4rec.recommend.features import ListTensors
+from dpo4rec.recommend.reward import TEXT_MATCH_TEMPERATURE, TIE_BREAK, TextMatchScorer, list_rewards
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -58,6 +60,35 @@ def test_listwise_reward_by_hand():
     # a shift of every score changes the order of nothing: listwise stays, loglik moves (the calibration it also reads)
     np.testing.assert_allclose(list_rewards("listwise", scores[:3] + 1.5, labels[:3], _BCE()), expected, rtol=1e-5)
     assert not np.allclose(list_rewards("loglik", scores[:3] + 1.5, labels[:3], _BCE()), list_rewards("loglik", scores[:3], labels[:3], _BCE()))
+
+
+def test_text_match_reward_by_hand():
+    # items 1..4 as unit vectors in 2-d; user 0 has two reward lists and one train list (never scored)
+    item_index = np.array([1, 2, 3, 4])
+    item_vectors = np.array([[1, 0], [0, 1], [1, 1], [3, -4]], dtype=np.float32)  # 3 and 4 are not unit: cosine normalizes
+    lists = ListTensors(items=torch.tensor([[1, 2, 3], [4, 2, 1], [1, 2, 3]]),
+                        labels=torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [1.0, 1.0, 1.0]]),
+                        history=torch.zeros(3, 2, dtype=torch.long), user_index=torch.tensor([0, 0, 0]),
+                        split=np.array(["reward", "reward", "train"]))
+    scorer = TextMatchScorer(item_index, item_vectors, lists)
+    texts = np.array([[2.0, 0.0], [0.0, 1.0]], dtype=np.float32)  # a text along item 1, one along item 2
+    rewards = scorer.score(np.array([0, 0]), texts, split="reward", reward="listwise")
+    lse = lambda row: math.log(sum(math.exp(x / TEXT_MATCH_TEMPERATURE) for x in row))  # noqa: E731
+    r2 = 1 / math.sqrt(2)
+    along_1 = np.mean([1 / TEXT_MATCH_TEMPERATURE - lse([1, 0, r2]), 0 - lse([0.6, 0, 1])])   # cos(item 4, e1) = 3/5
+    along_2 = np.mean([0 - lse([0, 1, r2]), 1 / TEXT_MATCH_TEMPERATURE - lse([-0.8, 1, 0])])  # cos(item 4, e2) = -4/5
+    np.testing.assert_allclose(rewards, [along_1, along_2], rtol=1e-5)
+    # NDCG@5: the text along item 1 puts list 0's positive first and list 1's last (after items 1 and 4)
+    ndcg = scorer.score(np.array([0]), texts[:1], split="reward", reward="ndcg")
+    np.testing.assert_allclose(ndcg, [(1.0 + 1 / math.log2(4)) / 2])
+    # the same text always gets the same reward (nothing is trained, nothing is random), and other lists give another
+    np.testing.assert_array_equal(scorer.score(np.array([0, 0]), texts, split="reward", reward="listwise"), rewards)
+    with pytest.raises(InputError, match="loglik"):
+        scorer.score(np.array([0]), texts[:1], split="reward", reward="loglik")
+    with pytest.raises(InputError, match="item_index 4"):
+        TextMatchScorer(item_index[:3], item_vectors[:3], lists)
+    with pytest.raises(InputError, match="dimension 2"):
+        scorer.score(np.array([0]), np.ones((1, 3), np.float32), split="reward", reward="listwise")
 
 
 def _table(rewards):

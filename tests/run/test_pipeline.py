@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -129,6 +130,40 @@ def test_single_stage_commands_reuse_the_run_and_another_config_is_refused(unint
     merged = rewards.merge(each[0][["user_index", "sample"]].assign(expected=expected), on=["user_index", "sample"])
     assert len(merged) == len(rewards) and merged["reward"].to_numpy() == pytest.approx(merged["expected"].to_numpy(), rel=1e-6, nan_ok=True)
     assert json.loads((copy / "round_0" / "preferences" / "summary.json").read_text())["reward_seeds"] == 2
+    # align.reward_model = "text_match": no recommender is trained or read; a text's reward is the mean over its
+    # user's held-out lists of the listwise reward of cosine(text, item) / temperature, recomputed here in numpy
+    matched = tmp_path / "matched"
+    for part in ("data", "prompts", "cache", "round_0/knowledge", "round_0/embeddings"):
+        shutil.copytree(run / part, matched / part)
+    text_match = tmp_path / "text_match.toml"
+    text_match.write_text(TINY.read_text().replace('reward_lists = "train"', 'reward_lists = "held_out"\nreward_model = "text_match"')
+                          .replace('reward = "loglik"', 'reward = "listwise"'))
+    reward = cli("reward", "--config", str(text_match), "--out", str(matched), "--round", "0")
+    assert reward.returncode == 0 and "held-out lists" in reward.stdout, reward.stderr[-2000:]
+    assert not (matched / "round_0" / "recommender").exists()
+    from dpo4rec.recommend.features import mark_reward_lists
+    from dpo4rec.recommend.reward import TEXT_MATCH_TEMPERATURE
+
+    rewards = pd.read_parquet(matched / "round_0" / "preferences" / "rewards.parquet")
+    emb = read_embeddings(matched / "round_0" / "embeddings")
+    unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)  # noqa: E731
+    item_vectors = dict(zip(emb.item_index, unit(emb.item_vectors)))
+    held_out = mark_reward_lists(pd.read_parquet(matched / "data" / "lists.parquet"), 0.25)
+    held_out = held_out[held_out["split"] == "reward"]
+    checked = 0
+    for row in rewards[rewards["sample"] > 0].head(6).itertuples():
+        text = unit(emb.user_vectors[(emb.user_index == row.user_index) & (emb.sample == row.sample)][0])
+        values = []
+        for items, labels in held_out.loc[held_out["user_index"] == row.user_index, ["items", "labels"]].itertuples(index=False):
+            labels = np.asarray(labels)
+            if 0 < labels.sum() < len(labels):  # lists without a positive or without a negative are left out
+                scores = np.array([item_vectors[i] @ text for i in items]) / TEXT_MATCH_TEMPERATURE
+                log_softmax = scores - np.log(np.exp(scores - scores.max()).sum()) - scores.max()
+                values.append(log_softmax[labels > 0].mean())
+        if values:
+            assert row.reward == pytest.approx(np.mean(values), rel=1e-4)
+            checked += 1
+    assert checked > 0
     # two runs of the same data compare pairwise, arm by arm: B is A with dpo_round_1 0.05 MAP@5 better on every list
     other = tmp_path / "other"
     shutil.copytree(run, other)
@@ -149,6 +184,7 @@ def test_single_stage_commands_reuse_the_run_and_another_config_is_refused(unint
 
 @pytest.mark.parametrize("setting", ["generate.n_samples=1", "align.beta=0", "run.rounds=0", "data.n_users=0",
                                      "align.reward_lists=sometimes", "align.no_such_key=1", "nonsense", "align.reward_seeds=0", "align.reward_seeds=2",
+                                     'align.reward_model="text_match"', "align.reward_model=bm25",
                                      "align.reward=clicks", "align.pairing=random", "align.epochs=0", "align.learning_rate=0",
                                      "generate.sampled_validation_users=0", "generate.sampled_train_users=-1",
                                      "recommend.train_text=bestest", "model.device=tpu", "encode.device=gpu",

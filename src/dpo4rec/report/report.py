@@ -251,7 +251,8 @@ def _markdown(metrics: dict, examples: list[dict], timings: dict) -> str:
     cfg = metrics["config"]
     lines += [f"Data: {cfg['data']['dataset']}, {metrics['test_users']} test users, {metrics['test_lists']} test lists. "
               f"Backbone: {cfg['recommend']['backbone']}. LLM: {cfg['model']['name']}. N = {cfg['generate']['n_samples']}, "
-              f"beta = {cfg['align']['beta']}, T = {cfg['run']['rounds']}, rewards on {cfg['align']['reward_lists'].replace('_', '-')} lists. "
+              f"beta = {cfg['align']['beta']}, T = {cfg['run']['rounds']}, {cfg['align']['reward']} rewards "
+              f"{'by text matching ' if cfg['align'].get('reward_model') == 'text_match' else ''}on {cfg['align']['reward_lists'].replace('_', '-')} lists. "
               f"Round picked by validation MAP@5: **{metrics['selected_round']}** (0 = the base LLM: no DPO round did better).", ""]
     lines += ["## Did DPO learn something that carries to unseen users? (validation users)", "",
               "Held-out pair accuracy: how often the DPO-trained policy's implicit reward (beta x log-ratio against the "
