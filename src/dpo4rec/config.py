@@ -290,8 +290,8 @@ class AlignConfig:
     the cosine between the text's vector and the item's text vector, so a text earns reward by describing
     the items this user goes on to like; the encoder is the one the re-ranker reads). At SmolLM2-135M scale
     the re-ranker gains nothing from any user text, not even one naming the user's future films, so what
-    it prefers between two texts is its own noise; "text_match" prefers texts that an embedding probe
-    learns on train users and applies to unseen ones (docs/results.md, issue 9 section 13). Takes
+    it prefers between two texts is its own noise; what "text_match" prefers, an embedding probe fitted on
+    ~200 train users partly carries to unseen ones (docs/results.md, issue 9 section 13). Takes
     align.reward "ndcg", "ndcg_margin" or "listwise" (scores are cosine / 0.05), reward_seeds = 1,
     and skips the reward recommenders' training."""
     pairing: str = "best_worst"

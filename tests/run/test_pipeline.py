@@ -146,8 +146,8 @@ def test_single_stage_commands_reuse_the_run_and_another_config_is_refused(unint
 
     rewards = pd.read_parquet(matched / "round_0" / "preferences" / "rewards.parquet")
     emb = read_embeddings(matched / "round_0" / "embeddings")
-    unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)  # noqa: E731
-    item_vectors = dict(zip(emb.item_index, unit(emb.item_vectors)))
+    unit = lambda v: v / np.linalg.norm(v)  # noqa: E731
+    item_vectors = dict(zip(emb.item_index, emb.item_vectors))
     held_out = mark_reward_lists(pd.read_parquet(matched / "data" / "lists.parquet"), 0.25)
     held_out = held_out[held_out["split"] == "reward"]
     checked = 0
@@ -157,7 +157,7 @@ def test_single_stage_commands_reuse_the_run_and_another_config_is_refused(unint
         for items, labels in held_out.loc[held_out["user_index"] == row.user_index, ["items", "labels"]].itertuples(index=False):
             labels = np.asarray(labels)
             if 0 < labels.sum() < len(labels):  # lists without a positive or without a negative are left out
-                scores = np.array([item_vectors[i] @ text for i in items]) / TEXT_MATCH_TEMPERATURE
+                scores = np.array([unit(item_vectors[i]) @ text for i in items]) / TEXT_MATCH_TEMPERATURE
                 log_softmax = scores - np.log(np.exp(scores - scores.max()).sum()) - scores.max()
                 values.append(log_softmax[labels > 0].mean())
         if values:

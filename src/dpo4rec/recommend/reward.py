@@ -148,10 +148,15 @@ class RewardScorer:
         """The same model scoring other lists (e.g. the same lists with another split column)."""
         return RewardScorer(self.model, lists, self.max_pairs)
 
-    def _check(self, user_index: np.ndarray, vectors: np.ndarray) -> None:
+    def _expected_dim(self) -> tuple[int, str]:
+        """The knowledge vectors' dimension, and who expects it (for the error)."""
         dim = self.model.spec.knowledge_dim
+        return dim, f"the recommender expects (n, {dim}) (encoder {self.model.spec.encoder})"
+
+    def _check(self, user_index: np.ndarray, vectors: np.ndarray) -> None:
+        dim, expects = self._expected_dim()
         if vectors.ndim != 2 or vectors.shape[1] != dim:
-            raise InputError(f"knowledge vectors have shape {vectors.shape}, the recommender expects (n, {dim}) (encoder {self.model.spec.encoder})")
+            raise InputError(f"knowledge vectors have shape {vectors.shape}, {expects}")
         if len(user_index) != len(vectors):
             raise InputError(f"{len(user_index)} user indices but {len(vectors)} vectors")
         if not np.isfinite(vectors).all():
@@ -237,14 +242,9 @@ class TextMatchScorer(RewardScorer):
         other.__dict__.update(self.__dict__, lists=lists)
         return other
 
-    def _check(self, user_index: np.ndarray, vectors: np.ndarray) -> None:
-        dim = self.item_vectors.shape[1]
-        if vectors.ndim != 2 or vectors.shape[1] != dim:
-            raise InputError(f"knowledge vectors have shape {vectors.shape}, the item vectors have dimension {dim}")
-        if len(user_index) != len(vectors):
-            raise InputError(f"{len(user_index)} user indices but {len(vectors)} vectors")
-        if not np.isfinite(vectors).all():
-            raise InputError("knowledge vectors contain NaN or infinity")
+    def _expected_dim(self) -> tuple[int, str]:
+        dim = int(self.item_vectors.shape[1])
+        return dim, f"the item vectors have dimension {dim}"
 
     def _pair_rewards(self, lists: np.ndarray, vectors: np.ndarray, pair_row: np.ndarray, pair_list: np.ndarray, k: int,
                       reward: str) -> np.ndarray:
