@@ -60,14 +60,13 @@ from reward_seeds import train_seeds
 from dpo4rec.align.dpo import train_dpo
 from dpo4rec.align.heldout import pair_margins, pair_texts, score_texts, summarize
 from dpo4rec.align.pairs import make_pairs
-from dpo4rec.align.reward_stage import reward_list_split, reward_scorer, round_reward_scorer, split_user_indices
+from dpo4rec.align.reward_stage import reward_list_split, round_reward_scorer, split_user_indices
 from dpo4rec.config import AlignConfig, EncodeConfig, GenerateConfig, ModelConfig, RecommendConfig
 from dpo4rec.encode.cache import EmbeddingCache, cache_key
 from dpo4rec.encode.encoder import TextEncoder
 from dpo4rec.encode.stage import encode_cached
 from dpo4rec.generate.sampler import SamplerSettings, batch_generator, plan_batches
 from dpo4rec.generate.stage import _open_sampler, completion_row
-from dpo4rec.recommend import reward_model_name
 from dpo4rec.recommend.reward import EnsembleScorer
 from dpo4rec.report.drift import sampled_drift
 
@@ -91,13 +90,10 @@ def make_reward(kind: str, run: Path, config: dict, align: AlignConfig, knowledg
     if kind == "recommender":  # the run's own: its reward recommender on the texts' sentence embeddings
         encode = EncodeConfig(**config["encode"])
         train_split = reward_list_split(align)
-        if align.reward_model == "text_match":  # no recommender: cosine of text and item vectors (round 0's items)
-            scorer = round_reward_scorer(run, 0, RecommendConfig(**config["recommend"]), align)[0]
-        elif seeds > 1 or not history:
+        if align.reward_model == "recommender" and (seeds > 1 or not history):
             scorer = ensemble_scorer(run, seeds, history)
-        else:
-            recommender = run / "round_0" / "recommender" / reward_model_name(RecommendConfig(**config["recommend"]), align.held_out_share)
-            scorer = reward_scorer(recommender, run, align)[0]
+        else:  # the run's own held-out reward recommender, or text matching on round 0's item vectors
+            scorer = round_reward_scorer(run, 0, RecommendConfig(**config["recommend"]), dataclasses.replace(align, reward_seeds=1))[0]
         encoder = TextEncoder(encode.encoder, batch_size=encode.batch_size, long_texts=encode.long_texts)
         cache = EmbeddingCache(out / "cache" / cache_key(encoder.name, encode.long_texts), encoder.dim, encoder.name)
 

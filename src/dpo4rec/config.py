@@ -373,6 +373,11 @@ class AlignConfig:
         _check(self.processes >= 1, "align.processes", ">= 1", self.processes)
 
     @property
+    def trains_reward_recommenders(self) -> bool:
+        """Whether a round trains recommenders of its own for the reward (held-out lists, reward_model "recommender")."""
+        return bool(self.held_out_share) and self.reward_model == "recommender"
+
+    @property
     def held_out_share(self) -> float:
         """The share of each train user's lists kept out for the reward; 0 when rewards use the train lists."""
         return self.reward_holdout if self.reward_lists == "held_out" else 0.0

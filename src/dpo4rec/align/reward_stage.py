@@ -62,10 +62,10 @@ def run_reward_stage(run_dir: str | Path, round_index: int, recommend: Recommend
 
     run_dir = Path(run_dir)
     here = round_dir(run_dir, round_index)
-    text_match = align.reward_model == "text_match"
+    recommenders = reward_folders(run_dir, round_index, recommend, align)
+    text_match = not recommenders
     if not recommend.knowledge and not text_match:
         raise InputError("the reward needs the knowledge-augmented recommender (recommend.knowledge = true)")
-    recommenders = [] if text_match else reward_folders(run_dir, round_index, recommend, align)
     recommender_name = "text_match" if text_match else recommenders[0].name
     needed = {
         "embeddings": here / "embeddings" / "users.safetensors",
@@ -117,9 +117,12 @@ def run_reward_stage(run_dir: str | Path, round_index: int, recommend: Recommend
 
 
 def reward_folders(run_dir: Path, round_index: int, recommend: RecommendConfig, align: AlignConfig) -> list[Path]:
-    """The round's reward recommenders: one, or align.reward_seeds of them (their rewards are averaged)."""
+    """The round's reward recommenders: one, or align.reward_seeds of them (their rewards are averaged); none for
+    align.reward_model = "text_match", which has no model."""
     from dpo4rec.recommend import reward_model_name
 
+    if align.reward_model != "recommender":
+        return []
     here = round_dir(Path(run_dir), round_index) / "recommender"
     return [here / reward_model_name(recommend, align.held_out_share, k) for k in range(align.reward_seeds)]
 

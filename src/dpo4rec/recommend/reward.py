@@ -16,6 +16,7 @@ and the ranking layers run per (list, sample) pair.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -238,8 +239,8 @@ class TextMatchScorer(RewardScorer):
         return cls(embeddings.item_index, embeddings.item_vectors, list_tensors(mark_reward_lists(lists, reward_holdout) if reward_holdout > 0 else lists))
 
     def with_lists(self, lists: ListTensors) -> TextMatchScorer:
-        other = object.__new__(TextMatchScorer)
-        other.__dict__.update(self.__dict__, lists=lists)
+        other = copy.copy(self)  # the item vectors are shared, not copied
+        other.lists = lists
         return other
 
     def _expected_dim(self) -> tuple[int, str]:

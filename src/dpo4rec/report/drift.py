@@ -26,16 +26,13 @@ def reward_drift(run_dir: Path, config: PipelineConfig) -> list[dict]:
     from dpo4rec.align.reward_stage import reward_folders, round_reward_scorer, train_user_indices
     from dpo4rec.encode import read_embeddings
 
-    if config.align.reward_model == "recommender" and not all(
-            (r / "model.safetensors").is_file() for r in reward_folders(run_dir, 0, config.recommend, config.align)):
+    if not all((r / "model.safetensors").is_file() for r in reward_folders(run_dir, 0, config.recommend, config.align)):
         return []
-    if not (round_dir(run_dir, 0) / "embeddings" / "users.safetensors").is_file():
-        return []
-    scorer, split = round_reward_scorer(run_dir, 0, config.recommend, config.align)
     embeddings = {t: read_embeddings(round_dir(run_dir, t) / "embeddings") for t in range(config.run.rounds + 1)
                   if (round_dir(run_dir, t) / "embeddings" / "users.safetensors").is_file()}
     if 0 not in embeddings:
         return []
+    scorer, split = round_reward_scorer(run_dir, 0, config.recommend, config.align)
     first = embeddings[0]  # the train users whose samples fed DPO
     train_users = np.intersect1d(train_user_indices(run_dir), first.user_index[first.sample > 0])
     per_round = {t: scorer.score_embeddings(e, split=split, users=train_users, reward=config.align.reward) for t, e in embeddings.items()}
