@@ -247,18 +247,21 @@ def main(argv=None) -> int:
                "heldout_s": round(heldout_s, 1), "sampling_s": round(time.perf_counter() - start - dpo_s - heldout_s, 1)}
         results.append(row)
         (args.out / "control.json").write_text(json.dumps(results, indent=2))
-        print(f"{name}: held-out {row['heldout_pair_accuracy']:.3f} {[round(x, 3) for x in row['heldout_pair_accuracy_ci95']]}, "
+        print(f"{name}: held-out {row['heldout_pair_accuracy']:.3f} {[round(x, 3) for x in row['heldout_pair_accuracy_ci95']]} "
+              f"(net of sharpening and length {row['net_pair_accuracy']:.3f} {[round(x, 3) for x in row['net_pair_accuracy_ci95']]}), "
               f"drift {row['validation_reward_drift']:+.4f} {[round(x, 4) for x in row['validation_reward_drift_ci95']]}"
               + (f", base model's drift {row['base_drift']['validation_reward_drift']:+.4f} "
                  f"{[round(x, 4) for x in row['base_drift']['validation_reward_drift_ci95']]}" if "base_drift" in row else "")
               + f" (within-user SD {row['within_user_sd']:.4f})", flush=True)
-    print("| variant | reward | settings | pairs | steps | train batch acc. | held-out pair acc. [95% CI] | validation drift [95% CI] "
-          "| drift / within-user SD | genres named, before -> after | tokens, before -> after | DPO s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| variant | reward | settings | pairs | steps | train batch acc. | held-out pair acc. [95% CI] | net of sharpening "
+          "and length [95% CI] | validation drift [95% CI] | drift / within-user SD | genres named, before -> after "
+          "| tokens, before -> after | DPO s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results[int(args.base_drift):]:
-        ci, dci = r["heldout_pair_accuracy_ci95"], r["validation_reward_drift_ci95"]
+        ci, nci, dci = r["heldout_pair_accuracy_ci95"], r["net_pair_accuracy_ci95"], r["validation_reward_drift_ci95"]
         print(f"| {r['variant']} | {r['reward']} | {' '.join(r['settings'])} | {r['train_pairs']} | {r['optimizer_steps']} | "
               f"{r['train_reward_accuracy_mean']:.2f} | {r['heldout_pair_accuracy']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | "
+              f"{r['net_pair_accuracy']:.3f} [{nci[0]:.3f}, {nci[1]:.3f}] | "
               f"{r['validation_reward_drift']:+.4f} [{dci[0]:+.4f}, {dci[1]:+.4f}] | "
               f"{r['validation_reward_drift'] / r['within_user_sd']:+.2f} | {r['before']['genres_named']:.2f} -> "
               f"{r['after']['genres_named']:.2f} | {r['before']['tokens']:.1f} -> {r['after']['tokens']:.1f} | {r['dpo_s']} |")

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from dpo4rec.align.heldout import answer_logps, completion_ids, pair_margins, summarize
+from dpo4rec.align.heldout import answer_logps, completion_ids, net_log_ratio, pair_margins, summarize
 from dpo4rec.align.pairs import make_pairs, reward_spread
 from dpo4rec.align.reliability import agreement
 from dpo4rec.errors import InputError
@@ -140,6 +140,30 @@ def test_heldout_margins_and_summary_by_hand():
     assert 0 <= low <= summary["heldout_pair_accuracy"] <= high <= 1 and high - low > 0.1
     everyone_right = summarize(pd.DataFrame({"user_index": [0, 1, 2], "margin": [1.0, 2.0, 0.5]}))
     assert everyone_right["heldout_pair_accuracy"] == 1.0 and everyone_right["heldout_pair_accuracy_ci95"] == [1.0, 1.0]
+
+
+def test_heldout_guards_net_of_sharpening_and_length_by_hand():
+    """The log-ratio is built as 2 x reference log-prob + 3 x tokens + e (all centred within users), with e orthogonal to
+    both: the net log-ratio is e, and its pairs are scored by e alone."""
+    e = [1.0, -2.0, 1.0, -1.0, 2.0, -1.0]
+    texts = pd.DataFrame({"user_index": [0, 0, 0, 1, 1, 1], "sample": [1, 2, 3, 1, 2, 3],
+                          "reference": [-11.0, -10.0, -9.0, -5.0, -5.0, -5.0], "n_answer_tokens": [10, 10, 10, 9, 10, 11]})
+    ratio = [-1.0 + 7, -2.0 + 7, 3.0 + 7, -4.0, 2.0, 2.0]  # user 0: 2 x (-1, 0, 1) + e; user 1: 3 x (-1, 0, 1) + e; + a user constant
+    texts["policy"] = texts["reference"] + ratio
+    np.testing.assert_allclose(net_log_ratio(texts).to_numpy(), e, atol=1e-9)
+    pairs = pd.DataFrame({"user_index": [0, 0, 1, 1], "sample_chosen": [1, 2, 2, 3], "sample_rejected": [2, 3, 1, 2],
+                          "reward_chosen": [0.9, 0.5, 0.8, 0.6], "reward_rejected": [0.5, 0.1, 0.2, 0.4]})
+    scored = pair_margins(pairs, texts, beta=0.5)
+    np.testing.assert_allclose(scored["margin"], [0.5 * 1, 0.5 * -5, 0.5 * 6, 0.0], atol=1e-9)
+    np.testing.assert_allclose(scored["net_margin"], [0.5 * 3, 0.5 * -3, 0.5 * 3, 0.5 * -3], atol=1e-9)
+    np.testing.assert_allclose(scored["reference_margin"], [-1, -1, 0, 0], atol=1e-9)
+    summary = summarize(scored)
+    assert summary["heldout_pair_accuracy"] == pytest.approx((1 + 0 + 1 + 0.5) / 4)
+    assert summary["net_pair_accuracy"] == pytest.approx((1 + 0 + 1 + 0) / 4)
+    assert summary["reference_pair_accuracy"] == pytest.approx((0 + 0 + 0.5 + 0.5) / 4)
+    low, high = summary["net_pair_accuracy_ci95"]
+    assert low <= summary["net_pair_accuracy"] <= high
+    assert "net_pair_accuracy" not in summarize(pair_margins(pairs, texts.drop(columns="n_answer_tokens"), beta=0.5))
 
 
 def test_shared_prompt_log_probs_equal_a_full_forward():

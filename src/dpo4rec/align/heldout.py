@@ -17,6 +17,17 @@ users (all of a user's pairs together). Reported over every pair (the
 headline: each text is scored once, so all 45 pairs of 10 samples cost what
 one does) and over each user's best-vs-worst pair alone.
 
+Two readings guard the headline against what DPO does to every text. DPO
+often sharpens the policy (the log-ratio follows the starting model's own
+log-prob) and moves it by length (a log-ratio per token summed over the
+answer): both order a user's texts whatever the reward said, and score well
+when the reward happens to prefer likely or short texts. So a real run also
+reports how often the starting model's log-prob alone orders the pairs the
+reward's way (``reference_pair_accuracy``, no DPO at all), and the accuracy
+of the margin net of those two (``net_pair_accuracy``: the log-ratio minus
+its least-squares fit, within users, on the reference log-prob and the
+answer's tokens): what DPO learned beyond sharpening and length.
+
 Writes ``RUN/round_<t>/heldout/``: ``texts.parquet`` (per text log-probs),
 ``pairs.parquet`` (per pair margin), ``summary.json``.
 """
@@ -94,9 +105,12 @@ def pair_margins(pairs: pd.DataFrame, texts: pd.DataFrame, beta: float) -> pd.Da
     """Each pair's implicit reward margin from its two texts' log-ratios; ``best_worst`` marks each user's widest pair."""
     ratio = texts.set_index(["user_index", "sample"])["policy"] - texts.set_index(["user_index", "sample"])["reference"]
     out = pairs[["user_index", "sample_chosen", "sample_rejected", "reward_chosen", "reward_rejected"]].copy()
-    chosen = ratio.reindex(pd.MultiIndex.from_arrays([out["user_index"], out["sample_chosen"]])).to_numpy()
-    rejected = ratio.reindex(pd.MultiIndex.from_arrays([out["user_index"], out["sample_rejected"]])).to_numpy()
-    out["margin"] = beta * (chosen - rejected)
+    out["margin"] = beta * (_of(ratio, out, "sample_chosen") - _of(ratio, out, "sample_rejected"))
+    if "n_answer_tokens" in texts:  # a real run's texts: also the margins that say how much is sharpening or length
+        reference = texts.set_index(["user_index", "sample"])["reference"]
+        out["reference_margin"] = _of(reference, out, "sample_chosen") - _of(reference, out, "sample_rejected")
+        net = net_log_ratio(texts)
+        out["net_margin"] = beta * (_of(net, out, "sample_chosen") - _of(net, out, "sample_rejected"))
     gap = out["reward_chosen"] - out["reward_rejected"]
     # the widest gap per user; ties broken by sample numbers, as the pair builder does
     order = out.assign(gap=gap).sort_values(["user_index", "gap", "sample_chosen", "sample_rejected"], ascending=[True, False, True, False])
@@ -105,9 +119,25 @@ def pair_margins(pairs: pd.DataFrame, texts: pd.DataFrame, beta: float) -> pd.Da
     return out
 
 
-def pair_correct(scored: pd.DataFrame) -> np.ndarray:
-    """Per pair: 1 where the implicit reward prefers the chosen text, 0 where the rejected, 0.5 on a tie."""
-    return np.where(scored["margin"] > 0, 1.0, np.where(scored["margin"] < 0, 0.0, 0.5))
+def _of(values: pd.Series, pairs: pd.DataFrame, column: str) -> np.ndarray:
+    """``values`` (indexed by user_index, sample) at each pair's ``column`` sample."""
+    return values.reindex(pd.MultiIndex.from_arrays([pairs["user_index"], pairs[column]])).to_numpy()
+
+
+def net_log_ratio(texts: pd.DataFrame) -> pd.Series:
+    """Each text's log-ratio minus its least-squares fit on the reference log-prob and the answer's tokens,
+    all centred within users (only the order of a user's own texts counts), indexed by (user_index, sample)."""
+    def centred(column):
+        return (texts[column] - texts.groupby("user_index")[column].transform("mean")).to_numpy(dtype=float)
+    ratio = centred("policy") - centred("reference")
+    features = np.column_stack([centred("reference"), centred("n_answer_tokens")])
+    slope = np.linalg.lstsq(features, ratio, rcond=None)[0]
+    return pd.Series(ratio - features @ slope, index=pd.MultiIndex.from_frame(texts[["user_index", "sample"]]))
+
+
+def pair_correct(scored: pd.DataFrame, column: str = "margin") -> np.ndarray:
+    """Per pair: 1 where the margin prefers the chosen text, 0 where the rejected, 0.5 on a tie."""
+    return np.where(scored[column] > 0, 1.0, np.where(scored[column] < 0, 0.0, 0.5))
 
 
 def accuracy_ci(users: np.ndarray, correct: np.ndarray, seed: int = 0) -> tuple[float, list[float]]:
@@ -116,8 +146,8 @@ def accuracy_ci(users: np.ndarray, correct: np.ndarray, seed: int = 0) -> tuple[
     return accuracy, list(ci)
 
 
-def _accuracy(scored: pd.DataFrame, seed: int) -> tuple[float, list[float]]:
-    return accuracy_ci(scored["user_index"].to_numpy(), pair_correct(scored), seed)
+def _accuracy(scored: pd.DataFrame, seed: int, column: str = "margin") -> tuple[float, list[float]]:
+    return accuracy_ci(scored["user_index"].to_numpy(), pair_correct(scored, column), seed)
 
 
 def summarize(scored: pd.DataFrame, seed: int = 0) -> dict:
@@ -131,6 +161,10 @@ def summarize(scored: pd.DataFrame, seed: int = 0) -> dict:
     if "best_worst" in scored:
         best_worst, best_worst_ci = _accuracy(scored[scored["best_worst"]], seed)
         summary.update({"best_worst_accuracy": best_worst, "best_worst_accuracy_ci95": best_worst_ci})
+    for column, key in (("reference_margin", "reference_pair_accuracy"), ("net_margin", "net_pair_accuracy")):
+        if column in scored:
+            value, value_ci = _accuracy(scored, seed, column)
+            summary.update({key: value, f"{key}_ci95": value_ci})
     return summary
 
 

@@ -131,6 +131,12 @@ def select_round(validation: dict[str, float]) -> int:
     return min(rounds, key=lambda t: (-rounds[t], t))
 
 
+def _with_ci(entry: dict, key: str, spec: str = ".3f") -> str:
+    """``entry[key]`` and its ``key_ci95`` as "value [lo, hi]", or "-" where the round has none."""
+    value, ci = entry.get(key), entry.get(f"{key}_ci95")
+    return f"{value:{spec}} [{ci[0]:{spec}}, {ci[1]:{spec}}]" if value is not None else "-"
+
+
 def alignment(run_dir: Path, config: PipelineConfig, rounds: list[dict]) -> list[dict]:
     """Per DPO round: what it trained on, and whether what it learned carries to validation users."""
     drift = {row["round"]: row for row in validation_drift(run_dir, config)}
@@ -147,6 +153,11 @@ def alignment(run_dir: Path, config: PipelineConfig, rounds: list[dict]) -> list
                  "heldout_best_worst_accuracy": heldout.get("best_worst_accuracy"),
                  "heldout_best_worst_accuracy_ci95": heldout.get("best_worst_accuracy_ci95"),
                  "heldout_margin_mean": heldout.get("margin_mean"), "heldout_margin_ci95": heldout.get("margin_ci95"),
+                 # guards (align/heldout.py): the starting model's own log-prob, no DPO; the margin net of sharpening and length
+                 "heldout_reference_accuracy": heldout.get("reference_pair_accuracy"),
+                 "heldout_reference_accuracy_ci95": heldout.get("reference_pair_accuracy_ci95"),
+                 "heldout_net_accuracy": heldout.get("net_pair_accuracy"),
+                 "heldout_net_accuracy_ci95": heldout.get("net_pair_accuracy_ci95"),
                  "validation_reward_drift": drift.get(t, {}).get("validation_reward_drift"),
                  "validation_reward_drift_ci95": drift.get(t, {}).get("validation_reward_drift_ci95"),
                  "validation_users": drift.get(t, {}).get("users"),
@@ -266,21 +277,20 @@ def _markdown(metrics: dict, examples: list[dict], timings: dict) -> str:
               "reading a small margin over 0.5. Reward reliability: how often the reward itself orders two of a "
               "validation user's texts the same way on two halves of the user's lists (chance 0.5): a reward near 0.5 "
               "makes pairs that are noise, and held-out pair accuracy cannot rise above what it allows "
-              "(src/dpo4rec/align/reliability.py).", "",
+              "(src/dpo4rec/align/reliability.py). Two guards: how often the starting model's own log-prob orders the "
+              "pairs the reward's way (no DPO at all), and the accuracy of the margin net of sharpening and length (the "
+              "log-ratio minus its within-user least-squares fit on that log-prob and the answer's tokens): DPO that only "
+              "sharpened the model, or moved it by length, can score above 0.5 when the reward happens to prefer likely "
+              "or short texts, and then the net accuracy falls to chance (src/dpo4rec/align/heldout.py).", "",
               "| DPO round | pairs | optimizer steps | held-out pairs (users) | held-out pair accuracy [95% CI] "
-              "| best vs worst only [95% CI] | validation reward drift [95% CI] | reward reliability [95% CI] |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| best vs worst only [95% CI] | net of sharpening and length [95% CI] | starting model alone [95% CI] "
+              "| validation reward drift [95% CI] | reward reliability [95% CI] |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for a in metrics["alignment"]:
-        accuracy = (f"{a['heldout_pair_accuracy']:.3f} [{a['heldout_pair_accuracy_ci95'][0]:.3f}, {a['heldout_pair_accuracy_ci95'][1]:.3f}]"
-                    if a["heldout_pair_accuracy"] is not None else "-")
-        drift = (f"{a['validation_reward_drift']:+.4f} [{a['validation_reward_drift_ci95'][0]:+.4f}, {a['validation_reward_drift_ci95'][1]:+.4f}]"
-                 if a["validation_reward_drift"] is not None else "-")
-        best_worst = (f"{a['heldout_best_worst_accuracy']:.3f} [{a['heldout_best_worst_accuracy_ci95'][0]:.3f}, "
-                      f"{a['heldout_best_worst_accuracy_ci95'][1]:.3f}]" if a.get("heldout_best_worst_accuracy") is not None else "-")
-        reliability = (f"{a['reward_reliability']:.3f} [{a['reward_reliability_ci95'][0]:.3f}, {a['reward_reliability_ci95'][1]:.3f}]"
-                       if a.get("reward_reliability") is not None else "-")
-        lines.append(f"| {a['round']} | {a['pairs']} | {a['optimizer_steps']} | {a['heldout_pairs']} ({a['heldout_users']}) | {accuracy} "
-                     f"| {best_worst} | {drift} | {reliability} |")
+        lines.append(f"| {a['round']} | {a['pairs']} | {a['optimizer_steps']} | {a['heldout_pairs']} ({a['heldout_users']}) "
+                     f"| {_with_ci(a, 'heldout_pair_accuracy')} | {_with_ci(a, 'heldout_best_worst_accuracy')} "
+                     f"| {_with_ci(a, 'heldout_net_accuracy')} | {_with_ci(a, 'heldout_reference_accuracy')} "
+                     f"| {_with_ci(a, 'validation_reward_drift', '+.4f')} | {_with_ci(a, 'reward_reliability')} |")
     lines += ["", "![alignment](alignment.png)", ""]
     lines += ["## Test metrics (mean over lists)", "", "| arm | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     for arm, values in {**metrics["arms"], **{f"({k} ranking)": v for k, v in metrics["baselines"].items()}}.items():
