@@ -103,14 +103,12 @@ def pair_texts(pairs: pd.DataFrame) -> pd.DataFrame:
 
 def pair_margins(pairs: pd.DataFrame, texts: pd.DataFrame, beta: float) -> pd.DataFrame:
     """Each pair's implicit reward margin from its two texts' log-ratios; ``best_worst`` marks each user's widest pair."""
-    ratio = texts.set_index(["user_index", "sample"])["policy"] - texts.set_index(["user_index", "sample"])["reference"]
+    indexed = texts.set_index(["user_index", "sample"])
     out = pairs[["user_index", "sample_chosen", "sample_rejected", "reward_chosen", "reward_rejected"]].copy()
-    out["margin"] = beta * (_of(ratio, out, "sample_chosen") - _of(ratio, out, "sample_rejected"))
+    out["margin"] = beta * _chosen_minus_rejected(indexed["policy"] - indexed["reference"], out)
     if "n_answer_tokens" in texts:  # a real run's texts: also the margins that say how much is sharpening or length
-        reference = texts.set_index(["user_index", "sample"])["reference"]
-        out["reference_margin"] = _of(reference, out, "sample_chosen") - _of(reference, out, "sample_rejected")
-        net = net_log_ratio(texts)
-        out["net_margin"] = beta * (_of(net, out, "sample_chosen") - _of(net, out, "sample_rejected"))
+        out["reference_margin"] = _chosen_minus_rejected(indexed["reference"], out)
+        out["net_margin"] = beta * _chosen_minus_rejected(net_log_ratio(texts), out)
     gap = out["reward_chosen"] - out["reward_rejected"]
     # the widest gap per user; ties broken by sample numbers, as the pair builder does
     order = out.assign(gap=gap).sort_values(["user_index", "gap", "sample_chosen", "sample_rejected"], ascending=[True, False, True, False])
@@ -119,9 +117,11 @@ def pair_margins(pairs: pd.DataFrame, texts: pd.DataFrame, beta: float) -> pd.Da
     return out
 
 
-def _of(values: pd.Series, pairs: pd.DataFrame, column: str) -> np.ndarray:
-    """``values`` (indexed by user_index, sample) at each pair's ``column`` sample."""
-    return values.reindex(pd.MultiIndex.from_arrays([pairs["user_index"], pairs[column]])).to_numpy()
+def _chosen_minus_rejected(values: pd.Series, pairs: pd.DataFrame) -> np.ndarray:
+    """Per pair: ``values`` (indexed by user_index, sample) at the chosen sample minus at the rejected one."""
+    def at(column):
+        return values.reindex(pd.MultiIndex.from_arrays([pairs["user_index"], pairs[column]])).to_numpy()
+    return at("sample_chosen") - at("sample_rejected")
 
 
 def net_log_ratio(texts: pd.DataFrame) -> pd.Series:
