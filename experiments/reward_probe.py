@@ -29,31 +29,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dpo4rec.align.probe import centred, ridge
 from dpo4rec.config import PipelineConfig, from_dict
 from dpo4rec.encode.cache import EmbeddingCache, cache_key
 from dpo4rec.encode.encoder import TextEncoder
 from dpo4rec.encode.stage import encode_cached
 
 
-def centred(table: pd.DataFrame, features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def centred_table(table: pd.DataFrame, features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Features and rewards minus each user's mean; also the user of each row."""
     users = table["user_index"].to_numpy()
-    frame = pd.DataFrame(features)
-    features = features - frame.groupby(users).transform("mean").to_numpy()
-    reward = table["reward"].to_numpy()
-    reward = reward - pd.Series(reward).groupby(users).transform("mean").to_numpy()
-    return features, reward, users
+    return centred(features, users), centred(table["reward"].to_numpy(dtype=float), users), users
 
 
 def prompt_positive_share(run: Path) -> pd.Series:
     """Per user_index: the share of the prompt's items the user rated above the label threshold."""
     interactions = pd.read_parquet(run / "data" / "interactions.parquet", columns=["user_index", "label", "in_prompt"])
     return interactions[interactions["in_prompt"].astype(bool)].groupby("user_index")["label"].mean()
-
-
-def ridge(features: np.ndarray, target: np.ndarray, alpha: float) -> np.ndarray:
-    gram = features.T @ features + alpha * np.eye(features.shape[1])
-    return np.linalg.solve(gram, features.T @ target)
 
 
 def pair_hits(scores: np.ndarray, reward: np.ndarray, users: np.ndarray) -> dict[int, list[bool]]:
@@ -113,11 +105,11 @@ def main(argv=None) -> int:
         similarity = (texts * asked).sum(1) / (np.linalg.norm(texts, axis=1) * np.linalg.norm(asked, axis=1))
         generous = positive_share.reindex(table["user_index"]).to_numpy()[:, None]
         data[split] = {
-            "embedding + length": centred(table, np.hstack([texts, length])),
-            "embedding x prompt embedding": centred(table, texts * asked),
+            "embedding + length": centred_table(table, np.hstack([texts, length])),
+            "embedding x prompt embedding": centred_table(table, texts * asked),
             # a rule keyed on one thing the prompt shows and the recommender's ids do not: how generously the user rates
-            "embedding + length, and x prompt's positive share": centred(table, np.hstack([texts, length, (texts * generous), length * generous])),
-            "similarity to the prompt (no fit)": centred(table, similarity[:, None]),
+            "embedding + length, and x prompt's positive share": centred_table(table, np.hstack([texts, length, (texts * generous), length * generous])),
+            "similarity to the prompt (no fit)": centred_table(table, similarity[:, None]),
         }
 
     rows = []

@@ -44,6 +44,7 @@ def test_tiny_run_reports_every_arm_with_intervals(uninterrupted):
         assert a["heldout_pair_accuracy_ci95"][0] <= a["heldout_pair_accuracy"] <= a["heldout_pair_accuracy_ci95"][1]
         assert a["validation_reward_drift_ci95"][0] <= a["validation_reward_drift"] <= a["validation_reward_drift_ci95"][1]
         assert a["reward_reliability_ci95"][0] <= a["reward_reliability"] <= a["reward_reliability_ci95"][1]
+        assert a["reward_probe_accuracy_ci95"][0] <= a["reward_probe_accuracy"] <= a["reward_probe_accuracy_ci95"][1]
         for guard in ("heldout_reference_accuracy", "heldout_net_accuracy"):  # real texts carry their token counts
             assert a[f"{guard}_ci95"][0] <= a[guard] <= a[f"{guard}_ci95"][1]
     report = (run / "report" / "report.md").read_text()

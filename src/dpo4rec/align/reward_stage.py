@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from dpo4rec.align.pairs import make_pairs, reward_spread
+from dpo4rec.align.probe import reward_probe
 from dpo4rec.align.reliability import split_half_reliability
 from dpo4rec.artifacts import StageFolder, existing_output, fingerprint_file, make_manifest, read_json, read_parquet, round_dir, write_json, write_parquet
 from dpo4rec.config import AlignConfig, RecommendConfig
@@ -106,6 +107,8 @@ def run_reward_stage(run_dir: str | Path, round_index: int, recommend: Recommend
                          "greedy_reward_mean": float(rewards.loc[rewards["sample"] == 0, "reward"].mean())}
         if name == "validation":  # does the reward have signal? Its agreement between two halves of their lists
             summary[name]["reliability"] = split_half_reliability(scorer, embeddings, sampled_users, align.reward)
+    # is the reward's preference shared across users at all? A linear probe carried from train to validation users
+    summary["validation"]["reward_probe"] = reward_probe(embeddings, knowledge, outputs["train"][0], outputs["validation"][0])
     summary["pairs"] = summary["train"]["pairs"]  # what DPO trains on
     with StageFolder(folder, manifest) as tmp:
         write_parquet(tmp / "rewards.parquet", outputs["train"][0])

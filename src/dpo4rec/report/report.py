@@ -146,6 +146,7 @@ def alignment(run_dir: Path, config: PipelineConfig, rounds: list[dict]) -> list
         heldout_file = round_dir(run_dir, t) / "heldout" / "summary.json"
         heldout = read_json(heldout_file) if heldout_file.is_file() else {}
         reliability = r.get("preferences", {}).get("validation", {}).get("reliability", {})
+        probe = r.get("preferences", {}).get("validation", {}).get("reward_probe", {})
         entry = {"round": t, "pairs": dpo.get("pairs"), "optimizer_steps": len(dpo.get("steps", [])),
                  "heldout_pairs": heldout.get("pairs"), "heldout_users": heldout.get("users"),
                  "heldout_pair_accuracy": heldout.get("heldout_pair_accuracy"),
@@ -163,7 +164,10 @@ def alignment(run_dir: Path, config: PipelineConfig, rounds: list[dict]) -> list
                  "validation_users": drift.get(t, {}).get("users"),
                  # the reward's own split-half agreement on these users' lists: what held-out pair accuracy can reach
                  "reward_reliability": reliability.get("pair_agreement"),
-                 "reward_reliability_ci95": reliability.get("pair_agreement_ci95")}
+                 "reward_reliability_ci95": reliability.get("pair_agreement_ci95"),
+                 # a linear probe fitted on the train users' rewards: how much of the preference is shared across users
+                 "reward_probe_accuracy": probe.get("pair_accuracy"),
+                 "reward_probe_accuracy_ci95": probe.get("pair_accuracy_ci95")}
         entries.append(entry)
     return entries
 
@@ -281,16 +285,20 @@ def _markdown(metrics: dict, examples: list[dict], timings: dict) -> str:
               "pairs the reward's way (no DPO at all), and the accuracy of the margin net of sharpening and length (the "
               "log-ratio minus its within-user least-squares fit on that log-prob and the answer's tokens): DPO that only "
               "sharpened the model, or moved it by length, can score above 0.5 when the reward happens to prefer likely "
-              "or short texts, and then the net accuracy falls to chance (src/dpo4rec/align/heldout.py).", "",
+              "or short texts, and then the net accuracy falls to chance (src/dpo4rec/align/heldout.py). Linear probe: "
+              "the same pairs ordered by a ridge regression from the text's vector and length, fitted on the train "
+              "users' rewards: how much of the reward's preference is shared across users at all; a probe above chance "
+              "with DPO at chance puts the limit on DPO, not the reward (src/dpo4rec/align/probe.py).", "",
               "| DPO round | pairs | optimizer steps | held-out pairs (users) | held-out pair accuracy [95% CI] "
               "| best vs worst only [95% CI] | net of sharpening and length [95% CI] | starting model alone [95% CI] "
-              "| validation reward drift [95% CI] | reward reliability [95% CI] |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| validation reward drift [95% CI] | reward reliability [95% CI] | linear probe [95% CI] |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for a in metrics["alignment"]:
         lines.append(f"| {a['round']} | {a['pairs']} | {a['optimizer_steps']} | {a['heldout_pairs']} ({a['heldout_users']}) "
                      f"| {_with_ci(a, 'heldout_pair_accuracy')} | {_with_ci(a, 'heldout_best_worst_accuracy')} "
                      f"| {_with_ci(a, 'heldout_net_accuracy')} | {_with_ci(a, 'heldout_reference_accuracy')} "
-                     f"| {_with_ci(a, 'validation_reward_drift', '+.4f')} | {_with_ci(a, 'reward_reliability')} |")
+                     f"| {_with_ci(a, 'validation_reward_drift', '+.4f')} | {_with_ci(a, 'reward_reliability')} "
+                     f"| {_with_ci(a, 'reward_probe_accuracy')} |")
     lines += ["", "![alignment](alignment.png)", ""]
     lines += ["## Test metrics (mean over lists)", "", "| arm | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     for arm, values in {**metrics["arms"], **{f"({k} ranking)": v for k, v in metrics["baselines"].items()}}.items():
