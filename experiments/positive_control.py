@@ -23,7 +23,10 @@ round-0 samples are rewarded by a transparent rule instead (genre_reward.py):
   ``reward_history=false`` reward recommender(s) trained and scored with every
   list's recent history blanked (the text is their only view of the user);
   ``reward_model=text_match`` the parameter-free text-matching reward
-  (``align.reward_model``) on the run's round-0 item vectors instead.
+  (``align.reward_model``) on the run's round-0 item vectors instead;
+  ``pairs_from=probe`` orders the train pairs by the reward's part that other
+  train users share (``align.pairs_from``, a cross-fitted linear probe of the
+  round-0 texts' vectors; genre rewards included).
 
 For each variant: pairs from the train users' samples (``pairing``, ...),
 a fresh DPO adapter (``learning_rate``, ``epochs``, ``batch_size``, ...;
@@ -60,9 +63,11 @@ from reward_seeds import train_seeds
 from dpo4rec.align.dpo import train_dpo
 from dpo4rec.align.heldout import pair_margins, pair_texts, score_texts, summarize
 from dpo4rec.align.pairs import make_pairs
+from dpo4rec.align.probe import cross_fitted_scores
 from dpo4rec.align.reward_stage import reward_list_split, round_reward_scorer, split_user_indices
 from dpo4rec.config import AlignConfig, EncodeConfig, GenerateConfig, ModelConfig, RecommendConfig
 from dpo4rec.encode.cache import EmbeddingCache, cache_key
+from dpo4rec.encode import read_embeddings
 from dpo4rec.encode.encoder import TextEncoder
 from dpo4rec.encode.stage import encode_cached
 from dpo4rec.generate.sampler import SamplerSettings, batch_generator, plan_batches
@@ -217,6 +222,8 @@ def main(argv=None) -> int:
         folder.mkdir(parents=True, exist_ok=True)
         reward = make_reward(kind, args.run, config, align, knowledge, args.out, seeds, history)
         rewards = reward("train", sampled[sampled["user_index"].isin(split_user_indices(args.run, "train"))])
+        if align.pairs_from == "probe":  # pairs ordered by the reward's part other train users share (align/probe.py)
+            rewards = cross_fitted_scores(read_embeddings(here / "embeddings"), knowledge, rewards)
         pairs = make_pairs(rewards, knowledge, prompts, align.min_reward_gap, align.pairing, align.pairs_per_user)
         if train_users is not None:
             keep = np.random.default_rng(0).permutation(np.unique(pairs["user_index"]))[:train_users]
