@@ -25,8 +25,8 @@ round-0 samples are rewarded by a transparent rule instead (genre_reward.py):
   ``reward_model=text_match`` the parameter-free text-matching reward
   (``align.reward_model``) on the run's round-0 item vectors instead;
   ``pairs_from=probe`` orders the train pairs by the reward's part that other
-  train users share (``align.pairs_from``, a cross-fitted linear probe of the
-  round-0 texts' vectors; genre rewards included).
+  train users share (align/probe.py's ``cross_fitted_scores``: each user's
+  round-0 texts scored by a linear probe fitted on the other users' rewards).
 
 For each variant: pairs from the train users' samples (``pairing``, ...),
 a fresh DPO adapter (``learning_rate``, ``epochs``, ``batch_size``, ...;
@@ -144,15 +144,17 @@ def describe(texts: pd.DataFrame) -> dict:
 
 
 def variant_settings(settings: list[str], base_align: AlignConfig):
-    """A variant's KEY=VALUE settings: (reward kind, train_users or None, reward_seeds, reward_history, its AlignConfig)."""
+    """A variant's KEY=VALUE settings: (reward kind, train_users or None, reward_seeds, reward_history, its AlignConfig,
+    whether the probe orders the train pairs)."""
     values = {k: parse_value(v) for k, v in (s.split("=", 1) for s in settings)}
     kind, train_users = values.pop("reward", "genre_user"), values.pop("train_users", None)
     seeds, history = values.pop("reward_seeds", 1), values.pop("reward_history", True)
+    probe_pairs = values.pop("pairs_from", "reward") == "probe"
     if "recommender_reward" in values:  # which of the recommender's rewards (align.reward; "reward" names the kind here)
         values["reward"] = values.pop("recommender_reward")
     if kind not in REWARDS:
         raise SystemExit(f"reward must be one of {', '.join(REWARDS)}, got {kind!r}")
-    return kind, train_users, seeds, history, dataclasses.replace(base_align, **values)
+    return kind, train_users, seeds, history, dataclasses.replace(base_align, **values), probe_pairs
 
 
 def summarize_folder(args, config: dict, align: AlignConfig, knowledge: pd.DataFrame, users: np.ndarray) -> int:
@@ -162,7 +164,7 @@ def summarize_folder(args, config: dict, align: AlignConfig, knowledge: pd.DataF
         if "reward" not in row:
             continue
         folder = args.out / row["variant"]
-        kind, _, seeds, history, row_align = variant_settings(row["settings"], align)
+        kind, _, seeds, history, row_align, _ = variant_settings(row["settings"], align)
         reward = make_reward(kind, args.run, config, row_align, knowledge, args.out, seeds, history)
         before = reward("validation", sampled)
         after = pd.read_parquet(folder / "validation_samples.parquet")
@@ -217,12 +219,12 @@ def main(argv=None) -> int:
         again.to_parquet(args.out / "base_validation_samples.parquet")
         (args.out / "control.json").write_text(json.dumps(results, indent=2))
     for name, *settings in args.variant:
-        kind, train_users, seeds, history, align = variant_settings(settings, base_align)
+        kind, train_users, seeds, history, align, probe_pairs = variant_settings(settings, base_align)
         folder = args.out / name
         folder.mkdir(parents=True, exist_ok=True)
         reward = make_reward(kind, args.run, config, align, knowledge, args.out, seeds, history)
         rewards = reward("train", sampled[sampled["user_index"].isin(split_user_indices(args.run, "train"))])
-        if align.pairs_from == "probe":  # pairs ordered by the reward's part other train users share (align/probe.py)
+        if probe_pairs:  # pairs ordered by the reward's part other train users share (align/probe.py)
             rewards = cross_fitted_scores(read_embeddings(here / "embeddings"), knowledge, rewards)
         pairs = make_pairs(rewards, knowledge, prompts, align.min_reward_gap, align.pairing, align.pairs_per_user)
         if train_users is not None:

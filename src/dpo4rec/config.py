@@ -302,12 +302,6 @@ class AlignConfig:
     """k of "top_bottom" (k x k pairs per user). A user's pairs share one packed row in DPO
     (align/shared_prompt.py): k = 3 trains 9 pairs for ~1.4x the time of one pair (prompt once,
     6 answers); more pairs of the same users did not replace more users in docs/results.md."""
-    pairs_from: str = "reward"
-    """What orders a train user's samples into pairs: "reward" (the paper: the reward itself) or "probe" (the
-    reward's part that other users share: each train user's texts scored by a linear probe, align/probe.py, fitted
-    on the rewards of the other train users, in five folds of users). DPO at SmolLM2-135M scale does not learn from
-    ~200 pairs what a linear probe of the same pairs carries to unseen users (docs/results.md, issue 9 section 15);
-    "probe" hands it only that part. The held-out check and every reported reward stay the reward's own."""
     min_reward_gap: float = 0.0
     """Two samples whose rewards differ by no more than this make no pair (0: any difference;
     samples that rank every list alike get bit-identical NDCG averages, so ties are exact)."""
@@ -364,7 +358,6 @@ class AlignConfig:
         _check(self.reward_model == "recommender" or self.reward_seeds == 1, "align.reward_seeds",
                '1 with align.reward_model = "text_match" (nothing is trained, so there are no seeds)', self.reward_seeds)
         _check(self.pairing in ("best_worst", "top_bottom", "all_gaps"), "align.pairing", "best_worst, top_bottom or all_gaps", self.pairing)
-        _check(self.pairs_from in ("reward", "probe"), "align.pairs_from", "reward or probe", self.pairs_from)
         _check(self.pairs_per_user >= 1, "align.pairs_per_user", ">= 1", self.pairs_per_user)
         _check(self.ld_alpha is None or 0 <= self.ld_alpha <= 1, "align.ld_alpha", "in [0, 1] (or unset)", self.ld_alpha)
         _check(self.reward_lists in ("held_out", "train"), "align.reward_lists", "held_out or train", self.reward_lists)

@@ -102,5 +102,5 @@ def test_cross_fitted_scores_order_each_user_by_what_the_other_users_share():
 
 def test_cross_fitting_needs_two_users():
     embeddings, knowledge, train, _ = _case(lambda v, tokens: v[:, 0])
-    with pytest.raises(InputError, match="pairs_from"):
+    with pytest.raises(InputError, match="two train users"):
         cross_fitted_scores(embeddings, knowledge, train[train["user_index"] == 3])

@@ -188,7 +188,7 @@ def test_single_stage_commands_reuse_the_run_and_another_config_is_refused(unint
 @pytest.mark.parametrize("setting", ["generate.n_samples=1", "align.beta=0", "run.rounds=0", "data.n_users=0",
                                      "align.reward_lists=sometimes", "align.no_such_key=1", "nonsense", "align.reward_seeds=0", "align.reward_seeds=2",
                                      'align.reward_model="text_match"', "align.reward_model=bm25",
-                                     "align.reward=clicks", "align.pairing=random", "align.pairs_from=oracle", "align.epochs=0", "align.learning_rate=0",
+                                     "align.reward=clicks", "align.pairing=random", "align.epochs=0", "align.learning_rate=0",
                                      "generate.sampled_validation_users=0", "generate.sampled_train_users=-1",
                                      "recommend.train_text=bestest", "model.device=tpu", "encode.device=gpu",
                                      *([] if torch.cuda.is_available() else ["model.device=cuda"])])

@@ -93,12 +93,14 @@ def reward_probe(embeddings, knowledge: pd.DataFrame, train_rewards: pd.DataFram
 
 def cross_fitted_scores(embeddings, knowledge: pd.DataFrame, rewards: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     """Each user's sampled texts of ``rewards`` scored by a probe fitted on the other users' rewards (``FOLDS`` folds
-    of users, one ridge penalty picked over all of them): the part of the reward's preference that other users share
-    (``align.pairs_from = "probe"``). Returns user_index, sample, reward (the probe's score)."""
+    of users, one ridge penalty picked over all of them): the part of the reward's preference that other users share.
+    Pairs ordered by it hand DPO only that part (experiments/positive_control.py ``pairs_from=probe``; DPO then learned
+    the probe's order but not the reward's, docs/results.md issue 9 section 15). Returns user_index, sample, reward
+    (the probe's score)."""
     table, features = _rows(rewards, embeddings, knowledge)
     users = table["user_index"].to_numpy()
     if pd.Series(users).nunique() < 2:
-        raise InputError('align.pairs_from = "probe" needs sampled texts with rewards from at least two train users')
+        raise InputError("probe-ordered pairs need sampled texts with rewards from at least two train users")
     x, y = centred(features, users), centred(table["reward"].to_numpy(dtype=np.float64), users)
     alpha = pick_alpha(x, y, users, seed)
     distinct = np.random.default_rng([seed, 1]).permutation(np.unique(users))

@@ -6,8 +6,7 @@ recommender, ``knowledge/`` and ``prompts/``; writes ``RUN/round_<t>/preferences
 * ``rewards.parquet``: user_index, sample, reward (mean NDCG@5 over the
   user's reward lists with that text's vector plugged in), text;
 * ``pairs.parquet``: user_index, prompt, chosen, rejected, reward_chosen,
-  reward_rejected, sample_chosen, sample_rejected (the rewards that ordered the
-  pair: with ``align.pairs_from = "probe"``, the probe's scores, align/probe.py);
+  reward_rejected, sample_chosen, sample_rejected;
 * ``validation_rewards.parquet`` / ``validation_pairs.parquet``: the same for
   the validation users with samples, scored on their validation lists by the
   same recommender (which never trained on them), with every two samples
@@ -39,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from dpo4rec.align.pairs import make_pairs, reward_spread
-from dpo4rec.align.probe import cross_fitted_scores, reward_probe
+from dpo4rec.align.probe import reward_probe
 from dpo4rec.align.reliability import split_half_reliability
 from dpo4rec.artifacts import StageFolder, existing_output, fingerprint_file, make_manifest, read_json, read_parquet, round_dir, write_json, write_parquet
 from dpo4rec.config import AlignConfig, RecommendConfig
@@ -53,7 +52,6 @@ def pairing_settings(align: AlignConfig, recommender_name: str) -> dict:
     """What decides a round's rewards and pairs, given its samples (the stage's manifest records it)."""
     return {"min_reward_gap": align.min_reward_gap, "recommender": recommender_name, "reward": align.reward,
             "pairing": align.pairing, "pairs_per_user": align.pairs_per_user, "validation_pairing": "all_gaps",
-            **({"pairs_from": align.pairs_from} if align.pairs_from != "reward" else {}),  # older runs keep their manifests
             "reward_lists": align.reward_lists, "reward_holdout": align.held_out_share,
             **({"reward_seeds": align.reward_seeds} if align.reward_seeds > 1 else {}),  # runs made before them keep their manifests
             **({"reward_model": align.reward_model} if align.reward_model != "recommender" else {})}
@@ -102,14 +100,11 @@ def run_reward_stage(run_dir: str | Path, round_index: int, recommend: Recommend
         rewards = scorer.score_embeddings(embeddings, split=lists, users=sampled_users, reward=align.reward)
         # validation users: every pair whose rewards differ (the held-out check scores each text once, so all pairs are free)
         pairing = align.pairing if name == "train" else "all_gaps"
-        ordered_by = cross_fitted_scores(embeddings, knowledge, rewards) if name == "train" and align.pairs_from == "probe" else rewards
-        pairs = make_pairs(ordered_by, knowledge, prompts, align.min_reward_gap, pairing, align.pairs_per_user)
+        pairs = make_pairs(rewards, knowledge, prompts, align.min_reward_gap, pairing, align.pairs_per_user)
         outputs[name] = (rewards.merge(knowledge[["user_index", "sample", "text"]], on=["user_index", "sample"], how="left"), pairs)
         summary[name] = {"spread": reward_spread(rewards, pairs), "pairs": len(pairs), "users_with_pairs": int(pairs["user_index"].nunique()),
                          "sampled_users": int(len(sampled_users)),
                          "greedy_reward_mean": float(rewards.loc[rewards["sample"] == 0, "reward"].mean())}
-        if ordered_by is not rewards:  # how often the reward itself puts the probe's pairs the same way round
-            summary[name]["pairs_the_reward_agrees_with"] = reward_agreement(pairs, rewards)
         if name == "validation":  # does the reward have signal? Its agreement between two halves of their lists
             summary[name]["reliability"] = split_half_reliability(scorer, embeddings, sampled_users, align.reward)
     # is the reward's preference shared across users at all? A linear probe carried from train to validation users
@@ -122,16 +117,6 @@ def run_reward_stage(run_dir: str | Path, round_index: int, recommend: Recommend
         write_parquet(tmp / "validation_pairs.parquet", outputs["validation"][1])
         write_json(tmp / "summary.json", summary)
     return folder, summary, False
-
-
-def reward_agreement(pairs, rewards) -> float | None:
-    """Share of ``pairs`` whose chosen text also has the higher reward in ``rewards`` (a tie counts half)."""
-    if len(pairs) == 0:
-        return None
-    reward = rewards.set_index(["user_index", "sample"])["reward"]
-    chosen = reward.reindex(list(zip(pairs["user_index"], pairs["sample_chosen"]))).to_numpy()
-    rejected = reward.reindex(list(zip(pairs["user_index"], pairs["sample_rejected"]))).to_numpy()
-    return float(np.mean(np.where(chosen == rejected, 0.5, chosen > rejected)))
 
 
 def reward_folders(run_dir: Path, round_index: int, recommend: RecommendConfig, align: AlignConfig) -> list[Path]:
