@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dpo4rec.align.probe import _rows, centred, reward_probe, ridge
+from dpo4rec.align.probe import fit_probe, probe_features, reward_probe, ridge
 from dpo4rec.align.reliability import agreement
 from dpo4rec.encode import read_embeddings
 
@@ -53,20 +53,18 @@ def main(argv=None) -> int:
         pairs = pd.read_parquet(here / "preferences" / "pairs.parquet")
         heldout = json.loads((here / "heldout" / "summary.json").read_text())
         probe = reward_probe(embeddings, knowledge, train, validation)
-        table, features = _rows(train, embeddings, knowledge)
+        table, features = probe_features(train, embeddings, knowledge)
         row = {key: i for i, key in enumerate(zip(table["user_index"], table["sample"]))}
         difference = np.array([features[row[(u, c)]] - features[row[(u, r)]]
                                for u, c, r in zip(pairs["user_index"], pairs["sample_chosen"], pairs["sample_rejected"])])
-        scored, validation_features = _rows(validation, embeddings, knowledge)
+        scored, validation_features = probe_features(validation, embeddings, knowledge)
         pairwise = [agreement(scored, scored.assign(reward=validation_features @ ridge(difference, np.ones(len(difference)), alpha)))
                     ["pair_agreement"] for alpha in (1.0, 10.0, 100.0)]
         print(f"| {run.name} | {len(pairs)} | {ci(heldout['heldout_pair_accuracy'], heldout['heldout_pair_accuracy_ci95'])} "
               f"| {ci(probe['pair_accuracy'], probe['pair_accuracy_ci95'])} ({probe['alpha']:g}) "
               f"| {' / '.join(f'{a:.3f}' for a in pairwise)} |", flush=True)
-    if args.texts:  # the probe fitted on every sampled train user, as the pipeline's reward_probe
-        x, users = features, table["user_index"].to_numpy()
-        weights = ridge(centred(x, users), centred(table["reward"].to_numpy(dtype=float), users), probe["alpha"])
-        probe_order = scored.assign(reward=validation_features @ weights)
+    if args.texts:  # the probe fitted on every sampled train user of the last run, as the pipeline's reward_probe
+        probe_order = scored.assign(reward=validation_features @ fit_probe(train, embeddings, knowledge)[0])
         print("\n| adapter | log-ratio vs the reward | log-ratio vs the probe's order | probe vs the reward |\n|---|---|---|---|")
         for path in args.texts:
             texts = pd.read_parquet(path)

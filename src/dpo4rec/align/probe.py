@@ -58,7 +58,7 @@ def pick_alpha(features: np.ndarray, target: np.ndarray, users: np.ndarray, seed
     return ALPHAS[int(np.argmin(errors))]
 
 
-def _rows(rewards: pd.DataFrame, embeddings, knowledge: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
+def probe_features(rewards: pd.DataFrame, embeddings, knowledge: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
     """The sampled texts of ``rewards`` that have a reward, and their features: the text's vector and its tokens."""
     table = rewards.loc[(rewards["sample"] > 0) & rewards["reward"].notna(), ["user_index", "sample", "reward"]].reset_index(drop=True)
     row_of = pd.Series(np.arange(len(embeddings.user_index)),
@@ -68,22 +68,37 @@ def _rows(rewards: pd.DataFrame, embeddings, knowledge: pd.DataFrame) -> tuple[p
     return table, np.hstack([vectors, tokens.to_numpy(dtype=np.float64)[:, None] / 64.0])
 
 
+def _centred_training(rewards: pd.DataFrame, embeddings, knowledge: pd.DataFrame):
+    """``rewards``' sampled texts with a reward (table), the users of its rows, and its features and rewards centred
+    within users: what every fit of the probe reads."""
+    table, features = probe_features(rewards, embeddings, knowledge)
+    users = table["user_index"].to_numpy()
+    return table, users, centred(features, users), centred(table["reward"].to_numpy(dtype=np.float64), users)
+
+
+def fit_probe(rewards: pd.DataFrame, embeddings, knowledge: pd.DataFrame, seed: int = 0) -> tuple[np.ndarray, float, int]:
+    """The probe fitted on every user of ``rewards``: (weights over ``probe_features``' columns, ridge penalty, users);
+    users = 0 (and no weights) when fewer than two users have sampled texts with rewards."""
+    _, users, x, y = _centred_training(rewards, embeddings, knowledge)
+    n_users = int(pd.Series(users).nunique())
+    if n_users < 2:
+        return np.zeros(0), float("nan"), 0
+    alpha = pick_alpha(x, y, users, seed)
+    return ridge(x, y, alpha), alpha, n_users
+
+
 def reward_probe(embeddings, knowledge: pd.DataFrame, train_rewards: pd.DataFrame, validation_rewards: pd.DataFrame,
                  seed: int = 0) -> dict:
     """The probe's pair accuracy on the validation users (``pair_accuracy`` and its ``_ci95``, ``best_worst_accuracy``),
     fitted on the train users' sampled texts. Rewards: user_index, sample, reward; ``embeddings``: the encode stage's
     (user_index, sample, user_vectors); ``knowledge``: user_index, sample, n_tokens."""
-    train, x_train = _rows(train_rewards, embeddings, knowledge)
-    validation, x_validation = _rows(validation_rewards, embeddings, knowledge)
-    users = train["user_index"].to_numpy()
-    if pd.Series(users).nunique() < 2 or validation.empty:
+    weights, alpha, n_users = fit_probe(train_rewards, embeddings, knowledge, seed)
+    validation, x_validation = probe_features(validation_rewards, embeddings, knowledge)
+    if n_users == 0 or validation.empty:
         return {"skipped": "fewer than two sampled train users, or no sampled validation texts, with rewards"}
-    x_train, y_train = centred(x_train, users), centred(train["reward"].to_numpy(dtype=np.float64), users)
-    alpha = pick_alpha(x_train, y_train, users, seed)
-    weights = ridge(x_train, y_train, alpha)
     scores = validation.assign(reward=x_validation @ weights)  # centring would not change a user's order
     found = agreement(validation, scores, seed)
-    out = {"train_users": int(pd.Series(users).nunique()), "alpha": alpha, "users": found["users"]}
+    out = {"train_users": n_users, "alpha": alpha, "users": found["users"]}
     for name in ("pair", "best_worst"):
         if f"{name}_agreement" in found:
             out.update({f"{name}_accuracy": found[f"{name}_agreement"], f"{name}_accuracy_ci95": found[f"{name}_agreement_ci95"],
@@ -97,11 +112,9 @@ def cross_fitted_scores(embeddings, knowledge: pd.DataFrame, rewards: pd.DataFra
     Pairs ordered by it hand DPO only that part (experiments/positive_control.py ``pairs_from=probe``; DPO then learned
     the probe's order but not the reward's, docs/results.md issue 9 section 15). Returns user_index, sample, reward
     (the probe's score)."""
-    table, features = _rows(rewards, embeddings, knowledge)
-    users = table["user_index"].to_numpy()
+    table, users, x, y = _centred_training(rewards, embeddings, knowledge)
     if pd.Series(users).nunique() < 2:
         raise InputError("probe-ordered pairs need sampled texts with rewards from at least two train users")
-    x, y = centred(features, users), centred(table["reward"].to_numpy(dtype=np.float64), users)
     alpha = pick_alpha(x, y, users, seed)
     distinct = np.random.default_rng([seed, 1]).permutation(np.unique(users))
     scores = np.empty(len(table))
