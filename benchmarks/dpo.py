@@ -21,7 +21,10 @@ reference log-probs, batch 4 x 2, one epoch):
 * ``ours_pairwise``: ``ours`` with the pairs in TRL's random order, so each
   pair evaluates its own prompt; ``ours`` keeps a user's pairs together and
   evaluates the prompt, and each distinct answer, once for all of them
-  (equal to ``ours`` for one pair per user; try a ``top_bottom`` run's pairs).
+  (equal to ``ours`` for one pair per user; try a ``top_bottom`` run's pairs);
+* ``ours_last_K`` (``--lora-layers K``): ``ours`` with LoRA on the last K
+  decoder layers only (``align.lora_layers``): the backward pass stops there.
+  The limit below assumes every layer adapted, so this row may pass it.
 
 On a GPU (``--device cuda --model FOLDER``, e.g. random-init weights of the
 real shapes from benchmarks/gpu_weights.py) the pairs are built with that
@@ -133,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m", help="the LLM: the built-in alias or a Hugging Face folder")
     parser.add_argument("--batch-size", type=int, default=4, help="pairs per pass (default 4, the stage's default)")
     parser.add_argument("--accumulation", type=int, default=2, help="passes per optimizer step (default 2)")
+    parser.add_argument("--lora-layers", type=int, metavar="K", help="also time ours with LoRA on the last K decoder layers only")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--profile", type=int, metavar="ROWS", help="then train ours once more under the torch profiler "
                         "and print its ROWS costliest operations (self CPU time)")
@@ -147,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # the settings' own checks: one line naming the field, not a traceback
         model_cfg = ModelConfig(name=args.model, device=args.device)
         base = AlignConfig(learning_rate=5e-4, batch_size=args.batch_size, grad_accumulation=args.accumulation)
+        top = dataclasses.replace(base, lora_layers=args.lora_layers) if args.lora_layers else None
     except InputError as exc:
         print(f"dpo.py: error: {exc}", file=sys.stderr)
         return 2
@@ -163,8 +168,14 @@ def main(argv: list[str] | None = None) -> int:
                "ours_segments": (base, True, (torch.device(args.device).type,)),
                "ours_mask": (base, True, ()),
                "ours_pairwise": (base, True, None)}
-    rows = {name: time_dpo(pairs, align, compact, model_cfg, layout, grouped=name != "ours_pairwise")
-            for name, (align, compact, layout) in methods.items() if name not in args.skip}
+    if top is not None:
+        methods[f"ours_last_{top.lora_layers}"] = (top, True, None)
+    try:  # e.g. --lora-layers beyond the model's layers, found once it is loaded
+        rows = {name: time_dpo(pairs, align, compact, model_cfg, layout, grouped=name != "ours_pairwise")
+                for name, (align, compact, layout) in methods.items() if name not in args.skip}
+    except InputError as exc:
+        print(f"dpo.py: error: {exc}", file=sys.stderr)
+        return 2
     rates = best_rates(rates_before, measured_rates(model, dtype))
     roofline = seconds_at(flops, rates)
     threads = torch.get_num_threads()

@@ -39,7 +39,8 @@ Validation users never feed DPO. ``--base-drift`` first resamples the
 validation users from the base model with the variants' seed: the drift with
 no DPO, which should contain 0 (kept in OUT, and every later variant of OUT
 reports it under its own reward). Writes ``OUT/<variant>/`` and
-``OUT/control.json``; prints a table. The run folder is only read.
+``OUT/control.json`` (a variant of an earlier call on OUT stays unless
+rerun by name); prints a table. The run folder is only read.
 """
 
 from __future__ import annotations
@@ -205,7 +206,9 @@ def main(argv=None) -> int:
     before_texts = sampled[sampled["user_index"].isin(validation_users)]
     if args.summarize:
         return summarize_folder(args, config, base_align, knowledge, validation_users)
-    results = []
+    rerun = {name for name, *_ in args.variant} | ({"base model, no DPO"} if args.base_drift else set())
+    record = args.out / "control.json"  # earlier invocations' variants on OUT stay in it
+    results = [row for row in json.loads(record.read_text()) if row["variant"] not in rerun] if record.is_file() else []
     if args.base_drift:
         again = sample_texts(np.sort(validation_users), prompts, model_cfg, gen, [], gen.seed + 1000)
         row = {"variant": "base model, no DPO", "before": describe(before_texts), "after": describe(again)}

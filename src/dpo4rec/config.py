@@ -18,6 +18,7 @@ from typing import Any, ClassVar, get_args, get_origin, get_type_hints
 from dpo4rec.errors import InputError
 
 REWARDS = ("ndcg", "ndcg_margin", "loglik", "listwise")
+LOSSES = ("sigmoid", "sigmoid_norm", "ipo", "hinge")
 """The reward kinds of ``[align] reward`` (computed in recommend/reward.py)."""
 
 
@@ -330,6 +331,19 @@ class AlignConfig:
     """Length desensitization (LD-DPO, TRL's ``ld_alpha``): the log-prob of tokens past the
     shorter answer's length is weighted by this (1 = plain DPO, 0 = only the shared length
     counts), so DPO cannot win by length alone. None = plain DPO (the paper)."""
+    loss: str = "sigmoid"
+    """DPO's loss on a pair (TRL's ``loss_type``): "sigmoid" (DPO, the paper), "sigmoid_norm" (the same on
+    log-ratios averaged per answer token, so a longer answer earns nothing by its length), "ipo" (IPO:
+    a squared loss that pulls the per-token margin to 1 / (2 beta) instead of pushing it without end;
+    its beta is a regularizer, ~0.1) or "hinge"."""
+    sft_weight: float = 0.0
+    """Adds the chosen answers' negative log-likelihood per token, times this, to the loss (RPO / TRL's
+    "sft" loss beside ``loss``): DPO alone can raise the chosen-rejected margin by lowering both; this
+    keeps the chosen texts likely. 0 = plain DPO (the paper)."""
+    lora_layers: int = 0
+    """LoRA on the last this many decoder layers only (PEFT's ``layers_to_transform``); 0 = every layer.
+    Fewer layers: the backward pass stops at the lowest adapted layer (faster), and the update is confined
+    to the layers nearest the output."""
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -360,6 +374,9 @@ class AlignConfig:
         _check(self.pairing in ("best_worst", "top_bottom", "all_gaps"), "align.pairing", "best_worst, top_bottom or all_gaps", self.pairing)
         _check(self.pairs_per_user >= 1, "align.pairs_per_user", ">= 1", self.pairs_per_user)
         _check(self.ld_alpha is None or 0 <= self.ld_alpha <= 1, "align.ld_alpha", "in [0, 1] (or unset)", self.ld_alpha)
+        _check(self.loss in LOSSES, "align.loss", f"{', '.join(LOSSES[:-1])} or {LOSSES[-1]}", self.loss)
+        _check(self.sft_weight >= 0, "align.sft_weight", ">= 0", self.sft_weight)
+        _check(self.lora_layers >= 0, "align.lora_layers", ">= 0 (0: every layer)", self.lora_layers)
         _check(self.reward_lists in ("held_out", "train"), "align.reward_lists", "held_out or train", self.reward_lists)
         _check(0 < self.reward_holdout < 1, "align.reward_holdout", "in (0, 1)", self.reward_holdout)
         _check(self.reward_seeds >= 1, "align.reward_seeds", ">= 1", self.reward_seeds)

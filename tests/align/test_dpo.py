@@ -85,6 +85,34 @@ def test_dpo_moves_the_policy_and_round_1_references_round_0(tmp_path):
         adapter_chain(tmp_path, 3)
 
 
+@pytest.mark.slow
+def test_sft_term_and_top_layer_lora(tmp_path):
+    """sft_weight adds the chosen answers' NLL to the loss and keeps them likely; lora_layers adapts the last layers only,
+    in round 0 and in a round whose model already carries an adapter."""
+    from safetensors.torch import load_file
+
+    from dpo4rec.generate.model import load_model, load_tokenizer
+
+    model_cfg = ModelConfig(dtype="fp32")
+    align = AlignConfig(learning_rate=2e-3, batch_size=2, grad_accumulation=1, epochs=2, max_length=128, lora_r=8,
+                        sft_weight=1.0, lora_layers=2)
+    for round_index in (0, 1):
+        _write_pairs(tmp_path, round_index)
+        folder, log, _ = run_align_stage(tmp_path, round_index, model_cfg, align)
+        layers = {int(name.split(".layers.")[1].split(".")[0]) for name in load_file(folder / "adapter_model.safetensors")}
+        assert layers == {28, 29}  # SmolLM2-135M has 30 decoder layers
+        assert log["steps"][0]["loss"] > 0.693 + 1.0  # ln 2 of DPO plus the chosen texts' NLL per token (several nats)
+    tokenizer = load_tokenizer("smollm2-135m")
+    base = load_model("smollm2-135m", dtype=torch.float32)
+    policy = load_model("smollm2-135m", adapters=[tmp_path / "round_0" / "adapter"], dtype=torch.float32)
+    prompt = "Describe the taste of user 0 who watched musicals."
+    assert _logp(policy, tokenizer, prompt, LIKES) > _logp(base, tokenizer, prompt, LIKES) + 1.0
+    _write_pairs(tmp_path / "other", 0)
+    with pytest.raises(InputError, match="align.lora_layers must be at most the model's 30 decoder layers"):
+        run_align_stage(tmp_path / "other", 0, model_cfg, AlignConfig(lora_layers=31))
+    assert not (tmp_path / "other" / "round_0" / "adapter").exists()
+
+
 def test_completion_only_scoring_gives_the_same_log_probs(monkeypatch):
     """The CPU speed-up scores only completion positions; their log-probs must not change."""
     import trl.trainer.utils as trl_utils

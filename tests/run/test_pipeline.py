@@ -189,6 +189,7 @@ def test_single_stage_commands_reuse_the_run_and_another_config_is_refused(unint
                                      "align.reward_lists=sometimes", "align.no_such_key=1", "nonsense", "align.reward_seeds=0", "align.reward_seeds=2",
                                      'align.reward_model="text_match"', "align.reward_model=bm25",
                                      "align.reward=clicks", "align.pairing=random", "align.epochs=0", "align.learning_rate=0",
+                                     "align.loss=kto", "align.sft_weight=-1", "align.lora_layers=-1",
                                      "generate.sampled_validation_users=0", "generate.sampled_train_users=-1",
                                      "recommend.train_text=bestest", "model.device=tpu", "encode.device=gpu",
                                      *([] if torch.cuda.is_available() else ["model.device=cuda"])])

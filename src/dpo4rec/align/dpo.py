@@ -126,18 +126,33 @@ def write_identity_adapter(model_cfg: ModelConfig, align: AlignConfig, chain: li
     from dpo4rec.generate.model import load_base_model
 
     model = load_base_model(model_cfg.name, device="cpu")  # the adapter's shapes come from the base alone
-    get_peft_model(model, _lora_config(align)).save_pretrained(out)
+    get_peft_model(model, _lora_config(align, model)).save_pretrained(out)
     history = {"pairs": 0, "train_runtime_s": 0.0, "steps": [], "skipped": "no preference pairs: every user's samples tied",
                "reference": _reference(chain), "chain": [f"{p.parent.name}/{p.name}" for p in chain]}
     write_json(out / "training_log.json", history)
     return history
 
 
-def _lora_config(align: AlignConfig):
+def _lora_config(align: AlignConfig, model):
+    """LoRA on every linear layer of the decoder (PEFT's "all-linear"), or of its last ``align.lora_layers`` layers."""
+    import torch
     from peft import LoraConfig
 
+    targets, top = "all-linear", None
+    if align.lora_layers:
+        layers = model.config.num_hidden_layers
+        if align.lora_layers > layers:
+            raise InputError(f"align.lora_layers must be at most the model's {layers} decoder layers, got {align.lora_layers}")
+        top = list(range(layers - align.lora_layers, layers))
+        # PEFT takes layers_to_transform only with named modules: the decoder's linear ones, as "all-linear" finds
+        targets = set()
+        for name, module in model.named_modules():
+            parts = name.split(".")
+            if not isinstance(module, torch.nn.Linear) or "layers" not in parts or any(p.startswith("lora_") for p in parts):
+                continue
+            targets.add(parts[-2] if parts[-1] == "base_layer" else parts[-1])  # a layer an earlier round's LoRA wraps
     return LoraConfig(r=align.lora_r, lora_alpha=align.lora_alpha, lora_dropout=align.lora_dropout,
-                      target_modules="all-linear", task_type="CAUSAL_LM")
+                      target_modules=targets if isinstance(targets, str) else sorted(targets), layers_to_transform=top, task_type="CAUSAL_LM")
 
 
 def _reference(chain: list[Path]) -> str:
@@ -173,12 +188,13 @@ def policy_and_reference(model_cfg: ModelConfig, align: AlignConfig, chain: list
 
     device = model_device(model_cfg)
     if not chain:
-        return load_base_model(model_cfg.name, dtype, device).train(), None, _lora_config(align)
+        model = load_base_model(model_cfg.name, dtype, device)
+        return model.train(), None, _lora_config(align, model)
     from transformers import set_seed
 
     policy = attach_adapters(load_base_model(model_cfg.name, dtype, device), chain)
     set_seed(align.seed)  # the new adapter's random init (TRL seeds only the adapters it adds itself)
-    policy.add_adapter("default", _lora_config(align))
+    policy.add_adapter("default", _lora_config(align, policy))
     frozen = chain_names(chain)
     policy.base_model.set_adapter([*frozen, "default"])
     for name, param in policy.named_parameters():
@@ -224,6 +240,8 @@ def train_dpo(pairs: pd.DataFrame, model_cfg: ModelConfig, align: AlignConfig, c
         output_dir=str(out / "trainer"),
         beta=align.beta,
         ld_alpha=align.ld_alpha,
+        loss_type=[align.loss, "sft"] if align.sft_weight else [align.loss],
+        loss_weights=[1.0, align.sft_weight] if align.sft_weight else None,
         learning_rate=align.learning_rate,
         num_train_epochs=align.epochs,
         per_device_train_batch_size=align.batch_size,
