@@ -18,8 +18,9 @@ from typing import Any, ClassVar, get_args, get_origin, get_type_hints
 from dpo4rec.errors import InputError
 
 REWARDS = ("ndcg", "ndcg_margin", "loglik", "listwise")
-LOSSES = ("sigmoid", "sigmoid_norm", "ipo", "hinge")
 """The reward kinds of ``[align] reward`` (computed in recommend/reward.py)."""
+LOSSES = ("sigmoid", "sigmoid_norm", "ipo", "hinge")
+"""The pairwise losses of ``[align] loss`` (TRL's ``loss_type`` names)."""
 
 
 def _check(ok: bool, name: str, rule: str, value: Any) -> None:
