@@ -145,14 +145,15 @@ def _lora_config(align: AlignConfig, model):
             raise InputError(f"align.lora_layers must be at most the model's {layers} decoder layers, got {align.lora_layers}")
         top = list(range(layers - align.lora_layers, layers))
         # PEFT takes layers_to_transform only with named modules: the decoder's linear ones, as "all-linear" finds
-        targets = set()
+        found = set()
         for name, module in model.named_modules():
             parts = name.split(".")
             if not isinstance(module, torch.nn.Linear) or "layers" not in parts or any(p.startswith("lora_") for p in parts):
                 continue
-            targets.add(parts[-2] if parts[-1] == "base_layer" else parts[-1])  # a layer an earlier round's LoRA wraps
+            found.add(parts[-2] if parts[-1] == "base_layer" else parts[-1])  # a layer an earlier round's LoRA wraps
+        targets = sorted(found)
     return LoraConfig(r=align.lora_r, lora_alpha=align.lora_alpha, lora_dropout=align.lora_dropout,
-                      target_modules=targets if isinstance(targets, str) else sorted(targets), layers_to_transform=top, task_type="CAUSAL_LM")
+                      target_modules=targets, layers_to_transform=top, task_type="CAUSAL_LM")
 
 
 def _reference(chain: list[Path]) -> str:
