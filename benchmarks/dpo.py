@@ -23,8 +23,12 @@ reference log-probs, batch 4 x 2, one epoch):
   evaluates the prompt, and each distinct answer, once for all of them
   (equal to ``ours`` for one pair per user; try a ``top_bottom`` run's pairs);
 * ``ours_last_K`` (``--lora-layers K``): ``ours`` with LoRA on the last K
-  decoder layers only (``align.lora_layers``): the backward pass stops there.
-  The limit below assumes every layer adapted, so this row may pass it.
+  decoder layers only (``align.lora_layers``): the backward pass stops there,
+  and the policy steps start at layer L - K from the hidden states the
+  reference pass recorded (align/frozen_layers.py). The limit below assumes
+  every layer adapted, so this row may pass it;
+* ``ours_last_K_all_layers``: the same without that reuse (every pass runs
+  all L layers).
 
 On a GPU (``--device cuda --model FOLDER``, e.g. random-init weights of the
 real shapes from benchmarks/gpu_weights.py) the pairs are built with that
@@ -34,8 +38,9 @@ model, and the paper's 16 pairs a step can be asked for with
 The limit (``roofline_s_per_pair``): the minimum FLOPs of a pair (reference
 forward, policy forward and backward, prompt once, LM head on answer tokens
 only) at the matrix-product rates measured here on the model's own shapes,
-layers and LM head apart (benchmarks/roofline.py). Seconds are the trainer's (reference pass
-included); model loading is left out of every row.
+layers and LM head apart (benchmarks/roofline.py). Seconds per pair are the trainer's (its
+optimizer steps); ``stage_s``, the whole DPO call: model loading (cached,
+under a second), tokenizing, the reference pass and the trainer.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ import os
 import platform
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -86,7 +92,7 @@ def build_pairs(n_pairs: int, model_name: str = "smollm2-135m", device: str = "c
 
 
 def time_dpo(pairs: pd.DataFrame, align: AlignConfig, compact: bool, model_cfg: ModelConfig,
-             segment_devices: tuple[str, ...] | None = None, grouped: bool = True) -> dict:
+             segment_devices: tuple[str, ...] | None = None, grouped: bool = True, reuse: bool = True) -> dict:
     import trl.trainer.utils as trl_utils
     from trl import DPOTrainer
 
@@ -103,15 +109,19 @@ def time_dpo(pairs: pd.DataFrame, align: AlignConfig, compact: bool, model_cfg: 
     if not grouped:  # TRL's random order, the reference pass's too: a user's pairs land in different batches
         pairs = pairs.sample(frac=1.0, random_state=0)
         trainer._get_train_sampler = DPOTrainer._get_train_sampler
+    trainer.reuse_frozen_layers = reuse
     try:
         with tempfile.TemporaryDirectory() as out:
+            start = time.perf_counter()
             history = dpo.train_dpo(pairs, model_cfg, align, [], Path(out))
+            stage_s = time.perf_counter() - start
     finally:
         shared_prompt.SEGMENT_DEVICES = shipped_layout
+        trainer.reuse_frozen_layers = True
         if not grouped:
             del trainer._get_train_sampler
     first = history["steps"][0]
-    return {"trainer_s": history["train_runtime_s"], "s_per_pair": history["train_runtime_s"] / len(pairs),
+    return {"trainer_s": history["train_runtime_s"], "s_per_pair": history["train_runtime_s"] / len(pairs), "stage_s": stage_s,
             "first_step_loss": first["loss"], "first_step_logps_chosen": first["logps/chosen"]}
 
 
@@ -162,17 +172,18 @@ def main(argv: list[str] | None = None) -> int:
     rates_before = measured_rates(model, dtype)  # measured again after the timed work; each kind's best is the limit
     flops = pair_flops(pairs, FlopCounter(model), tokenizer)
 
-    methods = {"trl": (dataclasses.replace(base, shared_prompt=False), False, None),
-               "compact": (dataclasses.replace(base, shared_prompt=False), True, None),
-               "ours": (base, True, None),
-               "ours_segments": (base, True, (torch.device(args.device).type,)),
-               "ours_mask": (base, True, ()),
-               "ours_pairwise": (base, True, None)}
+    methods = {"trl": (dataclasses.replace(base, shared_prompt=False), False, None, True),
+               "compact": (dataclasses.replace(base, shared_prompt=False), True, None, True),
+               "ours": (base, True, None, True),
+               "ours_segments": (base, True, (torch.device(args.device).type,), True),
+               "ours_mask": (base, True, (), True),
+               "ours_pairwise": (base, True, None, True)}
     if top is not None:
-        methods[f"ours_last_{top.lora_layers}"] = (top, True, None)
+        methods[f"ours_last_{top.lora_layers}"] = (top, True, None, True)
+        methods[f"ours_last_{top.lora_layers}_all_layers"] = (top, True, None, False)
     try:  # e.g. --lora-layers beyond the model's layers, found once it is loaded
-        rows = {name: time_dpo(pairs, align, compact, model_cfg, layout, grouped=name != "ours_pairwise")
-                for name, (align, compact, layout) in methods.items() if name not in args.skip}
+        rows = {name: time_dpo(pairs, align, compact, model_cfg, layout, grouped=name != "ours_pairwise", reuse=reuse)
+                for name, (align, compact, layout, reuse) in methods.items() if name not in args.skip}
     except InputError as exc:
         print(f"dpo.py: error: {exc}", file=sys.stderr)
         return 2
@@ -182,14 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nDPO on {len(pairs)} pairs, {args.device}, {dtype}, {threads} threads, {base.batch_size} x {base.grad_accumulation} pairs a step; matrix products here: {rates['layers'] / 1e12:.2f} TFLOP/s "
           f"on the layers' shapes, {rates['head'] / 1e12:.2f} on the LM head's; "
           f"limit {roofline:.3g} s per pair\n")
-    print("| method | s per pair (trainer) | ours is | share of the limit | first-step loss |\n|---|---|---|---|---|")
+    print("| method | s per pair (trainer) | ours is | share of the limit | DPO call s (reference pass included) | first-step loss |\n|---|---|---|---|---|---|")
     # "ours" is one of the forced layouts on this device: with "ours" skipped, that twin is the reference
     twin = "ours_segments" if torch.device(args.device).type in SEGMENT_DEVICES else "ours_mask"
     reference = "ours" if "ours" in rows else twin
     ours = rows.get(reference, {}).get("s_per_pair")
     for name, row in rows.items():
         speedup = f"{row['s_per_pair'] / ours:.2f}x" if ours else "-"
-        print(f"| {name} | {row['s_per_pair']:.3g} | {speedup} | {roofline / row['s_per_pair']:.0%} | {row['first_step_loss']:.4f} |")
+        print(f"| {name} | {row['s_per_pair']:.3g} | {speedup} | {roofline / row['s_per_pair']:.0%} | {row['stage_s']:.1f} | {row['first_step_loss']:.4f} |")
     if args.json:
         payload = {"s_per_pair": {k: r["s_per_pair"] for k, r in rows.items()}, "roofline_s_per_pair": roofline,
                    "matmul_flops_per_s": rates, "rows": rows, "pairs": len(pairs),

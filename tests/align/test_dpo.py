@@ -101,6 +101,8 @@ def test_sft_term_and_top_layer_lora(tmp_path):
         folder, log, _ = run_align_stage(tmp_path, round_index, model_cfg, align)
         layers = {int(name.split(".layers.")[1].split(".")[0]) for name in load_file(folder / "adapter_model.safetensors")}
         assert layers == {28, 29}  # SmolLM2-135M has 30 decoder layers
+        # every policy step started at layer 28 from the reference pass's states: each pair's row, once per epoch
+        assert log["frozen_layers"] == {"policy_rows_from_layer": 28, "rows_recorded": log["pairs"], "policy_rows_reused": 2 * log["pairs"]}
         assert log["steps"][0]["loss"] > 0.693 + 1.0  # ln 2 of DPO plus the chosen texts' NLL per token (several nats)
     tokenizer = load_tokenizer("smollm2-135m")
     base = load_model("smollm2-135m", dtype=torch.float32)

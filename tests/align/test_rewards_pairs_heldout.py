@@ -167,7 +167,9 @@ def test_heldout_guards_net_of_sharpening_and_length_by_hand():
 
 
 def test_shared_prompt_log_probs_equal_a_full_forward():
-    """answer_logps (one prompt pass, its cache repeated for every answer, right-padded) against one plain forward per text."""
+    """answer_logps (one packed row: the prompt once, each answer a branch) against one plain forward per text; with
+    LoRA on the top layers, a reference pass that starts from the policy pass's recorded states gives the numbers
+    of a full reference pass."""
     from dpo4rec.generate.model import load_model, load_tokenizer
 
     tokenizer = load_tokenizer("smollm2-135m")
@@ -182,6 +184,23 @@ def test_shared_prompt_log_probs_equal_a_full_forward():
             logits = model(full).logits[0, len(prompt_ids) - 1 : -1].float()
         expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(answer)[:, None]).sum().item()
         assert value == pytest.approx(expected, abs=1e-3)
+
+    from peft import LoraConfig, get_peft_model
+
+    from dpo4rec.align.frozen_layers import FrozenLayers
+
+    torch.manual_seed(0)
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], layers_to_transform=[29]))
+    for name, param in peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    frozen = FrozenLayers(peft)
+    policy = answer_logps(peft.get_base_model(), ids[0][0], [a for _, a in ids], frozen)  # records the states below layer 29
+    with peft.disable_adapter():
+        reference = answer_logps(peft.get_base_model(), ids[0][0], [a for _, a in ids], frozen)
+    assert frozen.start == 29 and len(frozen.states) == 1
+    np.testing.assert_allclose(reference, shared, rtol=0, atol=1e-4)  # the base model's numbers, from layer 29 on
+    assert np.abs(policy - reference).max() > 0.01  # the adapter changed them
 
 
 def test_validation_drift_by_hand():

@@ -174,3 +174,75 @@ def test_dpo_trainer_logs_the_same_losses(tmp_path):
         for shared in ours:
             for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
                 assert shared[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-5), key
+
+
+@pytest.fixture(scope="module")
+def top_lora_model():
+    """The real model in fp32 with LoRA on its last two layers only, B matrices random (so the adapter changes things)."""
+    from peft import LoraConfig, get_peft_model
+    from trl.trainer.utils import add_fused_lm_head
+
+    from dpo4rec.generate.model import load_base_model, load_tokenizer
+
+    torch.manual_seed(0)
+    model = load_base_model("smollm2-135m", torch.float32).eval()
+    add_fused_lm_head(model)
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=[28, 29]))
+    for name, param in peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    return peft, load_tokenizer("smollm2-135m")
+
+
+@pytest.mark.parametrize("segment_devices", [("cpu",), ()], ids=["segments", "block-mask"])
+def test_policy_passes_start_above_the_frozen_layers(top_lora_model, segment_devices, monkeypatch):
+    """The reference pass records the hidden states entering layer 28; policy passes on the same rows start there
+    (layer 0 never runs) and give the log-probs and LoRA gradients of a pass through all 30 layers."""
+    from dpo4rec.align import shared_prompt
+    from dpo4rec.align.frozen_layers import FrozenLayers
+    from dpo4rec.align.shared_prompt import SharedPromptModel
+
+    monkeypatch.setattr(shared_prompt, "SEGMENT_DEVICES", segment_devices)
+    model, tokenizer = top_lora_model
+    frozen = FrozenLayers(model)
+    assert frozen.start == 28
+    ids, mask, labels = trl_batch(real_examples(tokenizer))
+    plain, reusing = SharedPromptModel(model, tokenizer.pad_token_id), SharedPromptModel(model, tokenizer.pad_token_id, frozen)
+    calls = []
+    counter = model.get_base_model().model.layers[0].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with torch.no_grad(), model.disable_adapter():  # the reference pass: every layer, and recorded
+            reference = [forward(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True).log_probs
+                         for forward in (plain, reusing)]
+        assert len(frozen.states) == 3 and len(calls) == 2  # three prompts: three packed rows
+        torch.testing.assert_close(reference[1], reference[0], atol=0, rtol=0)
+        results = []
+        for forward in (plain, reusing):
+            model.zero_grad()
+            calls.clear()
+            out = forward(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+            chosen, rejected = out.log_probs.sum(1).chunk(2)
+            (chosen - 2 * rejected).sum().backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            results.append((out.log_probs.detach(), grads, len(calls)))
+    finally:
+        counter.remove()
+    (full, full_grads, full_calls), (reused, reused_grads, reused_calls) = results
+    assert full_calls == 1 and reused_calls == 0
+    assert (full - reference[0]).abs().max() > 1e-3  # the adapter changes the log-probs: a real policy pass
+    torch.testing.assert_close(reused, full, atol=1e-5, rtol=1e-5)
+    assert len(full_grads) == 2 * 2 * 3 and set(full_grads) == set(reused_grads)  # A and B, 2 layers, 3 modules
+    for name, grad in full_grads.items():
+        assert grad.abs().sum() > 0
+        assert ((reused_grads[name] - grad).norm() / grad.norm()).item() < 1e-5, name
+    # a row never recorded runs every layer (and is recorded then)
+    other = real_examples(tokenizer)[:1]
+    other[0]["prompt_ids"] = other[0]["prompt_ids"][:-3] + other[0]["prompt_ids"][-2:]
+    calls.clear()
+    counter = model.get_base_model().model.layers[0].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with torch.no_grad():
+            reusing(*trl_batch(other), fused_lm_head=True)
+    finally:
+        counter.remove()
+    assert len(calls) == 1 and len(frozen.states) == 4

@@ -9,7 +9,10 @@ saved one per round; ``adapter_chain`` lists the folders to apply, in order,
 to rebuild a round's model.
 
 Reference log-probabilities are computed once per round, before training
-(``precompute_ref_log_probs``), not at every step.
+(``precompute_ref_log_probs``), not at every step. With LoRA on the last K
+layers only (``align.lora_layers``), that pass also records each pair's
+hidden states below them, and the policy steps run the last K layers alone
+(align/frozen_layers.py).
 
 Several processes (GPUs, or CPU processes over gloo): ``accelerate launch
 --num_processes K -m dpo4rec align --out RUN --round t`` runs TRL's trainer
@@ -156,6 +159,12 @@ def _lora_config(align: AlignConfig, model):
                       target_modules=targets, layers_to_transform=top, task_type="CAUSAL_LM")
 
 
+def _frozen_summary(frozen) -> dict:
+    if frozen is None or not frozen.start:
+        return {"policy_rows_from_layer": 0, "rows_recorded": 0, "policy_rows_reused": 0}
+    return {"policy_rows_from_layer": frozen.start, "rows_recorded": len(frozen.states), "policy_rows_reused": frozen.rows_reused}
+
+
 def _reference(chain: list[Path]) -> str:
     return "base model" if not chain else f"base + {', '.join(p.parent.name for p in chain)} adapters (the previous round's policy)"
 
@@ -286,6 +295,9 @@ def train_dpo(pairs: pd.DataFrame, model_cfg: ModelConfig, align: AlignConfig, c
                   for entry in steps],
         "reference": _reference(chain),
         "chain": [f"{p.parent.name}/{p.name}" for p in chain],
+        # how many packed rows of the policy steps ran the decoder from which layer on, below it the reference pass's
+        # states (frozen_layers.py); 0: every layer, every time
+        "frozen_layers": _frozen_summary(getattr(trainer, "_frozen", None)),
     }
     write_json(out / "training_log.json", history)
     return history

@@ -169,7 +169,13 @@ def summarize(scored: pd.DataFrame, seed: int = 0) -> dict:
 
 
 def score_texts(texts: pd.DataFrame, prompts: pd.Series, model_cfg: ModelConfig, adapters: list[Path]) -> pd.DataFrame:
-    """Each text's answer log-prob under the policy (all ``adapters``) and the reference (all but the last)."""
+    """Each text's answer log-prob under the policy (all ``adapters``) and the reference (all but the last).
+
+    A user's texts are one packed row (the prompt once, each answer a branch), scored by the policy and then
+    by the reference; with adapters on the top layers only, the reference starts from the policy pass's
+    hidden states below them (``FrozenLayers``: the same numbers, fewer layers)."""
+    from dpo4rec.align.frozen_layers import FrozenLayers
+    from dpo4rec.align.shared_prompt import use_pair_attention
     from dpo4rec.generate.model import attach_adapters, chain_names, load_base_model, load_tokenizer, model_device, parse_dtype
 
     tokenizer = load_tokenizer(model_cfg.name)
@@ -178,21 +184,24 @@ def score_texts(texts: pd.DataFrame, prompts: pd.Series, model_cfg: ModelConfig,
     # the weights as trained (bf16 base, adapters), in fp32 arithmetic: the margins are small differences of
     # large log-probs, and bf16 rounding noise in the activations would blur them (see test_exact_policy)
     model = attach_adapters(load_base_model(model_cfg.name, dtype, device), adapters).float().eval()
+    use_pair_attention(model)
+    frozen = FrozenLayers(model)
     names = chain_names(adapters)
-    groups = []
-    for user, frame in texts.groupby("user_index", sort=True):
+    policy, reference, lengths = [], [], []
+    for user, frame in tqdm(texts.groupby("user_index", sort=True), desc="held-out texts (policy, reference)", leave=False):
         answers = [completion_ids(tokenizer, prompts[user], text) for text in frame["text"]]
-        groups.append((answers[0][0], [a for _, a in answers]))
-    out = texts.copy()
-    for role, active in (("policy", names), ("reference", names[:-1])):
-        if active:
-            model.base_model.set_adapter(active, inference_mode=True)
-        # round 0's reference is the base model: every adapter off
-        with model.disable_adapter() if not active else contextlib.nullcontext():
-            out[role] = [value for prompt, answers in tqdm(groups, desc=f"held-out texts ({role})", leave=False)
-                         for value in answer_logps(model.get_base_model(), prompt, answers)]
-    out["n_answer_tokens"] = [len(a) for _, answers in groups for a in answers]
-    return out
+        prompt, answers = answers[0][0], [a for _, a in answers]
+        for role, active, out in (("policy", names, policy), ("reference", names[:-1], reference)):
+            if active:
+                model.base_model.set_adapter(active, inference_mode=True)
+            # round 0's reference is the base model: every adapter off
+            with model.disable_adapter() if not active else contextlib.nullcontext():
+                out.extend(answer_logps(model.get_base_model(), prompt, answers, frozen))
+        frozen.clear()  # one user's states at a time
+        lengths.extend(len(a) for a in answers)
+    out = texts.sort_values(["user_index"], kind="stable").copy()
+    out["policy"], out["reference"], out["n_answer_tokens"] = policy, reference, lengths
+    return out.loc[texts.index]
 
 
 def completion_ids(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
@@ -207,28 +216,21 @@ def completion_ids(tokenizer, prompt: str, answer: str) -> tuple[list[int], list
 
 
 @torch.inference_mode()
-def answer_logps(model, prompt: list[int], answers: list[list[int]]) -> np.ndarray:
-    """Sum of each answer's token log-probs after one shared ``prompt``: the prompt runs once, its cache serves every answer."""
+def answer_logps(model, prompt: list[int], answers: list[list[int]], frozen=None) -> np.ndarray:
+    """Sum of each answer's token log-probs after one shared ``prompt``, all in one packed row (``pack_answers``:
+    the prompt once, each answer a branch that sees it). ``model``: a causal LM whose attention is
+    ``use_pair_attention``'s; ``frozen``: a ``FrozenLayers`` that records (or reuses) the layers below the adapters."""
+    from dpo4rec.align.frozen_layers import FrozenLayers
+    from dpo4rec.align.shared_prompt import pack_answers
+
     device = next(model.parameters()).device
-    out = model.model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
-    cache = getattr(out, "cache", None) or out.past_key_values
-    first = torch.log_softmax(model.lm_head(out.last_hidden_state[0, -1]).float(), -1)  # each answer's first token
-    cache.batch_repeat_interleave(len(answers))
-    width = max(1, max(len(a) for a in answers))
-    ids = torch.zeros((len(answers), width), dtype=torch.long, device=device)
-    mask = torch.ones((len(answers), len(prompt) + width), dtype=torch.long, device=device)
-    for row, answer in enumerate(answers):
-        ids[row, : len(answer)] = torch.tensor(answer, dtype=torch.long)
-        mask[row, len(prompt) + len(answer):] = 0  # right padding: real tokens never attend to it
-    positions = torch.arange(len(prompt), len(prompt) + width, device=device)[None].expand(len(answers), -1)
-    hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache).last_hidden_state
-    result = np.zeros(len(answers))
-    for row, answer in enumerate(answers):
-        if not answer:
-            continue
-        total = first[answer[0]]
-        if len(answer) > 1:
-            logits = model.lm_head(hidden[row, : len(answer) - 1]).float()
-            total = total + torch.log_softmax(logits, -1).gather(-1, torch.tensor(answer[1:], device=device)[:, None]).sum()
-        result[row] = float(total)
-    return result
+    packed = pack_answers([(torch.tensor(prompt, device=device), [torch.tensor(a, dtype=torch.long, device=device) for a in answers])], pad_id=0)
+    labels = packed["shift_labels"][0]
+    frozen = frozen or FrozenLayers(model, enabled=False)
+    inputs = {"input_ids": packed["input_ids"], "attention_mask": packed["attention_mask"],
+              "position_ids": packed["position_ids"], "pair_layout": packed["pair_layout"], "use_cache": False}
+    hidden = frozen(model.get_decoder(), frozen.row_keys(packed["input_ids"], packed["pair_layout"]), inputs).last_hidden_state[0]
+    scored = labels != -100  # each answer's tokens, answer after answer (a branch's last position predicts nothing)
+    logits = model.lm_head(hidden[scored]).float()
+    token_logps = torch.log_softmax(logits, -1).gather(-1, labels[scored][:, None])[:, 0]
+    return np.array([part.sum().item() for part in torch.split(token_logps, [len(a) for a in answers])])

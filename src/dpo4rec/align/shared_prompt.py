@@ -39,6 +39,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from trl import DPOTrainer
 from trl.trainer.utils import FusedCausalLMOutput
 
+from dpo4rec.align.frozen_layers import FrozenLayers
+
 PAD_BRANCH, SHARED = -1, 0  # branch tags: padding, the shared prompt; answers are 1, 2, ...
 PER_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
 
@@ -175,10 +177,11 @@ def _split(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> tuple
 
 class SharedPromptModel:
     """Called like TRL calls the model (two rows per pair, ``labels``, ``fused_lm_head=True``); runs one packed row per
-    distinct prompt of the batch."""
+    distinct prompt of the batch, from the first adapted layer where ``frozen`` holds the rows' states below it."""
 
-    def __init__(self, model, pad_id: int):
+    def __init__(self, model, pad_id: int, frozen: FrozenLayers | None = None):
         self.model, self.pad_id = model, pad_id
+        self.frozen = frozen or FrozenLayers(model, enabled=False)
         use_pair_attention(model)
 
     def __call__(self, input_ids, attention_mask, labels, fused_lm_head=True, **kwargs):
@@ -186,7 +189,8 @@ class SharedPromptModel:
             raise ValueError("the shared-prompt forward only scores labels (fused_lm_head=True)")
         packed = pack_pairs(input_ids, attention_mask, labels, self.pad_id)
         source = packed.pop("source")
-        out = self.model(**packed, **kwargs, fused_lm_head=True)
+        keys = self.frozen.row_keys(packed["input_ids"], packed["pair_layout"])
+        out = self.frozen(self.model, keys, {**packed, **kwargs, "fused_lm_head": True})
         trl_mask = labels[:, 1:] != -100  # TRL's shifted layout: position j predicts token j + 1
         fields = {}
         for name in PER_TOKEN_FIELDS:
@@ -230,7 +234,13 @@ class PromptGroupedSampler(torch.utils.data.Sampler):
 
 class SharedPromptDPOTrainer(DPOTrainer):
     """TRL's DPOTrainer whose policy and reference forwards evaluate each distinct prompt and answer of a batch once,
-    with a user's pairs kept together in batches (``PromptGroupedSampler``)."""
+    with a user's pairs kept together in batches (``PromptGroupedSampler``).
+
+    With adapters on the top layers only, the reference pass records each row's hidden states below them and
+    the policy steps start from those (``FrozenLayers``); ``reuse_frozen_layers = False`` runs every layer
+    every time (benchmarks/dpo.py compares the two)."""
+
+    reuse_frozen_layers = True
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -240,7 +250,10 @@ class SharedPromptDPOTrainer(DPOTrainer):
         return PromptGroupedSampler(dataset["prompt_ids"], seed)
 
     def _shared(self, model):
-        return SharedPromptModel(model, self.processing_class.pad_token_id)
+        if getattr(self, "_frozen", None) is None:  # one record for the whole training: the reference pass fills it
+            enabled = self.reuse_frozen_layers and not self.args.gradient_checkpointing
+            self._frozen = FrozenLayers(self.model, enabled=enabled)
+        return SharedPromptModel(model, self.processing_class.pad_token_id, self._frozen)
 
     def compute_ref_log_probs(self, model, inputs):
         return super().compute_ref_log_probs(self._shared(model), inputs)
