@@ -14,7 +14,10 @@ The recorded states are exactly what those layers return for that row (a
 row is keyed by its tokens and its branch layout, which fix the bottom
 layers' input and attention); a row not seen before runs the whole model.
 Memory: one hidden vector per token of every recorded row (for 400 pairs
-of ~420 tokens, 576-wide in bf16: ~190 MB).
+of ~420 tokens, 576-wide in bf16: ~190 MB). The DPO trainer uses it in one
+process without activation checkpointing (what the tests cover); under
+``align.processes > 1`` or ``gradient_checkpointing`` every pass runs every
+layer.
 """
 
 from __future__ import annotations

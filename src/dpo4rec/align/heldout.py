@@ -191,12 +191,12 @@ def score_texts(texts: pd.DataFrame, prompts: pd.Series, model_cfg: ModelConfig,
     for user, frame in tqdm(texts.groupby("user_index", sort=True), desc="held-out texts (policy, reference)", leave=False):
         answers = [completion_ids(tokenizer, prompts[user], text) for text in frame["text"]]
         prompt, answers = answers[0][0], [a for _, a in answers]
-        for role, active, out in (("policy", names, policy), ("reference", names[:-1], reference)):
+        for active, values in ((names, policy), (names[:-1], reference)):
             if active:
                 model.base_model.set_adapter(active, inference_mode=True)
             # round 0's reference is the base model: every adapter off
             with model.disable_adapter() if not active else contextlib.nullcontext():
-                out.extend(answer_logps(model.get_base_model(), prompt, answers, frozen))
+                values.extend(answer_logps(model.get_base_model(), prompt, answers, frozen))
         frozen.clear()  # one user's states at a time
         lengths.extend(len(a) for a in answers)
     out = texts.sort_values(["user_index"], kind="stable").copy()
@@ -218,8 +218,9 @@ def completion_ids(tokenizer, prompt: str, answer: str) -> tuple[list[int], list
 @torch.inference_mode()
 def answer_logps(model, prompt: list[int], answers: list[list[int]], frozen=None) -> np.ndarray:
     """Sum of each answer's token log-probs after one shared ``prompt``, all in one packed row (``pack_answers``:
-    the prompt once, each answer a branch that sees it). ``model``: a causal LM whose attention is
-    ``use_pair_attention``'s; ``frozen``: a ``FrozenLayers`` that records (or reuses) the layers below the adapters."""
+    the prompt once, each answer a branch that sees it). ``model``: a causal LM (``use_pair_attention`` makes its
+    attention run by segments on a CPU; otherwise the block mask); ``frozen``: a ``FrozenLayers`` that records
+    (or reuses) the hidden states below the adapters."""
     from dpo4rec.align.frozen_layers import FrozenLayers
     from dpo4rec.align.shared_prompt import pack_answers
 

@@ -251,7 +251,8 @@ class SharedPromptDPOTrainer(DPOTrainer):
 
     def _shared(self, model):
         if getattr(self, "_frozen", None) is None:  # one record for the whole training: the reference pass fills it
-            enabled = self.reuse_frozen_layers and not self.args.gradient_checkpointing
+            # one process, no activation checkpointing: the settings the reuse is tested in
+            enabled = self.reuse_frozen_layers and not self.args.gradient_checkpointing and self.args.world_size == 1
             self._frozen = FrozenLayers(self.model, enabled=enabled)
         return SharedPromptModel(model, self.processing_class.pad_token_id, self._frozen)
 
