@@ -59,6 +59,7 @@ def run_pipeline(config: PipelineConfig, run_dir: str | Path) -> Path:
         return result
 
     timed("data", run_data_stage, config.data, run_dir)
+    check_sampled_users(config, run_dir)
     timed("prompts", run_prompt_stage, run_dir, config.prompts, config.model)
     greedy = replace(config.recommend, knowledge=True, train_text="greedy")
     best_text = config.recommend.train_text == "best"
@@ -82,6 +83,15 @@ def run_pipeline(config: PipelineConfig, run_dir: str | Path) -> Path:
             timed(f"round_{t}/align", launch_align_stage, run_dir, t, config.model, config.align)
             timed(f"round_{t}/heldout", run_heldout_stage, run_dir, t, config.model, config.align, config.data.seed)
     return timed("report", write_report, run_dir, config)
+
+
+def check_sampled_users(config: PipelineConfig, run_dir: Path) -> None:
+    """Refuse sampled subsets larger than the split's users as soon as the split is known (after the data
+    stage, seconds in), not when round 0's generation asks for them after the recommenders have trained."""
+    from dpo4rec.artifacts import read_parquet
+    from dpo4rec.generate.stage import sampled_users
+
+    sampled_users(read_parquet(run_dir / "data" / "users.parquet"), config.generate)
 
 
 def round_generate_config(config: PipelineConfig, round_index: int):

@@ -197,3 +197,12 @@ def test_impossible_run_settings_are_one_line_and_write_nothing(setting, tmp_pat
     result = cli("run", "--config", str(TINY), "--out", str(tmp_path / "run"), "--set", setting)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_sampled_subset_larger_than_the_split_stops_after_the_data_stage(tmp_path):
+    """Known only once the data stage has split the users: refused then, before any prompt, recommender or LLM."""
+    result = cli("run", "--config", str(TINY), "--out", str(tmp_path / "run"), "--set", "generate.sampled_train_users=999")
+    last = result.stderr.strip().splitlines()[-1]  # after the data stage's progress line
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert last.startswith("dpo4rec: error: generate.sampled_train_users = 999, but the run has only")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == ["config.json", "data", "timings.json"]
