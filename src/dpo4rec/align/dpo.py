@@ -159,12 +159,6 @@ def _lora_config(align: AlignConfig, model):
                       target_modules=targets, layers_to_transform=top, task_type="CAUSAL_LM")
 
 
-def _frozen_summary(frozen) -> dict:
-    if frozen is None or not frozen.start:
-        return {"policy_rows_from_layer": 0, "rows_recorded": 0, "policy_rows_reused": 0}
-    return {"policy_rows_from_layer": frozen.start, "rows_recorded": len(frozen.states), "policy_rows_reused": frozen.rows_reused}
-
-
 def _reference(chain: list[Path]) -> str:
     return "base model" if not chain else f"base + {', '.join(p.parent.name for p in chain)} adapters (the previous round's policy)"
 
@@ -237,6 +231,7 @@ def train_dpo(pairs: pd.DataFrame, model_cfg: ModelConfig, align: AlignConfig, c
     from peft.helpers import disable_input_dtype_casting
     from trl import DPOConfig, DPOTrainer
 
+    from dpo4rec.align.frozen_layers import FrozenLayers
     from dpo4rec.align.shared_prompt import SharedPromptDPOTrainer
     from dpo4rec.generate.model import load_tokenizer, model_device, parse_dtype
 
@@ -297,7 +292,7 @@ def train_dpo(pairs: pd.DataFrame, model_cfg: ModelConfig, align: AlignConfig, c
         "chain": [f"{p.parent.name}/{p.name}" for p in chain],
         # how many packed rows of the policy steps ran the decoder from which layer on, below it the reference pass's
         # states (frozen_layers.py); 0: every layer, every time
-        "frozen_layers": _frozen_summary(getattr(trainer, "_frozen", None)),
+        "frozen_layers": (getattr(trainer, "_frozen", None) or FrozenLayers(None, enabled=False)).summary(),
     }
     write_json(out / "training_log.json", history)
     return history

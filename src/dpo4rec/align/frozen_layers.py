@@ -30,12 +30,16 @@ import torch
 _LAYER = re.compile(r"\blayers\.(\d+)\.")
 
 
+def unwrapped(model):
+    """The Hugging Face model inside a DistributedDataParallel (``align.processes > 1``) and/or PEFT wrapper."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def decoder_of(model):
     """The decoder (the module holding ``layers``) of a causal LM, PEFT- or DDP-wrapped or not, or the decoder itself."""
-    while hasattr(model, "module"):  # DistributedDataParallel
-        model = model.module
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
+    model = unwrapped(model)
     return model if hasattr(model, "layers") else model.get_decoder()
 
 
@@ -77,6 +81,10 @@ class FrozenLayers:
                 return model(inputs_embeds=embeds, **inputs)
         with self._recording(decoder_of(model), keys):
             return model(**inputs)
+
+    def summary(self) -> dict:
+        """For the trainer's log: from which layer the policy's rows ran (0: every layer), rows recorded and reused."""
+        return {"policy_rows_from_layer": self.start, "rows_recorded": len(self.states), "policy_rows_reused": self.rows_reused}
 
     def clear(self) -> None:
         self.states.clear()

@@ -39,7 +39,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from trl import DPOTrainer
 from trl.trainer.utils import FusedCausalLMOutput
 
-from dpo4rec.align.frozen_layers import FrozenLayers
+from dpo4rec.align.frozen_layers import FrozenLayers, unwrapped
 
 PAD_BRANCH, SHARED = -1, 0  # branch tags: padding, the shared prompt; answers are 1, 2, ...
 PER_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
@@ -160,9 +160,7 @@ AttentionInterface.register(PAIR_ATTENTION, pair_attention)
 
 def use_pair_attention(model) -> None:
     """Route the model's attention through ``pair_attention`` (which falls back to SDPA for plain calls)."""
-    while hasattr(model, "module"):  # DistributedDataParallel (align.processes > 1) wraps the PEFT model
-        model = model.module
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped(model)
     if base.config._attn_implementation != PAIR_ATTENTION:
         base.set_attn_implementation(PAIR_ATTENTION)
 
