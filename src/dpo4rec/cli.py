@@ -14,24 +14,72 @@ from pathlib import Path
 from dpo4rec.errors import InputError
 
 DEFAULT_RUN_DIR = "runs/default"
+DESCRIPTION = """DPO4Rec: an LLM writes each user's preferences, a knowledge-augmented re-ranker scores them,
+and DPO aligns the LLM with what the re-ranker (or text matching) prefers. `dpo4rec run` does it all;
+the other commands run one stage at a time on the same run folder, in the order listed."""
+EPILOG = """every command that writes into a run folder (--out) runs with the folder's config.json once
+it has one; a new folder starts from --config (default: the packaged default config, the one
+`dpo4rec run` uses) plus --set. Examples:
+  dpo4rec run                                     # the default run (ML-1M, 600 users, SmolLM2-135M)
+  dpo4rec run --config configs/tiny.toml --out runs/tiny
+  dpo4rec data --dataset ml-100k --users 100 --out runs/x && dpo4rec prompts --out runs/x"""
 
 
-def _add_data_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="TOML config file (sections per stage)")
-    parser.add_argument("--dataset", help="ml-1m, ml-100k, amazon-beauty, or a folder")
+def _defaults():
+    """The default config's values, shown in --help (one source: the packaged default config)."""
+    from dpo4rec.config import load_config
+    from dpo4rec.run_config import DEFAULT_CONFIG
+
+    return load_config(DEFAULT_CONFIG)
+
+
+def _command(commands, name: str, text: str, example: str) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, help=text, description=f"{text}.", epilog=f"example: {example}",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    return parser
+
+
+def _add_run_folder_options(parser: argparse.ArgumentParser) -> None:
+    """What every command that runs a stage takes: the run folder, a config file, overrides."""
+    parser.add_argument("--out", default=DEFAULT_RUN_DIR, help=f"run folder (default: {DEFAULT_RUN_DIR})")
+    parser.add_argument("--config", help="TOML config for a new run folder (default: the packaged default config; "
+                                         "a folder with config.json runs with that)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value, TOML syntax (e.g. --set align.beta=0.1 --set run.rounds=2)")
+
+
+def _add_data_options(parser: argparse.ArgumentParser, d) -> None:
+    parser.add_argument("--dataset", help=f"ml-1m, ml-100k, amazon-beauty, or a folder (default: {d.data.dataset})")
     parser.add_argument("--path", help="folder with the data set's files (amazon-beauty needs it)")
-    parser.add_argument("--users", type=int, dest="n_users", help="seeded random subset of eligible users")
-    parser.add_argument("--seed", type=int, help="seed for subset, split, negatives, shuffling")
+    parser.add_argument("--users", type=int, dest="n_users", help=f"seeded random subset of eligible users (default: {d.data.n_users or 'all'})")
+    parser.add_argument("--seed", type=int, help=f"seed for subset, split, negatives, shuffling (default: {d.data.seed})")
+
+
+def _add_model_option(parser: argparse.ArgumentParser, d) -> None:
+    parser.add_argument("--model", help=f"the LLM: smollm2-135m, a .gguf file, a Hugging Face folder or hub name (default: {d.model.name})")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dpo4rec", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    commands = parser.add_subparsers(dest="command", required=True)
+    from dpo4rec import __version__
 
-    data = commands.add_parser("data", help="load a data set and write the re-rank protocol artifacts")
-    _add_data_options(data)
-    data.add_argument("--out", default=DEFAULT_RUN_DIR, help=f"run folder (default {DEFAULT_RUN_DIR})")
+    d = _defaults()
+    parser = argparse.ArgumentParser(prog="dpo4rec", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"dpo4rec {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = _command(commands, "run", "run (or resume) every stage of every round, then write the report",
+                   f"dpo4rec run --out runs/default   (rounds: {d.run.rounds}, N = {d.generate.n_samples}, reward: {d.align.reward_model})")
+    _add_run_folder_options(run)
+    _add_data_options(run, d)
+    _add_model_option(run, d)
+
+    data = _command(commands, "data", "load a data set and write the re-rank protocol (users, items, lists)",
+                    "dpo4rec data --dataset ml-100k --users 100 --out runs/x")
+    _add_run_folder_options(data)
+    _add_data_options(data, d)
     data_commands = data.add_subparsers(dest="data_command")
     download = data_commands.add_parser("download", help="fetch and verify a public data set into the cache")
     download.add_argument("name", help="data set to fetch (ml-1m)")
@@ -39,83 +87,98 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--md5", help="expected MD5 of the archive ('' skips the check)")
     download.add_argument("--force", action="store_true", help="download again even if cached")
 
-    run = commands.add_parser("run", help="run (or resume) every stage and every round, then write the report")
-    _add_data_options(run)
-    run.add_argument("--out", default=DEFAULT_RUN_DIR, help=f"run folder (default {DEFAULT_RUN_DIR})")
-    run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                     help="override one config value, TOML syntax (e.g. --set align.beta=0.1 --set run.rounds=3)")
-    _add_round_parsers(commands)
-    compare = commands.add_parser("compare", help="two finished runs side by side: validation MAP@5, test metrics, A - B with 95%% CIs")
+    prompts = _command(commands, "prompts", "write one LLM prompt per user from the prompt history (runs data first if needed)",
+                       "dpo4rec prompts --out runs/x")
+    generate = _command(commands, "generate", "sample a greedy and N knowledge texts per user (runs data and prompts first if needed)",
+                        "dpo4rec generate --out runs/x --round 0")
+    for parser_ in (prompts, generate):
+        _add_run_folder_options(parser_)
+        _add_data_options(parser_, d)
+        _add_model_option(parser_, d)
+    g = d.generate
+    generate.add_argument("--round", type=int, default=0, help="round (0 = the base LLM; t = with the adapters of rounds 0..t-1)")
+    generate.add_argument("--adapter", action="append", default=[], help="LoRA adapter folder to merge in (a DPO round's adapter/); repeat for a chain")
+    generate.add_argument("--n", type=int, dest="n_samples", help=f"sampled texts per sampled user (default: {g.n_samples})")
+    generate.add_argument("--max-new-tokens", type=int, dest="max_new_tokens", help=f"tokens per text at most (default: {g.max_new_tokens})")
+    generate.add_argument("--temperature", type=float, help=f"sampling temperature (default: {g.temperature})")
+    generate.add_argument("--top-p", type=float, dest="top_p", help=f"nucleus sampling mass (default: {g.top_p})")
+    generate.add_argument("--backend", choices=("auto", "fast", "hf", "vllm"), help=f"sampler (default: {g.backend})")
+    generate.add_argument("--processes", type=int, help=f"processes that share the batches, one per GPU (default: {g.processes})")
+
+    encode = _command(commands, "encode", "encode a round's knowledge texts and the item texts to vectors", "dpo4rec encode --out runs/x --round 0")
+    _add_run_folder_options(encode)
+    encode.add_argument("--round", type=int, default=0, help="round whose knowledge to encode (0 = the base LLM's)")
+    encode.add_argument("--encoder", help=f"sentence-transformers model or folder (default: {d.encode.encoder})")
+    encode.add_argument("--batch-size", type=int, dest="batch_size", help=f"texts per encoder pass (default: {d.encode.batch_size})")
+    encode.add_argument("--long-texts", dest="long_texts", choices=("chunk", "truncate", "error"),
+                        help=f"texts past the encoder's limit (default: {d.encode.long_texts})")
+
+    recommend = _command(commands, "recommend", "train and evaluate a (knowledge-augmented) re-ranker on a round's vectors",
+                         "dpo4rec recommend --out runs/x --backbone dlcm")
+    _add_run_folder_options(recommend)
+    r = d.recommend
+    recommend.add_argument("--round", type=int, default=0, help="round whose vectors to use")
+    recommend.add_argument("--backbone", help=f"dlcm, prm or setrank (default: {r.backbone}); another backbone gets its own folder")
+    recommend.add_argument("--no-knowledge", dest="knowledge", action="store_const", const=False, help="the ID-only baseline")
+    recommend.add_argument("--epochs", type=int, dest="max_epochs", help=f"most training epochs (default: {r.max_epochs})")
+    recommend.add_argument("--seed", type=int, help=f"seed for initialization and batch order (default: {r.seed})")
+    recommend.add_argument("--device", help=f"auto, cpu or cuda (default: {r.device})")
+
+    helps = {
+        "reward": ("score every sampled text of the train and validation users, write best-vs-worst pairs", "dpo4rec reward --out runs/x --round 0"),
+        "align": ("DPO (TRL + LoRA) on a round's preference pairs, then the held-out check", "dpo4rec align --out runs/x --round 0"),
+        "report": ("test metrics of every arm with paired bootstrap intervals, plots, report.md", "dpo4rec report --out runs/x"),
+    }
+    for name, (text, example) in helps.items():
+        parser_ = _command(commands, name, text, example)
+        _add_run_folder_options(parser_)
+        if name != "report":
+            parser_.add_argument("--round", type=int, default=0, help="round (0 = the base LLM's texts)")
+        if name == "align":
+            _add_model_option(parser_, d)
+
+    compare = _command(commands, "compare", "two finished runs side by side: validation MAP@5, test metrics, A - B with 95%% CIs",
+                       "dpo4rec compare runs/a runs/b")
     compare.add_argument("run_a", help="run folder A")
     compare.add_argument("run_b", help="run folder B (same data config: the same test lists)")
     compare.add_argument("--json", help="also write the comparison to this JSON file")
-    _add_generate_parsers(commands)
-    _add_encode_parser(commands)
-    _add_recommend_parser(commands)
     return parser
 
 
-def _add_round_parsers(commands) -> None:
-    """Stages after the recommender, one round at a time (what ``run`` chains)."""
-    helps = {
-        "reward": "score every sampled text of the train users, write best-vs-worst preference pairs",
-        "align": "DPO (TRL + LoRA) on a round's preference pairs",
-        "report": "test metrics of every arm with paired bootstrap intervals, plots, report.md",
-    }
-    for name, text in helps.items():
-        parser = commands.add_parser(name, help=text)
-        parser.add_argument("--config", help="TOML config file (default: the run folder's config.json)")
-        parser.add_argument("--out", default=DEFAULT_RUN_DIR, help=f"run folder (default {DEFAULT_RUN_DIR})")
-        if name != "report":
-            parser.add_argument("--round", type=int, default=0, help="round (0 = the base LLM's texts)")
+_OPTION_NAMES = {"data.dataset": "--dataset", "data.path": "--path", "data.n_users": "--users", "data.seed": "--seed",
+                 "model.name": "--model", "generate.n_samples": "--n", "generate.max_new_tokens": "--max-new-tokens",
+                 "generate.temperature": "--temperature", "generate.top_p": "--top-p", "generate.backend": "--backend",
+                 "generate.processes": "--processes", "encode.encoder": "--encoder", "encode.batch_size": "--batch-size",
+                 "encode.long_texts": "--long-texts"}
 
 
-def _add_generate_parsers(commands) -> None:
-    prompts = commands.add_parser("prompts", help="write one LLM prompt per user from the prompt history")
-    generate = commands.add_parser("generate", help="sample greedy + N knowledge texts per user (runs data and prompts first if needed)")
-    for parser in (prompts, generate):
-        _add_data_options(parser)
-        parser.add_argument("--out", default=DEFAULT_RUN_DIR, help=f"run folder (default {DEFAULT_RUN_DIR})")
-        parser.add_argument("--model", help="smollm2-135m (default), a .gguf file, a Hugging Face folder or hub name")
-    generate.add_argument("--round", type=int, default=0, help="round number (0 = base LLM)")
-    generate.add_argument("--adapter", action="append", default=[], help="LoRA adapter folder to merge in (a DPO round's adapter/); repeat for a chain")
-    generate.add_argument("--n", type=int, dest="n_samples", help="sampled texts per train user (default 10)")
-    generate.add_argument("--max-new-tokens", type=int, dest="max_new_tokens")
-    generate.add_argument("--temperature", type=float)
-    generate.add_argument("--top-p", type=float, dest="top_p")
-    generate.add_argument("--backend", choices=("auto", "fast", "hf", "vllm"))
-    generate.add_argument("--processes", type=int, help="processes that share the batches (one per GPU; default 1)")
+def _config(args: argparse.Namespace, overrides: dict[str, dict] | None = None):
+    """The config this command runs with: the run folder's record, or --config / the default, plus --set and options."""
+    from dpo4rec.run_config import resolve_config
+
+    sets = parse_sets(args.set)
+    spelled = {}
+    for section, entries in (overrides or {}).items():
+        given = {k: v for k, v in entries.items() if v is not None}
+        sets.setdefault(section, {}).update(given)
+        spelled.update({f"{section}.{k}": f"{_OPTION_NAMES[f'{section}.{k}']} {v}" for k, v in given.items()})
+    return resolve_config(args.out, args.config, sets, spelled)
 
 
-def _add_encode_parser(commands) -> None:
-    encode = commands.add_parser("encode", help="encode a round's knowledge texts and the item texts to vectors")
-    encode.add_argument("--config", help="TOML config file (sections per stage)")
-    encode.add_argument("--out", default=DEFAULT_RUN_DIR, help=f"run folder (default {DEFAULT_RUN_DIR})")
-    encode.add_argument("--round", type=int, default=0, help="round whose knowledge to encode (0 = base LLM)")
-    encode.add_argument("--encoder", help="sentence-transformers model (default all-MiniLM-L6-v2, offline)")
-    encode.add_argument("--batch-size", type=int, dest="batch_size", help="texts per encoder pass")
-    encode.add_argument("--long-texts", dest="long_texts", choices=("chunk", "truncate", "error"), help="texts past the encoder's limit")
-
-
-def _add_recommend_parser(commands) -> None:
-    recommend = commands.add_parser("recommend", help="train and evaluate a (knowledge-augmented) re-ranker")
-    recommend.add_argument("--config", help="TOML config file (sections per stage)")
-    recommend.add_argument("--out", default=DEFAULT_RUN_DIR, help=f"run folder (default {DEFAULT_RUN_DIR})")
-    recommend.add_argument("--round", type=int, default=0, help="round whose embeddings to use")
-    recommend.add_argument("--backbone", help="dlcm, prm or setrank")
-    recommend.add_argument("--no-knowledge", dest="knowledge", action="store_const", const=False, help="the ID-only baseline")
-    recommend.add_argument("--epochs", type=int, dest="max_epochs", help="most training epochs")
-    recommend.add_argument("--seed", type=int, help="seed for initialization and batch order")
-    recommend.add_argument("--device", help="auto, cpu or cuda")
+def _data_overrides(args: argparse.Namespace) -> dict[str, dict]:
+    overrides = {"data": {k: getattr(args, k) for k in ("dataset", "path", "n_users", "seed")}}
+    if getattr(args, "model", None) is not None:
+        overrides["model"] = {"name": args.model}
+    return overrides
 
 
 def _data_stage(args: argparse.Namespace) -> int:
-    from dpo4rec.config import load_config
     from dpo4rec.data.stage import run_data_stage
+    from dpo4rec.run_config import record_config
 
-    overrides = {"data": {k: getattr(args, k) for k in ("dataset", "path", "n_users", "seed")}}
-    config = load_config(args.config, overrides)
+    config = _config(args, _data_overrides(args))
     result = run_data_stage(config.data, args.out)
+    record_config(args.out, config)
     print(format_summary(result.summary))
     print(f"{'reused' if result.reused else 'wrote'} {result.folder}")
     return 0
@@ -123,18 +186,16 @@ def _data_stage(args: argparse.Namespace) -> int:
 
 def _generate_stages(args: argparse.Namespace) -> int:
     """data -> prompts (-> generate): each reused when its output is already there."""
-    from dpo4rec.config import load_config
     from dpo4rec.data.stage import run_data_stage
     from dpo4rec.prompts.stage import run_prompt_stage
+    from dpo4rec.run_config import record_config
 
-    overrides = {
-        "data": {k: getattr(args, k) for k in ("dataset", "path", "n_users", "seed")},
-        "model": {"name": args.model},
-    }
+    overrides = _data_overrides(args)
     if args.command == "generate":
         overrides["generate"] = {k: getattr(args, k) for k in ("n_samples", "max_new_tokens", "temperature", "top_p", "backend", "processes")}
-    config = load_config(args.config, overrides)
+    config = _config(args, overrides)
     run_data_stage(config.data, args.out)
+    record_config(args.out, config)
     prompts = run_prompt_stage(args.out, config.prompts, config.model)
     s = prompts.summary
     print(f"prompts: {s['users']:,} users, {s['prompt_tokens_mean']:.0f} tokens on average (max {s['prompt_tokens_max']}), "
@@ -143,9 +204,11 @@ def _generate_stages(args: argparse.Namespace) -> int:
         print(f"{'reused' if prompts.reused else 'wrote'} {prompts.folder}")
         return 0
     from dpo4rec.generate.stage import run_generate_stage
+    from dpo4rec.align.dpo import adapter_chain
     from dpo4rec.run import round_generate_config
 
-    result = run_generate_stage(args.out, args.round, config.model, round_generate_config(config, args.round), adapters=args.adapter)
+    adapters = args.adapter or adapter_chain(args.out, args.round)
+    result = run_generate_stage(args.out, args.round, config.model, round_generate_config(config, args.round), adapters=adapters)
     s = result.summary
     print(f"knowledge: {s['texts']:,} texts for {s['users']:,} users ({s['sampled_texts']:,} sampled), "
           f"{s['mean_tokens']:.0f} tokens on average, {s['stopped_at_eos']:.0%} ended at EOS, {s['empty_texts']} empty")
@@ -154,11 +217,12 @@ def _generate_stages(args: argparse.Namespace) -> int:
 
 
 def _encode_stage(args: argparse.Namespace) -> int:
-    from dpo4rec.config import load_config
     from dpo4rec.encode.stage import run_encode_stage
+    from dpo4rec.run_config import record_config
 
-    config = load_config(args.config, {"encode": {k: getattr(args, k) for k in ("encoder", "batch_size", "long_texts")}})
+    config = _config(args, {"encode": {k: getattr(args, k) for k in ("encoder", "batch_size", "long_texts")}})
     result = run_encode_stage(config.encode, args.out, args.round)
+    record_config(args.out, config)
     s = result.summary
     print(f"{s['user_texts']:,} knowledge texts of {s['users']:,} users and {s['items']:,} items -> {s['dim']}-d vectors ({s['encoder']})")
     long = s["long_texts"]
@@ -168,12 +232,16 @@ def _encode_stage(args: argparse.Namespace) -> int:
 
 
 def _recommend_stage(args: argparse.Namespace) -> int:
-    from dpo4rec.config import load_config
-    from dpo4rec.recommend.stage import run_recommend_stage
+    """The run's recommender settings, with this command's options as a variant (its own folder): not recorded."""
+    from dataclasses import replace
 
-    keys = ("backbone", "knowledge", "max_epochs", "seed", "device")
-    config = load_config(args.config, {"recommend": {k: getattr(args, k) for k in keys}})
-    result = run_recommend_stage(config.recommend, args.out, args.round)
+    from dpo4rec.recommend.stage import run_recommend_stage
+    from dpo4rec.run_config import record_config
+
+    config = _config(args)
+    variant = {k: getattr(args, k) for k in ("backbone", "knowledge", "max_epochs", "seed", "device") if getattr(args, k) is not None}
+    result = run_recommend_stage(replace(config.recommend, **variant), args.out, args.round)
+    record_config(args.out, config)
     print(format_rerank_table(result.metrics))
     print(f"{'reused' if result.reused else 'wrote'} {result.folder}")
     return 0
@@ -191,14 +259,9 @@ def format_rerank_table(metrics: dict) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from dpo4rec.config import load_config
     from dpo4rec.run import run_pipeline
 
-    config_file = args.config or Path(__file__).parent / "configs" / "default.toml"
-    overrides = parse_sets(args.set)
-    overrides.setdefault("data", {}).update({k: getattr(args, k) for k in ("dataset", "path", "n_users", "seed") if getattr(args, k) is not None})
-    config = load_config(config_file, overrides)
-    report = run_pipeline(config, args.out)
+    report = run_pipeline(_config(args, _data_overrides(args)), args.out)
     print(f"report: {report / 'report.md'}")
     return 0
 
@@ -222,11 +285,11 @@ def parse_sets(values: list[str]) -> dict[str, dict]:
 
 
 def _round_stage(args: argparse.Namespace) -> int:
-    """reward / align / report on a run folder, with the config the run was made with."""
-    from dpo4rec.config import load_config
-    from dpo4rec.run import load_run_config, train_reward_recommender
+    """reward / align (with its held-out check) / report on a run folder."""
+    from dpo4rec.run import train_reward_recommender
+    from dpo4rec.run_config import record_config
 
-    config = load_config(args.config) if args.config else load_run_config(args.out)
+    config = _config(args, _data_overrides(args) if args.command == "align" else None)
     if args.command == "report":
         from dpo4rec.report import write_report
 
@@ -237,6 +300,7 @@ def _round_stage(args: argparse.Namespace) -> int:
 
         train_reward_recommender(config, args.out, args.round)
         folder, summary, reused = run_reward_stage(args.out, args.round, config.recommend, config.align)
+        record_config(args.out, config)
         train, spread = summary["train"], summary["train"]["spread"]
         print(f"{summary['reward']} rewards on {summary['reward_lists'].replace('_', '-')} lists of {train['sampled_users']:,} sampled train users: "
               f"best - worst {spread['best_minus_worst_mean']:.4f} on average, {spread['users_with_tied_samples']:,} users tied; "
@@ -252,6 +316,11 @@ def _round_stage(args: argparse.Namespace) -> int:
         last = history["steps"][-1] if history["steps"] else {}
         print(f"DPO on {history['pairs']:,} pairs, {len(history['steps'])} steps; last step: loss {last.get('loss', float('nan')):.4f}, "
               f"reward accuracy {last.get('rewards/accuracies', float('nan')):.2f}; reference: {history['reference']}")
+        print(f"{'reused' if reused else 'wrote'} {folder}")
+        from dpo4rec.align.heldout import run_heldout_stage
+
+        folder, summary, reused = run_heldout_stage(args.out, args.round, config.model, config.align, config.data.seed)
+        record_config(args.out, config)
     print(f"{'reused' if reused else 'wrote'} {folder}")
     return 0
 

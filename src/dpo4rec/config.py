@@ -436,7 +436,7 @@ def from_dict(cls: type, values: dict, where: str) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise InputError(f"unknown config key {where}.{unknown[0]} (known: {', '.join(sorted(known))})")
+        raise InputError(f"unknown config key {where}.{unknown[0]}{_suggestion(unknown[0], known)}")
     kwargs = {}
     for name, value in values.items():
         hint = hints[name]
@@ -445,6 +445,22 @@ def from_dict(cls: type, values: dict, where: str) -> Any:
         else:
             kwargs[name] = _coerce(value, hint, f"{where}.{name}")
     return cls(**kwargs)
+
+
+def _suggestion(name: str, known) -> str:
+    """``" (did you mean beta?)"`` for a near miss, else the known names."""
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(sorted(known))})"
+
+
+def _type_name(hint: Any) -> str:
+    """``float | None`` -> "a number (or unset)"; what a user writes, not Python's names."""
+    words = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
+    options = get_args(hint) if get_origin(hint) in (types.UnionType, typing.Union) else (hint,)
+    named = [words.get(o, "a list" if get_origin(o) is tuple else str(o)) for o in options if o is not type(None)]
+    return " or ".join(named) + (" (or unset)" if type(None) in options else "")
 
 
 def _coerce(value: Any, hint: Any, name: str) -> Any:
@@ -461,7 +477,7 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
             return value
         if get_origin(option) is tuple and isinstance(value, (list, tuple)):
             return tuple(value)
-    raise InputError(f"{name} has the wrong type: {value!r}")
+    raise InputError(f"{name} must be {_type_name(hint)}, got {value!r}")
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, dict] | None = None) -> PipelineConfig:

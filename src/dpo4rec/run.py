@@ -22,9 +22,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from dpo4rec.artifacts import first_difference, read_json, write_json
-from dpo4rec.config import GenerateConfig, PipelineConfig, from_dict, to_dict
+from dpo4rec.artifacts import read_json, write_json
+from dpo4rec.config import PipelineConfig
 from dpo4rec.errors import InputError
+from dpo4rec.run_config import record_config
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def run_pipeline(config: PipelineConfig, run_dir: str | Path) -> Path:
     from dpo4rec.report import write_report
 
     run_dir = Path(run_dir)
-    check_run_config(config, run_dir)
+    check_run_config(config, run_dir)  # refuses another config's folder before any stage runs
     timings_file = run_dir / "timings.json"
     timings: dict[str, float] = read_json(timings_file) if timings_file.is_file() else {}
 
@@ -59,6 +60,7 @@ def run_pipeline(config: PipelineConfig, run_dir: str | Path) -> Path:
         return result
 
     timed("data", run_data_stage, config.data, run_dir)
+    record_config(run_dir, config)  # only now: a run that fails before its first stage leaves nothing behind
     check_sampled_users(config, run_dir)
     timed("prompts", run_prompt_stage, run_dir, config.prompts, config.model)
     greedy = replace(config.recommend, knowledge=True, train_text="greedy")
@@ -114,13 +116,10 @@ def train_reward_recommender(config: PipelineConfig, run_dir: str | Path, round_
 
 
 def check_run_config(config: PipelineConfig, run_dir: Path) -> None:
-    """Refuse a run folder made with another config (or config version) before any stage runs.
+    """Refuse settings a DPO run cannot use, and a run folder made with another config, before any stage runs.
 
-    Only ``run.rounds`` (a larger T continues the run) and ``generate.processes`` may change. The config is
-    recorded in ``RUN/config.json``, which the single-stage commands read too.
-    (Folders written by single-stage commands have no record; their stages'
-    manifests still refuse output of another config.)
-    """
+    Only ``run.rounds`` (a larger T continues the run) and ``generate.processes`` may differ from the folder's
+    ``config.json`` (run_config.py)."""
     if config.generate.n_samples < 2:
         raise InputError(f"generate.n_samples must be >= 2 for a DPO run (best vs worst of N samples), got {config.generate.n_samples}")
     for split in ("train", "validation"):
@@ -132,37 +131,5 @@ def check_run_config(config: PipelineConfig, run_dir: Path) -> None:
     for field, device in (("model.device", config.model.device), ("encode.device", config.encode.device),
                           ("recommend.device", config.recommend.device)):
         resolve_device(device, field)  # CUDA asked for on a machine without it: refused before any stage runs
-    record = run_dir / "config.json"
-    current = json.loads(json.dumps(to_dict(config)))  # as the record holds it (tuples become lists)
-    if record.is_file():
-        try:
-            previous = read_json(record)
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{record}: unreadable ({exc})") from None
-        mine, theirs = _comparable(current), _comparable(previous)
-        if mine != theirs:
-            raise InputError(f"{run_dir} was made with another config ({first_difference(theirs, mine, 'config')}); "
-                             "choose another --out folder or remove it")
-    write_json(record, current)
-
-
-def _comparable(record):
-    """A config record without what may change between a run and its continuation: the number of rounds, and
-    the number of generating processes (texts do not depend on it)."""
-    if not isinstance(record, dict):
-        return record
-    generate = {k: v for k, v in record.get("generate", {}).items() if k not in GenerateConfig.SPREAD_ONLY}
-    return {**record, "run": {**record.get("run", {}), "rounds": None}, "generate": generate}
-
-
-def load_run_config(run_dir: str | Path) -> PipelineConfig:
-    """The config a run folder was made with (``RUN/config.json``)."""
-    record = Path(run_dir) / "config.json"
-    if not record.is_file():
-        raise InputError(f"{record} not found: pass --config, or run 'dpo4rec run --out {run_dir}' first")
-    try:
-        return from_dict(PipelineConfig, read_json(record), "config")
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{record}: unreadable ({exc})") from None
-    except InputError as exc:
-        raise InputError(f"{record}: {exc}") from None
+    if (run_dir / "config.json").is_file():
+        record_config(run_dir, config, write=False)

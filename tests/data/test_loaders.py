@@ -55,7 +55,7 @@ def test_amazon_beauty_counts(beauty_dir):
 
 
 def test_amazon_needs_a_path():
-    with pytest.raises(InputError, match="needs path="):
+    with pytest.raises(InputError, match="needs --path"):
         load_dataset("amazon-beauty")
 
 

@@ -121,13 +121,13 @@ def test_a_run_continues_with_another_number_of_generating_processes(tmp_path):
     from dataclasses import replace
 
     from dpo4rec.config import PipelineConfig
-    from dpo4rec.run import check_run_config
+    from dpo4rec.run_config import record_config
 
     config = PipelineConfig()
-    check_run_config(config, tmp_path)
-    check_run_config(replace(config, generate=replace(config.generate, processes=4)), tmp_path)  # accepted
+    record_config(tmp_path, config)
+    record_config(tmp_path, replace(config, generate=replace(config.generate, processes=4)))  # accepted
     with pytest.raises(InputError, match="another config .*generate.n_samples"):
-        check_run_config(replace(config, generate=replace(config.generate, n_samples=3)), tmp_path)
+        record_config(tmp_path, replace(config, generate=replace(config.generate, n_samples=3)))
 
 
 def test_item_knowledge_resumes_batch_by_batch(tmp_path):

@@ -12,7 +12,7 @@ from runhelp import ENV
 from safetensors.torch import load_file
 
 from dpo4rec.align.dpo import launch_align_stage
-from dpo4rec.run import load_run_config
+from dpo4rec.run_config import load_run_config
 
 pytestmark = pytest.mark.slow
 

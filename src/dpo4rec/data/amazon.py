@@ -34,7 +34,7 @@ def is_amazon_folder(folder: Path) -> bool:
 def load_amazon_beauty(path: str | Path | None = None) -> Dataset:
     if path is None:
         raise InputError(
-            "amazon-beauty needs path=: a folder with sequences.txt + items.csv, "
+            "amazon-beauty needs --path (data.path in a config): a folder with sequences.txt + items.csv, "
             "or with reviews_Beauty_5.json.gz + meta_Beauty.json.gz"
         )
     folder = Path(path)

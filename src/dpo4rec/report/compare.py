@@ -18,7 +18,7 @@ from dpo4rec.artifacts import fingerprint_file, first_difference, read_json, rea
 from dpo4rec.errors import InputError
 from dpo4rec.report.bootstrap import paired_bootstrap
 from dpo4rec.report.report import arm_folders
-from dpo4rec.run import load_run_config
+from dpo4rec.run_config import load_run_config
 
 
 def _arms(run: Path) -> dict[str, Path]:
