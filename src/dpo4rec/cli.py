@@ -166,7 +166,7 @@ def _config(args: argparse.Namespace, overrides: dict[str, dict] | None = None):
 
 
 def _data_overrides(args: argparse.Namespace) -> dict[str, dict]:
-    overrides = {"data": {k: getattr(args, k) for k in ("dataset", "path", "n_users", "seed")}}
+    overrides = {"data": {k: getattr(args, k, None) for k in ("dataset", "path", "n_users", "seed")}}
     if getattr(args, "model", None) is not None:
         overrides["model"] = {"name": args.model}
     return overrides

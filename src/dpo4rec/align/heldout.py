@@ -44,6 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dpo4rec.artifacts import StageFolder, existing_output, fingerprint_file, make_manifest, read_json, read_parquet, round_dir, write_json, write_parquet
+from dpo4rec.best_worst import best_and_worst
 from dpo4rec.config import AlignConfig, ModelConfig
 from dpo4rec.errors import InputError
 from dpo4rec.report.bootstrap import paired_bootstrap
@@ -109,11 +110,12 @@ def pair_margins(pairs: pd.DataFrame, texts: pd.DataFrame, beta: float) -> pd.Da
     if "n_answer_tokens" in texts:  # a real run's texts: also the margins that say how much is sharpening or length
         out["reference_margin"] = _chosen_minus_rejected(indexed["reference"], out)
         out["net_margin"] = beta * _chosen_minus_rejected(net_log_ratio(texts), out)
-    gap = out["reward_chosen"] - out["reward_rejected"]
-    # the widest gap per user; ties broken by sample numbers, as the pair builder does
-    order = out.assign(gap=gap).sort_values(["user_index", "gap", "sample_chosen", "sample_rejected"], ascending=[True, False, True, False])
-    out["best_worst"] = False
-    out.loc[order.groupby("user_index").head(1).index, "best_worst"] = True
+    rewards = pd.concat([  # each text of the pairs once, with its reward: best and worst by the one rule (best_worst.py)
+        out[["user_index", "sample_chosen", "reward_chosen"]].set_axis(["user_index", "sample", "reward"], axis=1),
+        out[["user_index", "sample_rejected", "reward_rejected"]].set_axis(["user_index", "sample", "reward"], axis=1),
+    ]).drop_duplicates(["user_index", "sample"])
+    ends = best_and_worst(rewards).reindex(out["user_index"])
+    out["best_worst"] = (out["sample_chosen"].to_numpy() == ends["best"].to_numpy()) & (out["sample_rejected"].to_numpy() == ends["worst"].to_numpy())
     return out
 
 

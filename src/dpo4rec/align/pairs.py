@@ -11,13 +11,16 @@ list with a positive) are left out. Pairings (``align.pairing``):
 
 Every pairing drops pairs whose rewards differ by no more than
 ``min_reward_gap`` and pairs of identical texts. Ties in reward are broken by
-sample number, so the pairs never depend on row order.
+sample number (best_worst.py, the rule every stage uses), so the pairs never
+depend on row order.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+
+from dpo4rec.best_worst import order_by_reward
 
 COLUMNS = ["user_index", "prompt", "chosen", "rejected", "reward_chosen", "reward_rejected", "sample_chosen",
            "sample_rejected", "tokens_chosen", "tokens_rejected"]
@@ -34,7 +37,7 @@ def make_pairs(rewards: pd.DataFrame, knowledge: pd.DataFrame, prompts: pd.DataF
     table = rewards[(rewards["sample"] > 0) & rewards["reward"].notna()].merge(knowledge[columns], on=["user_index", "sample"])
     if "n_tokens" not in table:
         table["n_tokens"] = -1
-    table = table.sort_values(["user_index", "reward", "sample"], ascending=[True, False, True], kind="stable")
+    table = order_by_reward(table)
     chosen, rejected = [], []
     for _, group in table.groupby("user_index", sort=True):
         n = len(group)

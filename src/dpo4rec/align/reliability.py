@@ -18,6 +18,7 @@ import dataclasses
 import numpy as np
 import pandas as pd
 
+from dpo4rec.best_worst import best_and_worst
 from dpo4rec.report.bootstrap import paired_bootstrap
 
 
@@ -40,7 +41,8 @@ def agreement(a: pd.DataFrame, b: pd.DataFrame, seed: int = 0) -> dict:
         user_hits = np.where(db[upper] == 0, 0.5, (np.sign(da[upper]) == np.sign(db[upper])).astype(float))
         users += [user] * len(user_hits)
         hits += user_hits.tolist()
-        diff = rb[ra.idxmax()] - rb[ra.idxmin()]
+        best, worst = best_and_worst(frame).iloc[0]
+        diff = rb[best] - rb[worst]
         bw_users.append(user)
         bw_hits.append(0.5 if diff == 0 else float(diff > 0))
     out = {"users": int(a["user_index"].nunique()), "tied_users": tied}

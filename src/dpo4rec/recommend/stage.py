@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from dpo4rec.artifacts import StageFolder, existing_output, fingerprint_file, make_manifest, read_json, read_parquet, round_dir, write_json, write_parquet
+from dpo4rec.best_worst import best_and_worst
 from dpo4rec.config import RecommendConfig, to_dict
 from dpo4rec.encode.stage import item_vectors_file, read_embeddings
 from dpo4rec.errors import InputError
@@ -199,12 +200,12 @@ def best_text_vectors(emb, users: np.ndarray, vectors: np.ndarray, rewards: pd.D
     """``(users, vectors, counts)`` with each rewarded train user's vector swapped for that of their best text.
 
     Best = the highest reward among the user's scored texts (greedy included), ties to the lower sample
-    (the greedy text first); users with no finite reward keep what they had. Only train users'
+    (the greedy text first; best_worst.py); users with no finite reward keep what they had. Only train users'
     rewards are used, whatever the table holds: validation and test labels never choose a text.
     """
     train = users_table.loc[users_table["split"].astype(str) == "train", "user_index"].to_numpy()
     scored = rewards[np.isfinite(rewards["reward"].to_numpy(float)) & rewards["user_index"].isin(train)]
-    best = scored.sort_values(["user_index", "reward", "sample"], ascending=[True, False, True]).drop_duplicates("user_index")
+    best = best_and_worst(scored)["best"].rename("sample").reset_index()
     row_of = {(int(u), int(s)): i for i, (u, s) in enumerate(zip(emb.user_index, emb.sample))}
     position = {int(u): i for i, u in enumerate(users)}
     vectors = np.array(vectors, dtype=np.float32, copy=True)
