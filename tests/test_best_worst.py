@@ -29,7 +29,7 @@ def test_pairs_heldout_reliability_and_best_text_pick_the_same_samples():
     pairs = make_pairs(REWARDS, knowledge, prompts, min_gap=-1.0)  # min_gap < 0 keeps the tied user's pair
     assert pairs[["user_index", "sample_chosen", "sample_rejected"]].values.tolist() == [[7, 1, 4], [9, 1, 3]]
 
-    every = make_pairs(REWARDS, knowledge, prompts, min_gap=-1.0, pairing="all_gaps")  # the held-out check marks the same pair
+    every = make_pairs(REWARDS, knowledge, prompts, "all_gaps", min_gap=-1.0)  # the held-out check marks the same pair
     texts = pd.concat([every[["user_index", "sample_chosen"]].set_axis(["user_index", "sample"], axis=1),
                        every[["user_index", "sample_rejected"]].set_axis(["user_index", "sample"], axis=1)]).drop_duplicates()
     texts = texts.assign(policy=0.0, reference=0.0)

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, get_args, get_origin, get_type_hints
 
 from dpo4rec.errors import InputError
 
-REWARDS = ("ndcg", "ndcg_margin", "loglik", "listwise")
+REWARDS = ("ndcg", "loglik", "listwise")
 """The reward kinds of ``[align] reward`` (computed in recommend/reward.py)."""
 LOSSES = ("sigmoid", "sigmoid_norm", "ipo", "hinge")
 """The pairwise losses of ``[align] loss`` (TRL's ``loss_type`` names)."""
@@ -113,11 +113,6 @@ class PromptConfig:
     """Also write one factual-knowledge prompt per item."""
     max_prompt_tokens: int = 1024
     """Prompts longer than this lose their oldest history items (counted)."""
-    rating_summary: bool = False
-    """Add a sentence after the profile: how many of the listed items the user rated above the data's
-    positive-rating threshold (what the lists' labels mean). The ratings are in the history lines already;
-    a small model reads one number more easily, and the recommender's item ids carry no ratings at all
-    (docs/results.md, "What loglik rewards"). Only for data with ratings."""
     history_genres: bool = False
     """Each history line also names the item's genres (items.parquet's ``genres`` column, e.g. ML-1M's):
     '"Heat (1995)" (Action, Crime, Thriller), 4 stars'. A small model then has genres to read instead of to
@@ -212,8 +207,6 @@ class RecommendConfig:
     item_knowledge: bool = True
     """The item tower reads the LLM's item texts with each title when the run generated them
     (prompts.item_prompts); false = titles and attributes only."""
-    train_sample: int = 0
-    """Which knowledge sample trains and evaluates the model (0 = the greedy text)."""
     train_text: str = "greedy"
     """Which text of a train user trains the re-ranker that each round reports: greedy, or best (the
     sample with the highest reward in the round's reward stage, as the paper feeds back each round's
@@ -261,7 +254,6 @@ class RecommendConfig:
         _check(self.hidden_dim % self.n_heads == 0, "recommend.hidden_dim", "a multiple of recommend.n_heads", self.hidden_dim)
         _check(self.shared_experts >= 0 and self.specific_experts >= 0 and self.shared_experts + self.specific_experts >= 1,
                "recommend.shared_experts", "with specific_experts >= 0 and at least one expert in all", (self.shared_experts, self.specific_experts))
-        _check(self.train_sample >= 0, "recommend.train_sample", ">= 0", self.train_sample)
         _check(self.train_text in ("greedy", "best"), "recommend.train_text", "greedy or best", self.train_text)
         _check(0 <= self.unknown_rate < 1, "recommend.unknown_rate", "in [0, 1)", self.unknown_rate)
         _check(0 <= self.dropout < 1, "recommend.dropout", "in [0, 1)", self.dropout)
@@ -280,8 +272,7 @@ class AlignConfig:
     reward: str = "ndcg"
     """A text's reward from the recommender, averaged over the user's reward lists that hold a
     positive (lists without one carry no signal and are left out): "ndcg" (the paper's NDCG@5;
-    ties are common), "ndcg_margin" (NDCG@5, ties broken by the positives' mean score margin
-    over the negatives), "loglik" (mean log-likelihood of the list's labels under the
+    ties are common), "loglik" (mean log-likelihood of the list's labels under the
     recommender's scores, as its training loss reads them: continuous, no ties) or "listwise"
     (mean log-probability a softmax over the list's scores gives its positives: continuous,
     blind to a shift of all scores, so it rewards a better order, not a calibration that suits
@@ -294,19 +285,11 @@ class AlignConfig:
     the re-ranker gains nothing from any user text, not even one naming the user's future films, so what
     it prefers between two texts is its own noise; what "text_match" prefers, an embedding probe fitted on
     ~200 train users partly carries to unseen ones (docs/results.md, issue 9 section 13). Takes
-    align.reward "ndcg", "ndcg_margin" or "listwise" (scores are cosine / 0.05), reward_seeds = 1,
+    align.reward "ndcg" or "listwise" (scores are cosine / 0.05), reward_seeds = 1,
     and skips the reward recommenders' training."""
     pairing: str = "best_worst"
-    """Pairs per user: "best_worst" (the paper: one pair), "top_bottom" (each of the best
-    ``pairs_per_user`` samples against each of the worst ``pairs_per_user``) or "all_gaps"
-    (every two samples whose rewards differ by more than ``min_reward_gap``)."""
-    pairs_per_user: int = 2
-    """k of "top_bottom" (k x k pairs per user). A user's pairs share one packed row in DPO
-    (align/shared_prompt.py): k = 3 trains 9 pairs for ~1.4x the time of one pair (prompt once,
-    6 answers); more pairs of the same users did not replace more users in docs/results.md."""
-    min_reward_gap: float = 0.0
-    """Two samples whose rewards differ by no more than this make no pair (0: any difference;
-    samples that rank every list alike get bit-identical NDCG averages, so ties are exact)."""
+    """Pairs per user: "best_worst" (the paper: one pair; ties as in best_worst.py) or "all_gaps"
+    (every two samples whose rewards differ). Samples whose rewards tie make no pair."""
     reward_lists: str = "held_out"
     """Which of a train user's lists the reward averages over: "held_out" (the user's last
     ``reward_holdout`` share of lists, kept out of a separate reward recommender's training)
@@ -328,10 +311,6 @@ class AlignConfig:
     """Pairs per forward/backward pass."""
     grad_accumulation: int = 2
     """Passes per optimizer step: pairs per step = batch_size x grad_accumulation (the paper: 16)."""
-    ld_alpha: float | None = None
-    """Length desensitization (LD-DPO, TRL's ``ld_alpha``): the log-prob of tokens past the
-    shorter answer's length is weighted by this (1 = plain DPO, 0 = only the shared length
-    counts), so DPO cannot win by length alone. None = plain DPO (the paper)."""
     loss: str = "sigmoid"
     """DPO's loss on a pair (TRL's ``loss_type``): "sigmoid" (DPO, the paper), "sigmoid_norm" (the same on
     log-ratios averaged per answer token, so a longer answer earns nothing by its length), "ipo" (IPO:
@@ -365,16 +344,13 @@ class AlignConfig:
 
     def __post_init__(self) -> None:
         _check(self.beta > 0, "align.beta", "> 0", self.beta)
-        _check(self.min_reward_gap >= 0, "align.min_reward_gap", ">= 0", self.min_reward_gap)
         _check(self.reward in REWARDS, "align.reward", f"{', '.join(REWARDS[:-1])} or {REWARDS[-1]}", self.reward)
         _check(self.reward_model in ("recommender", "text_match"), "align.reward_model", "recommender or text_match", self.reward_model)
         _check(self.reward_model == "recommender" or self.reward != "loglik", "align.reward",
-               'ndcg, ndcg_margin or listwise with align.reward_model = "text_match" (loglik needs a trained model)', self.reward)
+               'ndcg or listwise with align.reward_model = "text_match" (loglik needs a trained model)', self.reward)
         _check(self.reward_model == "recommender" or self.reward_seeds == 1, "align.reward_seeds",
                '1 with align.reward_model = "text_match" (nothing is trained, so there are no seeds)', self.reward_seeds)
-        _check(self.pairing in ("best_worst", "top_bottom", "all_gaps"), "align.pairing", "best_worst, top_bottom or all_gaps", self.pairing)
-        _check(self.pairs_per_user >= 1, "align.pairs_per_user", ">= 1", self.pairs_per_user)
-        _check(self.ld_alpha is None or 0 <= self.ld_alpha <= 1, "align.ld_alpha", "in [0, 1] (or unset)", self.ld_alpha)
+        _check(self.pairing in ("best_worst", "all_gaps"), "align.pairing", "best_worst or all_gaps", self.pairing)
         _check(self.loss in LOSSES, "align.loss", f"{', '.join(LOSSES[:-1])} or {LOSSES[-1]}", self.loss)
         _check(self.sft_weight >= 0, "align.sft_weight", ">= 0", self.sft_weight)
         _check(self.lora_layers >= 0, "align.lora_layers", ">= 0 (0: every layer)", self.lora_layers)

@@ -16,7 +16,6 @@ after a crash, or with a larger T, continues instead of starting over.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import replace

@@ -5,8 +5,7 @@ import pandas as pd
 import pytest
 
 from dpo4rec.align.pairs import make_pairs
-from dpo4rec.align.probe import ALPHAS, centred, cross_fitted_scores, pick_alpha, reward_probe, ridge
-from dpo4rec.errors import InputError
+from dpo4rec.align.probe import ALPHAS, centred, pick_alpha, reward_probe, ridge
 from dpo4rec.encode.stage import Embeddings
 
 
@@ -81,26 +80,4 @@ def test_pick_alpha_prefers_shrinkage_for_noise():
 def _pairs(scores, knowledge):
     texts = knowledge.assign(text=[f"t{u}-{k}" for u, k in zip(knowledge["user_index"], knowledge["sample"])])
     prompts = pd.DataFrame({"user_index": np.unique(scores["user_index"]), "message": "p"})
-    return make_pairs(scores, texts, prompts, 0.0, "best_worst").set_index("user_index")
-
-
-def test_cross_fitted_scores_order_each_user_by_what_the_other_users_share():
-    direction = np.array([0.0, 1.0, 0.0, -1.0, 0.0, 0.0])
-    embeddings, knowledge, train, _ = _case(lambda v, tokens: v @ direction)
-    train = train.copy()
-    odd = train["user_index"] == 7
-    train.loc[odd, "reward"] *= -1  # one user whose reward reverses the shared preference
-    scores = cross_fitted_scores(embeddings, knowledge, train)
-    assert len(scores) == 40 * 4 and (scores["sample"] > 0).all()  # sampled texts only
-    by_reward, by_probe = _pairs(train[train["sample"] > 0], knowledge), _pairs(scores, knowledge)
-    others = by_reward.index != 7
-    # the others' pairs are the reward's own; user 7's own rewards never reach its scores, so its pair is the others' way round
-    assert (by_probe.loc[others, "sample_chosen"] == by_reward.loc[others, "sample_chosen"]).all()
-    assert by_probe.loc[7, "sample_chosen"] == by_reward.loc[7, "sample_rejected"]
-    assert by_probe.loc[7, "sample_rejected"] == by_reward.loc[7, "sample_chosen"]
-
-
-def test_cross_fitting_needs_two_users():
-    embeddings, knowledge, train, _ = _case(lambda v, tokens: v[:, 0])
-    with pytest.raises(InputError, match="two train users"):
-        cross_fitted_scores(embeddings, knowledge, train[train["user_index"] == 3])
+    return make_pairs(scores, texts, prompts, "best_worst").set_index("user_index")

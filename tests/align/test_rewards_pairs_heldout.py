@@ -13,7 +13,7 @@ from dpo4rec.align.pairs import make_pairs, reward_spread
 from dpo4rec.align.reliability import agreement
 from dpo4rec.errors import InputError
 from dpo4rec.recommend.features import ListTensors
-from dpo4rec.recommend.reward import TEXT_MATCH_TEMPERATURE, TIE_BREAK, TextMatchScorer, list_rewards
+from dpo4rec.recommend.reward import TEXT_MATCH_TEMPERATURE, TextMatchScorer, list_rewards
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -33,10 +33,7 @@ def test_list_rewards_by_hand():
     # list 0 ranks its positive first: NDCG 1; list 1 ranks it third: DCG 1/log2(4) = 0.5, ideal 1
     ndcg = list_rewards("ndcg", scores, labels, _BCE(), k=5)
     np.testing.assert_allclose(ndcg, [1.0, 0.5])
-    # margin: mean positive score - mean negative score = 2 - 0.5 and 0 - 1.5
-    margin = list_rewards("ndcg_margin", scores, labels, _BCE(), k=5)
     sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
-    np.testing.assert_allclose(margin, [1.0 + TIE_BREAK * sigmoid(1.5), 0.5 + TIE_BREAK * sigmoid(-1.5)], rtol=1e-6)
     # log-likelihood: mean over items of log sigmoid(s) for positives, log sigmoid(-s) for negatives
     expected = [np.mean([math.log(sigmoid(2)), math.log(sigmoid(0)), math.log(sigmoid(-1))]),
                 np.mean([math.log(sigmoid(0)), math.log(sigmoid(-1)), math.log(sigmoid(-2))])]
@@ -44,7 +41,6 @@ def test_list_rewards_by_hand():
     # two texts that tie under NDCG@5 (same ranking) differ under the continuous rewards
     wider = torch.tensor([[4.0, 0.0, 1.0]])
     assert list_rewards("ndcg", wider, labels[:1], _BCE())[0] == ndcg[0]
-    assert list_rewards("ndcg_margin", wider, labels[:1], _BCE())[0] > margin[0]
     assert list_rewards("loglik", wider, labels[:1], _BCE())[0] > expected[0]
 
 
@@ -103,14 +99,10 @@ def _table(rewards):
 def test_pairings_by_hand():
     # sample 0 is greedy (never a candidate); user 1 has a NaN (no list with a positive) and a tie
     frame, knowledge, prompts = _table({0: [9.0, 0.1, 0.4, 0.3, 0.2], 1: [0.0, 0.5, np.nan, 0.5, 0.2]})
-    best_worst = make_pairs(frame, knowledge, prompts, 1e-6, "best_worst")
+    best_worst = make_pairs(frame, knowledge, prompts, "best_worst")
     assert list(zip(best_worst["user_index"], best_worst["sample_chosen"], best_worst["sample_rejected"])) == [(0, 2, 1), (1, 1, 4)]
     assert best_worst.loc[0, "prompt"] == "p0" and best_worst.loc[0, "chosen"] == "u0s2" and best_worst.loc[0, "tokens_rejected"] == 11
-    top_bottom = make_pairs(frame, knowledge, prompts, 1e-6, "top_bottom", k=2)
-    # user 0: top {2, 3} x bottom {1, 4}; user 1 (3 samples with a reward): k = min(2, 3 // 2) = 1
-    assert sorted(zip(top_bottom["user_index"], top_bottom["sample_chosen"], top_bottom["sample_rejected"])) == [
-        (0, 2, 1), (0, 2, 4), (0, 3, 1), (0, 3, 4), (1, 1, 4)]
-    all_gaps = make_pairs(frame, knowledge, prompts, 0.15, "all_gaps")
+    all_gaps = make_pairs(frame, knowledge, prompts, "all_gaps", min_gap=0.15)
     # gaps > 0.15: user 0: 2-1 (0.3), 2-4 (0.2), 3-1 (0.2); user 1: 1-4 and 3-4 (0.3 each), 1-3 tie
     assert sorted(zip(all_gaps["user_index"], all_gaps["sample_chosen"], all_gaps["sample_rejected"])) == [
         (0, 2, 1), (0, 2, 4), (0, 3, 1), (1, 1, 4), (1, 3, 4)]

@@ -39,7 +39,6 @@ def test_movie_prompts_hold_the_prompt_history_only(tmp_path):
     assert "genre" in row["message"] and users.loc[row["user_index"], "occupation"] in row["message"]
     assert row["text"].startswith("<|im_start|>") and row["text"].endswith("<|im_start|>assistant\n")
     assert result.summary["users"] == 20 and (prompts["n_dropped"] == 0).all()
-    assert not prompts["message"].str.contains("they rated").any()  # prompts.rating_summary is off by default
 
 
 def test_history_genres_name_each_movies_genres_and_need_a_genres_column(tmp_path):
@@ -68,22 +67,6 @@ def test_braces_quotes_and_newlines_in_titles_and_truncation(tmp_path):
     assert re.search(r'"Item \{\d+\} "quoted" new line \{0\}", [25] stars', prompts["message"].iloc[0])
     assert (prompts["n_tokens"] <= 130).all()
     assert result.summary["users_truncated"] >= 1 and (prompts["n_dropped"] > 0).any()
-
-
-def test_rating_summary_counts_the_shown_ratings_above_the_threshold(tmp_path):
-    run_data_stage(DataConfig(dataset="ml-1m", n_users=20, seed=2), tmp_path / "ml")
-    prompts = pd.read_parquet(run_prompt_stage(tmp_path / "ml", PromptConfig(rating_summary=True), ModelConfig()).folder / "prompts.parquet")
-    inter = pd.read_parquet(tmp_path / "ml" / "data" / "interactions.parquet")
-    for row in prompts.itertuples():
-        shown = inter[(inter["user_index"] == row.user_index) & inter["in_prompt"]]
-        assert f"Of the {len(shown)} movies below, they rated {(shown['rating'] > 3).sum()} above 3 stars.\n" in row.message
-    # cut to fit: the sentence counts the lines that are left (own data: 5 and 2 stars alternate)
-    run = tmp_path / "own"
-    run_data_stage(DataConfig(dataset=str(_own_data(tmp_path / "mine"))), run)
-    cut = pd.read_parquet(run_prompt_stage(run, PromptConfig(max_prompt_tokens=150, rating_summary=True), ModelConfig()).folder / "prompts.parquet")
-    for row in cut.itertuples():
-        fives = len(re.findall(r", 5 stars", row.message))
-        assert row.n_dropped > 0 and re.search(rf"Of the {row.n_history} items below, they rated {fives} above \d stars", row.message)
 
 
 def test_templates_are_checked_before_work():

@@ -244,7 +244,6 @@ def train_dpo(pairs: pd.DataFrame, model_cfg: ModelConfig, align: AlignConfig, c
     args = DPOConfig(
         output_dir=str(out / "trainer"),
         beta=align.beta,
-        ld_alpha=align.ld_alpha,
         loss_type=[align.loss, "sft"] if align.sft_weight else [align.loss],
         loss_weights=[1.0, align.sft_weight] if align.sft_weight else None,
         learning_rate=align.learning_rate,

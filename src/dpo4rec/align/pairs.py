@@ -5,12 +5,10 @@ knowledge, not a candidate. Samples without a reward (NaN: the user has no
 list with a positive) are left out. Pairings (``align.pairing``):
 
 * ``best_worst``: the paper's one pair per user, highest against lowest reward;
-* ``top_bottom``: each of the k best samples against each of the k worst
-  (k x k pairs, k = ``pairs_per_user``; the two groups never overlap);
-* ``all_gaps``: every two samples whose rewards differ by more than the gap.
+* ``all_gaps``: every two samples whose rewards differ (the held-out check's pairs).
 
-Every pairing drops pairs whose rewards differ by no more than
-``min_reward_gap`` and pairs of identical texts. Ties in reward are broken by
+Every pairing drops pairs whose rewards differ by no more than ``min_gap``
+(0: tied samples make no pair) and pairs of identical texts. Ties in reward are broken by
 sample number (best_worst.py, the rule every stage uses), so the pairs never
 depend on row order.
 """
@@ -26,8 +24,8 @@ COLUMNS = ["user_index", "prompt", "chosen", "rejected", "reward_chosen", "rewar
            "sample_rejected", "tokens_chosen", "tokens_rejected"]
 
 
-def make_pairs(rewards: pd.DataFrame, knowledge: pd.DataFrame, prompts: pd.DataFrame, min_gap: float,
-               pairing: str = "best_worst", k: int = 1) -> pd.DataFrame:
+def make_pairs(rewards: pd.DataFrame, knowledge: pd.DataFrame, prompts: pd.DataFrame, pairing: str = "best_worst",
+               min_gap: float = 0.0) -> pd.DataFrame:
     """Pairs as rows of ``COLUMNS``.
 
     rewards: user_index, sample, reward; knowledge: user_index, sample, text
@@ -43,9 +41,6 @@ def make_pairs(rewards: pd.DataFrame, knowledge: pd.DataFrame, prompts: pd.DataF
         n = len(group)
         if pairing == "best_worst":
             index = [(0, n - 1)]
-        elif pairing == "top_bottom":
-            top = min(k, n // 2)
-            index = [(i, n - 1 - j) for i in range(top) for j in range(top)]
         elif pairing == "all_gaps":
             index = [(i, j) for i in range(n) for j in range(i + 1, n)]
         else:

@@ -25,7 +25,6 @@ import numpy as np
 import pandas as pd
 
 from dpo4rec.align.reliability import agreement
-from dpo4rec.errors import InputError
 
 ALPHAS = (0.1, 1.0, 10.0, 100.0)
 FOLDS = 5
@@ -104,22 +103,3 @@ def reward_probe(embeddings, knowledge: pd.DataFrame, train_rewards: pd.DataFram
             out.update({f"{name}_accuracy": found[f"{name}_agreement"], f"{name}_accuracy_ci95": found[f"{name}_agreement_ci95"],
                         f"{name}_pairs": found[f"{name}_agreement_pairs"]})
     return out
-
-
-def cross_fitted_scores(embeddings, knowledge: pd.DataFrame, rewards: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
-    """Each user's sampled texts of ``rewards`` scored by a probe fitted on the other users' rewards (``FOLDS`` folds
-    of users, one ridge penalty picked over all of them): the part of the reward's preference that other users share.
-    Pairs ordered by it hand DPO only that part (experiments/positive_control.py ``pairs_from=probe``; DPO then learned
-    the probe's order but not the reward's, docs/results.md issue 9 section 15). Returns user_index, sample, reward
-    (the probe's score)."""
-    table, users, x, y = _centred_training(rewards, embeddings, knowledge)
-    if pd.Series(users).nunique() < 2:
-        raise InputError("probe-ordered pairs need sampled texts with rewards from at least two train users")
-    alpha = pick_alpha(x, y, users, seed)
-    distinct = np.random.default_rng([seed, 1]).permutation(np.unique(users))
-    scores = np.empty(len(table))
-    for fold in np.array_split(distinct, min(FOLDS, len(distinct))):
-        out = np.isin(users, fold)
-        scores[out] = x[out] @ ridge(x[~out], y[~out], alpha)
-    return table.assign(reward=scores)
-

@@ -50,8 +50,8 @@ STAGE = "preferences"
 
 def pairing_settings(align: AlignConfig, recommender_name: str) -> dict:
     """What decides a round's rewards and pairs, given its samples (the stage's manifest records it)."""
-    return {"min_reward_gap": align.min_reward_gap, "recommender": recommender_name, "reward": align.reward,
-            "pairing": align.pairing, "pairs_per_user": align.pairs_per_user, "validation_pairing": "all_gaps",
+    return {"recommender": recommender_name, "reward": align.reward,
+            "pairing": align.pairing, "validation_pairing": "all_gaps",
             "reward_lists": align.reward_lists, "reward_holdout": align.held_out_share,
             **({"reward_seeds": align.reward_seeds} if align.reward_seeds > 1 else {}),  # runs made before them keep their manifests
             **({"reward_model": align.reward_model} if align.reward_model != "recommender" else {})}
@@ -100,7 +100,7 @@ def run_reward_stage(run_dir: str | Path, round_index: int, recommend: Recommend
         rewards = scorer.score_embeddings(embeddings, split=lists, users=sampled_users, reward=align.reward)
         # validation users: every pair whose rewards differ (the held-out check scores each text once, so all pairs are free)
         pairing = align.pairing if name == "train" else "all_gaps"
-        pairs = make_pairs(rewards, knowledge, prompts, align.min_reward_gap, pairing, align.pairs_per_user)
+        pairs = make_pairs(rewards, knowledge, prompts, pairing)
         outputs[name] = (rewards.merge(knowledge[["user_index", "sample", "text"]], on=["user_index", "sample"], how="left"), pairs)
         summary[name] = {"spread": reward_spread(rewards, pairs), "pairs": len(pairs), "users_with_pairs": int(pairs["user_index"].nunique()),
                          "sampled_users": int(len(sampled_users)),

@@ -87,21 +87,15 @@ def build_user_prompts(data_dir: Path, prompts: PromptConfig, tokenizer, dataset
     with_ratings = domain == "movies" or (domain == "generic" and bool(inter["rating"].notna().any()))
     histories = inter[inter["in_prompt"]].groupby("user_index", sort=True)
 
-    threshold = read_json(data_dir / "summary.json")["protocol"].get("positive_rating") if prompts.rating_summary else None
-    noun = "movies" if domain == "movies" else "items"
 
     rows = []
     for user in users.to_dict("records"):
         history = histories.get_group(user["user_index"])
         lines = history_lines(history, item_text, with_ratings)
-        liked = history["label"].to_numpy()  # rating above the threshold: what the lists' labels mean
         profile = describe_profile(user, domain)
         dropped = 0
         while True:
-            summary_line = ""
-            if threshold is not None and with_ratings:  # the recommender's item ids carry no ratings; the text can
-                summary_line = f"Of the {len(lines)} {noun} below, they rated {int(liked[dropped:].sum())} above {threshold:g} stars.\n"
-            message = template.format(profile=profile + summary_line, history="\n".join(lines))
+            message = template.format(profile=profile, history="\n".join(lines))
             text = tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True)
             n_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
             if n_tokens <= prompts.max_prompt_tokens or len(lines) <= 1:

@@ -32,9 +32,6 @@ from dpo4rec.recommend.features import ListTensors, list_tensors, mark_reward_li
 from dpo4rec.recommend.models import Reranker
 
 
-# Weight of the margin term in "ndcg_margin": a user's NDCG@5 average moves in steps of at least ~0.015 / lists, so
-# up to ~100 lists per user the margin only orders samples whose NDCG@5 ties, and never reverses an NDCG@5 order.
-TIE_BREAK = 1e-4
 # Cosines of two texts' vectors span ~0.1-0.5 within a list; over 0.05 they make a softmax that is neither flat nor one-hot.
 TEXT_MATCH_TEMPERATURE = 0.05
 
@@ -42,10 +39,7 @@ TEXT_MATCH_TEMPERATURE = 0.05
 def list_rewards(kind: str, scores: torch.Tensor, labels: torch.Tensor, model, k: int = 5) -> np.ndarray:
     """One reward per list from the recommender's scores (P, L) and the labels (P, L).
 
-    ndcg: NDCG@k as KAR computes it. ndcg_margin: NDCG@k + TIE_BREAK x
-    sigmoid(mean positive score - mean negative score), which orders texts
-    whose NDCG ties by how far the model separates the list's positives from
-    its negatives. loglik: the list's log-likelihood under the model's own loss. listwise: the mean
+    ndcg: NDCG@k as KAR computes it. loglik: the list's log-likelihood under the model's own loss. listwise: the mean
     log-probability that a softmax over the list's scores gives its positives (ListNet's top-one
     likelihood): only the order counts, a shift of all of a list's scores changes nothing. A list
     without a negative has no order to get right: NaN, left out of the user's average.
@@ -60,13 +54,7 @@ def list_rewards(kind: str, scores: torch.Tensor, labels: torch.Tensor, model, k
         values = (log_probs * positive).sum(1) / positive.sum(1).clamp_min(1)
         values = torch.where((positive.sum(1) > 0) & (positive.sum(1) < labels.shape[1]), values, float("nan"))
         return values.cpu().numpy().astype(np.float64)
-    ndcg = rerank_metrics(labels.cpu().numpy(), scores.float().cpu().numpy(), ks=(k,))[f"ndcg@{k}"]
-    if kind == "ndcg":
-        return ndcg
-    positive = labels > 0
-    mean_of = lambda mask: (scores.float() * mask).sum(1) / mask.sum(1).clamp_min(1)  # noqa: E731
-    margin = torch.sigmoid(mean_of(positive) - mean_of(~positive)).cpu().numpy().astype(np.float64)
-    return ndcg + TIE_BREAK * margin
+    return rerank_metrics(labels.cpu().numpy(), scores.float().cpu().numpy(), ks=(k,))[f"ndcg@{k}"]
 
 
 class RewardScorer:

@@ -118,9 +118,9 @@ def run_recommend_stage(config: RecommendConfig, run_dir: str | Path, round_inde
     knowledge, model = None, None
     if config.knowledge:
         emb = read_embeddings(embeddings_dir, config.item_knowledge)
-        users, vectors = emb.for_sample(config.train_sample)
+        users, vectors = emb.for_sample(0)  # the greedy texts
         if len(users) == 0:
-            raise InputError(f"{embeddings_dir}: no vectors for sample {config.train_sample} (recommend.train_sample)")
+            raise InputError(f"{embeddings_dir}: no vectors of the greedy texts (sample 0)")
         if on_best_texts:
             users, vectors, best_text = best_text_vectors(emb, users, vectors, read_parquet(rewards_path), frames["users.parquet"])
         knowledge = user_knowledge(len(frames["users.parquet"]), users, vectors, str(embeddings_dir))

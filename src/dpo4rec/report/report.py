@@ -276,8 +276,8 @@ def _markdown(metrics: dict, examples: list[dict], timings: dict) -> str:
               "validation reward drift: the next round's sampled texts minus this round's, both under this round's "
               f"reward model ({cfg['align']['reward']}). Intervals: 95% bootstrap over validation users; they leave out "
               "DPO's own randomness (adapter init, dropout, pair order), which moved the default run's held-out pair "
-              "accuracy by about as much as the interval is wide (docs/results.md): retrain round 0 with other "
-              "`align.seed`s (`experiments/dpo_levers.py`) and pool them (`experiments/pooled_seeds.py`) before "
+              "accuracy by about as much as the interval is wide (docs/results.md): run again with another "
+              "`--set align.seed=1` (a new --out; earlier stages are the same work) before "
               "reading a small margin over 0.5. Reward reliability: how often the reward itself orders two of a "
               "validation user's texts the same way on two halves of the user's lists (chance 0.5): a reward near 0.5 "
               "makes pairs that are noise, and held-out pair accuracy cannot rise above what it allows "
@@ -307,7 +307,7 @@ def _markdown(metrics: dict, examples: list[dict], timings: dict) -> str:
     noise = ("The intervals resample test users; each arm's recommender is trained once, so they leave out how much a "
              "recommender moves with its training seed (on ML-1M with 2,000 users, ~0.002 MAP@5 standard deviation, and "
              "differences of 0.005 that change sign with the seed: docs/results.md). Check small differences with "
-             "`--set recommend.seeds=3` or `python experiments/recommender_seeds.py RUN --out SCRATCH --ids`." if seeds == 1 else
+             "`--set recommend.seeds=3` (a new --out)." if seeds == 1 else
              f"Each arm's per-list metrics are the mean of {seeds} trainings of its recommender (recommend.seeds); the intervals "
              "resample test users around that mean. \"per seed\" gives the difference with each seed's pair of trainings: "
              "one that changes sign across seeds is the recommender's training noise, whatever its interval.")
