@@ -39,7 +39,7 @@ from sampling import ml1m_prompts  # noqa: E402
 
 from dpo4rec.generate import cpu_kernels  # noqa: E402
 from dpo4rec.generate.fast_llama import DecodeState, FastLlama  # noqa: E402
-from dpo4rec.generate.model import best_dtype, load_model, load_tokenizer  # noqa: E402
+from dpo4rec.llm import best_dtype, load_model, load_tokenizer  # noqa: E402
 from dpo4rec.generate.sampler import pad  # noqa: E402
 
 MODEL = "smollm2-135m"

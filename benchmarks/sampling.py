@@ -35,7 +35,7 @@ from roofline import FlopCounter, add, best_rates, measured_rates, seconds_at  #
 from dpo4rec.config import DataConfig, ModelConfig, PromptConfig  # noqa: E402
 from dpo4rec.data.stage import run_data_stage  # noqa: E402
 from dpo4rec.devices import resolve_device  # noqa: E402
-from dpo4rec.generate.model import best_dtype, load_model, load_tokenizer, packaged_gguf  # noqa: E402
+from dpo4rec.llm import best_dtype, load_model, load_tokenizer, packaged_gguf  # noqa: E402
 from dpo4rec.generate.sampler import FastSampler, HFSampler, SamplerSettings, batch_generator, plan_batches  # noqa: E402
 from dpo4rec.prompts.stage import run_prompt_stage  # noqa: E402
 

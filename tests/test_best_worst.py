@@ -5,9 +5,9 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-from dpo4rec.align.heldout import pair_margins
-from dpo4rec.align.pairs import make_pairs
-from dpo4rec.align.reliability import agreement
+from dpo4rec.heldout.stage import pair_margins
+from dpo4rec.reward.pairs import make_pairs
+from dpo4rec.reward.reliability import agreement
 from dpo4rec.best_worst import best_and_worst
 from dpo4rec.recommend.stage import best_text_vectors
 

@@ -67,6 +67,11 @@ def write_parquet(path: Path, frame: pd.DataFrame) -> None:
     _atomic_replace(path, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
+def cache_root() -> Path:
+    """Where downloaded data sets and converted models are kept: ``$DPO4REC_CACHE``, else ``~/.cache/dpo4rec``."""
+    return Path(os.environ.get("DPO4REC_CACHE") or Path.home() / ".cache" / "dpo4rec")
+
+
 def round_dir(run_dir: str | Path, round_index: int) -> Path:
     """``RUN/round_<t>``: where round t's knowledge, embeddings, recommender, preferences and adapter live."""
     return Path(run_dir) / f"round_{round_index}"

@@ -296,7 +296,7 @@ def _round_stage(args: argparse.Namespace) -> int:
         print(f"report: {write_report(args.out, config) / 'report.md'}")
         return 0
     if args.command == "reward":
-        from dpo4rec.align.reward_stage import run_reward_stage
+        from dpo4rec.reward.stage import run_reward_stage
 
         train_reward_recommender(config, args.out, args.round)
         folder, summary, reused = run_reward_stage(args.out, args.round, config.recommend, config.align)
@@ -317,7 +317,7 @@ def _round_stage(args: argparse.Namespace) -> int:
         print(f"DPO on {history['pairs']:,} pairs, {len(history['steps'])} steps; last step: loss {last.get('loss', float('nan')):.4f}, "
               f"reward accuracy {last.get('rewards/accuracies', float('nan')):.2f}; reference: {history['reference']}")
         print(f"{'reused' if reused else 'wrote'} {folder}")
-        from dpo4rec.align.heldout import run_heldout_stage
+        from dpo4rec.heldout.stage import run_heldout_stage
 
         folder, summary, reused = run_heldout_stage(args.out, args.round, config.model, config.align, config.data.seed)
         record_config(args.out, config)

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, get_args, get_origin, get_type_hints
 from dpo4rec.errors import InputError
 
 REWARDS = ("ndcg", "loglik", "listwise")
-"""The reward kinds of ``[align] reward`` (computed in recommend/reward.py)."""
+"""The reward kinds of ``[align] reward`` (computed in reward/scorers.py)."""
 LOSSES = ("sigmoid", "sigmoid_norm", "ipo", "hinge")
 """The pairwise losses of ``[align] loss`` (TRL's ``loss_type`` names)."""
 

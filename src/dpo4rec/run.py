@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 def run_pipeline(config: PipelineConfig, run_dir: str | Path) -> Path:
     """Run (or resume) every stage; returns the report folder."""
     from dpo4rec.align.dpo import adapter_chain, launch_align_stage
-    from dpo4rec.align.heldout import run_heldout_stage
-    from dpo4rec.align.reward_stage import run_reward_stage
+    from dpo4rec.heldout.stage import run_heldout_stage
+    from dpo4rec.reward.stage import run_reward_stage
     from dpo4rec.data.stage import run_data_stage
     from dpo4rec.encode import run_encode_stage
     from dpo4rec.generate.stage import run_generate_stage

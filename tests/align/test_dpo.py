@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dpo4rec.align.dpo import adapter_chain, run_align_stage
-from dpo4rec.align.pairs import make_pairs, reward_spread
+from dpo4rec.reward.pairs import make_pairs, reward_spread
 from dpo4rec.config import AlignConfig, ModelConfig
 from dpo4rec.errors import InputError
 
@@ -52,7 +52,7 @@ def _logp(model, tokenizer, prompt, answer):
 
 @pytest.mark.slow
 def test_dpo_moves_the_policy_and_round_1_references_round_0(tmp_path):
-    from dpo4rec.generate.model import load_model, load_tokenizer
+    from dpo4rec.llm import load_model, load_tokenizer
 
     model_cfg = ModelConfig(dtype="fp32")
     align = AlignConfig(learning_rate=2e-3, batch_size=2, grad_accumulation=1, epochs=2, max_length=128, lora_r=8)
@@ -91,7 +91,7 @@ def test_sft_term_and_top_layer_lora(tmp_path):
     in round 0 and in a round whose model already carries an adapter."""
     from safetensors.torch import load_file
 
-    from dpo4rec.generate.model import load_model, load_tokenizer
+    from dpo4rec.llm import load_model, load_tokenizer
 
     model_cfg = ModelConfig(dtype="fp32")
     align = AlignConfig(learning_rate=2e-3, batch_size=2, grad_accumulation=1, epochs=2, max_length=128, lora_r=8,
@@ -120,7 +120,7 @@ def test_completion_only_scoring_gives_the_same_log_probs(monkeypatch):
     import trl.trainer.utils as trl_utils
 
     from dpo4rec.align.dpo import _score_completion_tokens_only
-    from dpo4rec.generate.model import load_model, load_tokenizer
+    from dpo4rec.llm import load_model, load_tokenizer
 
     tokenizer = load_tokenizer("smollm2-135m")
     model = load_model("smollm2-135m", dtype=torch.float32)
@@ -144,7 +144,7 @@ def test_completion_only_scoring_gives_the_same_log_probs(monkeypatch):
 
 def test_a_round_without_pairs_keeps_its_model(tmp_path):
     """All samples tied: the round writes an adapter that changes nothing, so later rounds still chain."""
-    from dpo4rec.generate.model import load_model, load_tokenizer
+    from dpo4rec.llm import load_model, load_tokenizer
 
     _write_pairs(tmp_path, 0, n=0)
     folder, log, reused = run_align_stage(tmp_path, 0, ModelConfig(dtype="fp32"), AlignConfig())

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dpo4rec.align.dpo import run_align_stage
-from dpo4rec.align.heldout import completion_ids
+from dpo4rec.heldout.stage import completion_ids
 from dpo4rec.config import AlignConfig, ModelConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -53,7 +53,7 @@ def sampler_logps(model, prompt_ids, answer_ids) -> torch.Tensor:
 def test_next_round_samples_the_policy_dpo_trained(tmp_path):
     from peft import PeftModel
 
-    from dpo4rec.generate.model import load_base_model, load_model, load_tokenizer
+    from dpo4rec.llm import load_base_model, load_model, load_tokenizer
 
     folder = tmp_path / "round_0" / "preferences"
     folder.mkdir(parents=True)

@@ -1,11 +1,11 @@
-"""The reward's linear probe (align/probe.py): ridge by hand, and outcomes on rewards built to be (not) shared."""
+"""The reward's linear probe (reward/probe.py): ridge by hand, and outcomes on rewards built to be (not) shared."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from dpo4rec.align.pairs import make_pairs
-from dpo4rec.align.probe import ALPHAS, centred, pick_alpha, reward_probe, ridge
+from dpo4rec.reward.pairs import make_pairs
+from dpo4rec.reward.probe import ALPHAS, centred, pick_alpha, reward_probe, ridge
 from dpo4rec.encode.stage import Embeddings
 
 

@@ -8,12 +8,12 @@ import pandas as pd
 import pytest
 import torch
 
-from dpo4rec.align.heldout import answer_logps, completion_ids, net_log_ratio, pair_margins, summarize
-from dpo4rec.align.pairs import make_pairs, reward_spread
-from dpo4rec.align.reliability import agreement
+from dpo4rec.heldout.stage import answer_logps, completion_ids, net_log_ratio, pair_margins, summarize
+from dpo4rec.reward.pairs import make_pairs, reward_spread
+from dpo4rec.reward.reliability import agreement
 from dpo4rec.errors import InputError
 from dpo4rec.recommend.features import ListTensors
-from dpo4rec.recommend.reward import TEXT_MATCH_TEMPERATURE, TextMatchScorer, list_rewards
+from dpo4rec.reward.scorers import TEXT_MATCH_TEMPERATURE, TextMatchScorer, list_rewards
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -162,7 +162,7 @@ def test_shared_prompt_log_probs_equal_a_full_forward():
     """answer_logps (one packed row: the prompt once, each answer a branch) against one plain forward per text; with
     LoRA on the top layers, a reference pass that starts from the policy pass's recorded states gives the numbers
     of a full reference pass."""
-    from dpo4rec.generate.model import load_model, load_tokenizer
+    from dpo4rec.llm import load_model, load_tokenizer
 
     tokenizer = load_tokenizer("smollm2-135m")
     model = load_model("smollm2-135m", dtype=torch.float32)

@@ -104,7 +104,7 @@ def test_one_pair_per_prompt_keeps_the_trainers_own_order():
 def fp32_model():
     from trl.trainer.utils import add_fused_lm_head
 
-    from dpo4rec.generate.model import load_base_model, load_tokenizer
+    from dpo4rec.llm import load_base_model, load_tokenizer
 
     model = load_base_model("smollm2-135m", torch.float32).eval()
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
@@ -112,7 +112,7 @@ def fp32_model():
 
 
 def real_examples(tokenizer):
-    from dpo4rec.align.heldout import completion_ids
+    from dpo4rec.heldout.stage import completion_ids
 
     texts = [("A user who watched musicals and family dramas in the nineties, " * 4, "Loves musicals.", "Watches films of every kind, all the time."),
              ("Short prompt.", "Yes", "No, and then some more words about it"),
@@ -182,7 +182,7 @@ def top_lora_model():
     from peft import LoraConfig, get_peft_model
     from trl.trainer.utils import add_fused_lm_head
 
-    from dpo4rec.generate.model import load_base_model, load_tokenizer
+    from dpo4rec.llm import load_base_model, load_tokenizer
 
     torch.manual_seed(0)
     model = load_base_model("smollm2-135m", torch.float32).eval()

@@ -8,14 +8,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from dpo4rec.generate.model import load_tokenizer
+    from dpo4rec.llm import load_tokenizer
 
     return load_tokenizer("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
 def model_fp32():
-    from dpo4rec.generate.model import load_model
+    from dpo4rec.llm import load_model
 
     return load_model("smollm2-135m", dtype=torch.float32)
 

@@ -146,7 +146,7 @@ def _bf16_model_and_prompts(tokenizer, tiny_run):
     """A bf16 model's decoder and three right-padded prompts of different lengths (ids, lengths)."""
     import pandas as pd
 
-    from dpo4rec.generate.model import load_model
+    from dpo4rec.llm import load_model
 
     fast = FastLlama(load_model("smollm2-135m", dtype=torch.bfloat16))
     texts = pd.read_parquet(tiny_run / "prompts" / "prompts.parquet")["text"].tolist()[:3]

@@ -155,7 +155,7 @@ def test_packed_weights_give_the_plain_products_logits(tokenizer, tiny_run):
     """bf16 on CPUs: decode steps on oneDNN-packed weights give the logits of F.linear on the plain weights
     (bit-identical where measured; allowed bf16 rounding here) and so the same greedy tokens."""
     from dpo4rec.generate.fast_llama import DecodeState
-    from dpo4rec.generate.model import load_model
+    from dpo4rec.llm import load_model
 
     fast = FastLlama(load_model("smollm2-135m", dtype=torch.bfloat16))
     if fast.packed_head is None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dpo4rec.config import GenerateConfig, ModelConfig
-from dpo4rec.generate.model import attach_adapters, load_base_model, resolve_model
+from dpo4rec.llm import attach_adapters, load_base_model, resolve_model
 from dpo4rec.generate.sampler import SamplerSettings, batch_generator
 from dpo4rec.generate.stage import _open_sampler, run_generate_stage
 

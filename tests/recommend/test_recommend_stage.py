@@ -101,7 +101,7 @@ def test_reward_lists_are_each_train_users_last_quarter(ml100k):
 
 def test_held_out_reward_recommender_never_trains_on_the_reward_lists(ml100k_run, ml100k):
     protocol, emb = ml100k
-    from dpo4rec.recommend import RewardScorer
+    from dpo4rec.reward.scorers import RewardScorer
 
     config = RecommendConfig(backbone="prm", max_epochs=1, device="cpu")
     result = run_recommend_stage(config, ml100k_run, 0, progress=False, reward_holdout=0.25)

@@ -8,8 +8,8 @@ from dpo4rec.config import RecommendConfig
 from dpo4rec.errors import InputError
 from dpo4rec.metrics import rerank_metrics
 from dpo4rec.recommend.features import list_tensors, user_knowledge
-from dpo4rec.align.reliability import halves, split_half_reliability
-from dpo4rec.recommend.reward import EnsembleScorer, RewardScorer
+from dpo4rec.reward.reliability import halves, split_half_reliability
+from dpo4rec.reward.scorers import EnsembleScorer, RewardScorer
 from dpo4rec.recommend.train import build_recommender, predict, train_recommender
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dpo4rec.report.bootstrap import paired_bootstrap
+from dpo4rec.stats import paired_bootstrap
 from dpo4rec.report.report import select_round
 
 

@@ -119,7 +119,7 @@ def test_single_stage_commands_reuse_the_run_and_another_config_is_refused(unint
     members = [copy / "round_0" / "recommender" / name for name in ("prm-reward-holdout", "prm-reward-holdout-seed1")]
     assert all((m / "model.safetensors").is_file() for m in members)
     assert (members[0] / "model.safetensors").read_bytes() != (members[1] / "model.safetensors").read_bytes()
-    from dpo4rec.align.reward_stage import reward_scorer
+    from dpo4rec.reward.stage import reward_scorer
     from dpo4rec.config import load_config
     from dpo4rec.encode import read_embeddings
 
@@ -145,7 +145,7 @@ def test_single_stage_commands_reuse_the_run_and_another_config_is_refused(unint
     assert reward.returncode == 0 and "held-out lists" in reward.stdout, reward.stderr[-2000:]
     assert not (matched / "round_0" / "recommender").exists()
     from dpo4rec.recommend.features import mark_reward_lists
-    from dpo4rec.recommend.reward import TEXT_MATCH_TEMPERATURE
+    from dpo4rec.reward.scorers import TEXT_MATCH_TEMPERATURE
 
     rewards = pd.read_parquet(matched / "round_0" / "preferences" / "rewards.parquet")
     emb = read_embeddings(matched / "round_0" / "embeddings")

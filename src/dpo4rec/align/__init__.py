@@ -1,1 +1,1 @@
-"""Preference pairs from recommender rewards, and DPO on the LLM."""
+"""DPO (TRL + LoRA) on a round's preference pairs: the trainer, one prompt per user's pair, frozen lower layers."""

@@ -2,7 +2,7 @@
 
 References across rounds: round t trains a fresh LoRA adapter on top of the
 model that wrote round t's texts, i.e. the base model with the adapters of
-rounds 0..t-1 applied, unmerged and frozen (generate/model.py says why not
+rounds 0..t-1 applied, unmerged and frozen (llm.py says why not
 merged). That same model, without the new adapter, is the reference, so
 round t's reference is round t-1's policy, not the base. The adapters are
 saved one per round; ``adapter_chain`` lists the folders to apply, in order,
@@ -126,7 +126,7 @@ def write_identity_adapter(model_cfg: ModelConfig, align: AlignConfig, chain: li
     """An untrained LoRA adapter (its B matrices are zero, so applying it changes nothing) and a log that says so."""
     from peft import get_peft_model
 
-    from dpo4rec.generate.model import load_base_model
+    from dpo4rec.llm import load_base_model
 
     model = load_base_model(model_cfg.name, device="cpu")  # the adapter's shapes come from the base alone
     get_peft_model(model, _lora_config(align, model)).save_pretrained(out)
@@ -188,7 +188,7 @@ def policy_and_reference(model_cfg: ModelConfig, align: AlignConfig, chain: list
     "default"; the reference is base + the earlier adapters, given to TRL as
     a model of its own because switching adapters off would fall back to the base.
     """
-    from dpo4rec.generate.model import attach_adapters, chain_names, load_base_model, load_model, model_device
+    from dpo4rec.llm import attach_adapters, chain_names, load_base_model, load_model, model_device
 
     device = model_device(model_cfg)
     if not chain:
@@ -233,7 +233,7 @@ def train_dpo(pairs: pd.DataFrame, model_cfg: ModelConfig, align: AlignConfig, c
 
     from dpo4rec.align.frozen_layers import FrozenLayers
     from dpo4rec.align.shared_prompt import SharedPromptDPOTrainer
-    from dpo4rec.generate.model import load_tokenizer, model_device, parse_dtype
+    from dpo4rec.llm import load_tokenizer, model_device, parse_dtype
 
     os.environ.setdefault("WANDB_DISABLED", "true")
     _score_completion_tokens_only()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from dpo4rec.artifacts import fingerprint_file
+from dpo4rec.artifacts import cache_root, fingerprint_file
 from dpo4rec.errors import InputError
 
 # GroupLens publishes an MD5 beside each zip (ml-1m.zip.md5).
@@ -27,11 +27,6 @@ SOURCES = {
         "inner": "ml-1m",  # the folder inside the zip
     },
 }
-
-
-def cache_root() -> Path:
-    """``$DPO4REC_CACHE``, else ``~/.cache/dpo4rec``."""
-    return Path(os.environ.get("DPO4REC_CACHE") or Path.home() / ".cache" / "dpo4rec")
 
 
 def cached_dataset_dir(name: str) -> Path | None:

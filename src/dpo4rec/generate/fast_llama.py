@@ -61,7 +61,7 @@ class _Layer:
     norm_post: torch.Tensor
     gate_up: torch.Tensor  # (2*I, D)
     down: torch.Tensor
-    qkv_lora: LowRank = None  # DPO adapters, unmerged (see generate/model.py)
+    qkv_lora: LowRank = None  # DPO adapters, unmerged (see llm.py)
     o_lora: LowRank = None
     gate_up_lora: LowRank = None
     down_lora: LowRank = None

@@ -37,7 +37,7 @@ from dpo4rec.artifacts import (
 )
 from dpo4rec.config import GenerateConfig, ModelConfig, to_dict
 from dpo4rec.errors import InputError
-from dpo4rec.generate.model import load_model, load_tokenizer, model_device, parse_dtype, resolve_model
+from dpo4rec.llm import load_model, load_tokenizer, model_device, parse_dtype, resolve_model
 from dpo4rec.generate.sampler import SamplerSettings, batch_generator, make_sampler, plan_batches
 
 log = logging.getLogger(__name__)

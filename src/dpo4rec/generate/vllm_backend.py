@@ -79,8 +79,8 @@ def joined_adapter(base_folder: str, adapters: list[Path]) -> tuple[Path, int]:
     """
     from peft import PeftConfig
 
-    from dpo4rec.data.download import cache_root
-    from dpo4rec.generate.model import attach_adapters, chain_names, load_base_model
+    from dpo4rec.artifacts import cache_root
+    from dpo4rec.llm import attach_adapters, chain_names, load_base_model
 
     ranks = [PeftConfig.from_pretrained(str(a)).r for a in adapters]
     if len(adapters) == 1:

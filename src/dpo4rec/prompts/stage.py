@@ -144,7 +144,7 @@ def build_item_prompts(data_dir: Path, prompts: PromptConfig, tokenizer, dataset
 
 def run_prompt_stage(run_dir: str | Path, prompts: PromptConfig, model: ModelConfig) -> PromptStageResult:
     """Write ``RUN/prompts/`` from ``RUN/data/``, or reuse it if inputs and config match."""
-    from dpo4rec.generate.model import load_tokenizer
+    from dpo4rec.llm import load_tokenizer
 
     run_dir = Path(run_dir)
     data_dir = run_dir / "data"

@@ -1,6 +1,5 @@
-"""Evaluation on test users with bootstrap intervals, report.md, plots and metrics.json."""
+"""The report: test metrics of every arm with paired bootstrap intervals, plots, report.md and metrics.json."""
 
-from dpo4rec.report.bootstrap import paired_bootstrap
 from dpo4rec.report.report import write_report
 
-__all__ = ["paired_bootstrap", "write_report"]
+__all__ = ["write_report"]

@@ -16,7 +16,7 @@ import numpy as np
 
 from dpo4rec.artifacts import fingerprint_file, first_difference, read_json, read_parquet
 from dpo4rec.errors import InputError
-from dpo4rec.report.bootstrap import paired_bootstrap
+from dpo4rec.stats import paired_bootstrap
 from dpo4rec.report.report import arm_folders
 from dpo4rec.run_config import load_run_config
 

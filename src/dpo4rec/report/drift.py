@@ -18,12 +18,12 @@ import pandas as pd
 
 from dpo4rec.artifacts import read_parquet, round_dir
 from dpo4rec.config import PipelineConfig
-from dpo4rec.report.bootstrap import paired_bootstrap
+from dpo4rec.stats import paired_bootstrap
 
 
 def reward_drift(run_dir: Path, config: PipelineConfig) -> list[dict]:
     """Per round: mean reward of greedy and sampled texts under round 0's reward model, and the change since round 0."""
-    from dpo4rec.align.reward_stage import reward_folders, round_reward_scorer, train_user_indices
+    from dpo4rec.reward.stage import reward_folders, round_reward_scorer, train_user_indices
     from dpo4rec.encode import read_embeddings
 
     if not all((r / "model.safetensors").is_file() for r in reward_folders(run_dir, 0, config.recommend, config.align)):
@@ -70,7 +70,7 @@ def validation_drift(run_dir: Path, config: PipelineConfig) -> list[dict]:
 def validation_rewards(run_dir: Path, config: PipelineConfig, t: int) -> tuple[pd.DataFrame, pd.DataFrame] | None:
     """Round t's and round t+1's validation texts, both under round t's reward model (user_index, sample, reward);
     None when round t has no validation rewards or round t+1 no embeddings."""
-    from dpo4rec.align.reward_stage import round_reward_scorer
+    from dpo4rec.reward.stage import round_reward_scorer
     from dpo4rec.encode import read_embeddings
 
     before_file = round_dir(run_dir, t) / "preferences" / "validation_rewards.parquet"

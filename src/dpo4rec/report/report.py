@@ -18,7 +18,7 @@ import pandas as pd
 
 from dpo4rec.artifacts import StageFolder, read_json, read_parquet, round_dir, write_json, write_text_atomic
 from dpo4rec.config import PipelineConfig, to_dict
-from dpo4rec.report.bootstrap import paired_bootstrap
+from dpo4rec.stats import paired_bootstrap
 from dpo4rec.report.drift import reward_drift, validation_drift
 
 METRICS = [f"{m}@{k}" for k in (1, 3, 5, 7) for m in ("map", "ndcg")]
@@ -154,7 +154,7 @@ def alignment(run_dir: Path, config: PipelineConfig, rounds: list[dict]) -> list
                  "heldout_best_worst_accuracy": heldout.get("best_worst_accuracy"),
                  "heldout_best_worst_accuracy_ci95": heldout.get("best_worst_accuracy_ci95"),
                  "heldout_margin_mean": heldout.get("margin_mean"), "heldout_margin_ci95": heldout.get("margin_ci95"),
-                 # guards (align/heldout.py): the starting model's own log-prob, no DPO; the margin net of sharpening and length
+                 # guards (heldout/stage.py): the starting model's own log-prob, no DPO; the margin net of sharpening and length
                  "heldout_reference_accuracy": heldout.get("reference_pair_accuracy"),
                  "heldout_reference_accuracy_ci95": heldout.get("reference_pair_accuracy_ci95"),
                  "heldout_net_accuracy": heldout.get("net_pair_accuracy"),
@@ -281,14 +281,14 @@ def _markdown(metrics: dict, examples: list[dict], timings: dict) -> str:
               "reading a small margin over 0.5. Reward reliability: how often the reward itself orders two of a "
               "validation user's texts the same way on two halves of the user's lists (chance 0.5): a reward near 0.5 "
               "makes pairs that are noise, and held-out pair accuracy cannot rise above what it allows "
-              "(src/dpo4rec/align/reliability.py). Two guards: how often the starting model's own log-prob orders the "
+              "(src/dpo4rec/reward/reliability.py). Two guards: how often the starting model's own log-prob orders the "
               "pairs the reward's way (no DPO at all), and the accuracy of the margin net of sharpening and length (the "
               "log-ratio minus its within-user least-squares fit on that log-prob and the answer's tokens): DPO that only "
               "sharpened the model, or moved it by length, can score above 0.5 when the reward happens to prefer likely "
-              "or short texts, and then the net accuracy falls to chance (src/dpo4rec/align/heldout.py). Linear probe: "
+              "or short texts, and then the net accuracy falls to chance (src/dpo4rec/heldout/stage.py). Linear probe: "
               "the same pairs ordered by a ridge regression from the text's vector and length, fitted on the train "
               "users' rewards: how much of the reward's preference is shared across users at all; a probe above chance "
-              "with DPO at chance puts the limit on DPO, not the reward (src/dpo4rec/align/probe.py).", "",
+              "with DPO at chance puts the limit on DPO, not the reward (src/dpo4rec/reward/probe.py).", "",
               "| DPO round | pairs | optimizer steps | held-out pairs (users) | held-out pair accuracy [95% CI] "
               "| best vs worst only [95% CI] | net of sharpening and length [95% CI] | starting model alone [95% CI] "
               "| validation reward drift [95% CI] | reward reliability [95% CI] | linear probe [95% CI] |",

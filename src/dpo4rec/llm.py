@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dpo4rec.data.download import cache_root
+from dpo4rec.artifacts import cache_root
 from dpo4rec.errors import InputError
 
 log = logging.getLogger(__name__)

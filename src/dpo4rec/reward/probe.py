@@ -1,6 +1,6 @@
 """Is there a preference DPO could carry to unseen users? A linear probe of the reward.
 
-Held-out pair accuracy (align/heldout.py) can only rise where the reward's
+Held-out pair accuracy (heldout/stage.py) can only rise where the reward's
 preference between two of a user's texts is shared across users: DPO learns
 from the train users' pairs and is checked on other users. The probe measures
 how much of the preference is shared, with the simplest learner that sees what
@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from dpo4rec.align.reliability import agreement
+from dpo4rec.reward.reliability import agreement
 
 ALPHAS = (0.1, 1.0, 10.0, 100.0)
 FOLDS = 5

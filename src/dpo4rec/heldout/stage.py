@@ -47,7 +47,7 @@ from dpo4rec.artifacts import StageFolder, existing_output, fingerprint_file, ma
 from dpo4rec.best_worst import best_and_worst
 from dpo4rec.config import AlignConfig, ModelConfig
 from dpo4rec.errors import InputError
-from dpo4rec.report.bootstrap import paired_bootstrap
+from dpo4rec.stats import paired_bootstrap
 
 log = logging.getLogger(__name__)
 STAGE = "heldout"
@@ -178,7 +178,7 @@ def score_texts(texts: pd.DataFrame, prompts: pd.Series, model_cfg: ModelConfig,
     hidden states below them (``FrozenLayers``: the same numbers, fewer layers)."""
     from dpo4rec.align.frozen_layers import FrozenLayers
     from dpo4rec.align.shared_prompt import use_pair_attention
-    from dpo4rec.generate.model import attach_adapters, chain_names, load_base_model, load_tokenizer, model_device, parse_dtype
+    from dpo4rec.llm import attach_adapters, chain_names, load_base_model, load_tokenizer, model_device, parse_dtype
 
     tokenizer = load_tokenizer(model_cfg.name)
     device = model_device(model_cfg)

@@ -11,15 +11,15 @@ recommender, ``knowledge/`` and ``prompts/``; writes ``RUN/round_<t>/preferences
   the validation users with samples, scored on their validation lists by the
   same recommender (which never trained on them), with every two samples
   whose rewards differ as a pair; never used for training, only to check on
-  unseen users what DPO learned (align/heldout.py);
+  unseen users what DPO learned (heldout/stage.py);
 * ``summary.json`` (reward spread, ties, pair counts, for train and
   validation users; the reward's split-half reliability on the validation
-  users, align/reliability.py) and ``manifest.json``.
+  users, reward/reliability.py) and ``manifest.json``.
 
 Only train users' pairs feed DPO; test users are never scored.
 
 ``align.reward_model = "text_match"`` scores the same lists with no recommender: each
-candidate by the cosine between the text's vector and the item's (recommend/reward.py,
+candidate by the cosine between the text's vector and the item's (reward/scorers.py,
 ``TextMatchScorer``); nothing is trained for it.
 
 Reward lists (``align.reward_lists``): "held_out" (default) scores each train
@@ -37,9 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dpo4rec.align.pairs import make_pairs, reward_spread
-from dpo4rec.align.probe import reward_probe
-from dpo4rec.align.reliability import split_half_reliability
+from dpo4rec.reward.pairs import make_pairs, reward_spread
+from dpo4rec.reward.probe import reward_probe
+from dpo4rec.reward.reliability import split_half_reliability
 from dpo4rec.artifacts import StageFolder, existing_output, fingerprint_file, make_manifest, read_json, read_parquet, round_dir, write_json, write_parquet
 from dpo4rec.config import AlignConfig, RecommendConfig
 from dpo4rec.encode.stage import item_vectors_file
@@ -134,7 +134,7 @@ def round_reward_scorer(run_dir: Path, round_index: int, recommend: RecommendCon
     """Round t's reward (align.reward_model: its reward recommenders, or text matching on its item vectors) and the
     split of lists a train user's reward averages over."""
     if align.reward_model == "text_match":
-        from dpo4rec.recommend.reward import TextMatchScorer
+        from dpo4rec.reward.scorers import TextMatchScorer
 
         scorer = TextMatchScorer.from_folders(round_dir(Path(run_dir), round_index) / "embeddings", Path(run_dir) / "data",
                                               recommend.item_knowledge, align.held_out_share)
@@ -146,7 +146,7 @@ def reward_scorer(recommender: Path | list[Path], run_dir: Path, align: AlignCon
     """The reward recommender's scorer (on ``device``, a recommend.device value), and the split of lists its rewards
     average over. Several folders: an ensemble whose reward is the mean of theirs."""
     from dpo4rec.devices import resolve_device
-    from dpo4rec.recommend.reward import EnsembleScorer, RewardScorer
+    from dpo4rec.reward.scorers import EnsembleScorer, RewardScorer
 
     folders = [recommender] if isinstance(recommender, Path) else list(recommender)
     scorers = [RewardScorer.from_folders(folder, run_dir / "data", str(resolve_device(device, "recommend.device")),

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from dpo4rec.best_worst import best_and_worst
-from dpo4rec.report.bootstrap import paired_bootstrap
+from dpo4rec.stats import paired_bootstrap
 
 
 def agreement(a: pd.DataFrame, b: pd.DataFrame, seed: int = 0) -> dict:

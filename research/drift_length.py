@@ -1,6 +1,6 @@
 """Is what DPO carried to unseen users only length? The report's held-out checks split by text length.
 
-    python experiments/drift_length.py RUN [--round 0]
+    python research/drift_length.py RUN [--round 0]
 
 Length is the first thing DPO exploits, and a reward that happens to prefer
 shorter texts would make both checks of the report clear by length alone.
@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dpo4rec.align.heldout import accuracy_ci, pair_correct
+from dpo4rec.heldout.stage import accuracy_ci, pair_correct
 from dpo4rec.artifacts import read_parquet, round_dir
 from dpo4rec.errors import InputError
 from dpo4rec.report.drift import sampled_drift, validation_rewards
-from dpo4rec.run import load_run_config
+from dpo4rec.run_config import load_run_config
 
 
 def with_length(rewards: pd.DataFrame, knowledge: pd.DataFrame) -> pd.DataFrame:
