@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,16 @@ def write_json(path: Path, obj: Any) -> None:
 
 def write_parquet(path: Path, frame: pd.DataFrame) -> None:
     _atomic_replace(path, lambda tmp: frame.to_parquet(tmp, index=False))
+
+
+@dataclass
+class StageResult:
+    """What every stage returns: its output folder, the summary it wrote there (``summary.json``, a recommender's
+    ``metrics.json``, DPO's ``training_log.json``), and whether it reused finished output instead of building it."""
+
+    folder: Path
+    summary: dict
+    reused: bool
 
 
 def cache_root() -> Path:
@@ -182,6 +193,21 @@ def make_manifest(stage: str, config: dict, inputs: dict[str, str]) -> dict:
         "package_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def begin_stage(folder: Path, stage: str, config: dict, inputs: dict[str, str], summary: str = "summary.json",
+                may_be_partial: bool = False) -> tuple[dict, StageResult | None]:
+    """Every stage's prologue once its inputs are checked: the manifest that decides reuse (config, input fingerprints),
+    and the finished output as a ``StageResult`` when ``folder`` already holds it (None: build it; ``existing_output``
+    says when another config's output is refused). ``may_be_partial``: a folder without a manifest is an unfinished
+    build the stage resumes (generation), not a stranger's folder."""
+    manifest = make_manifest(stage, config, inputs)
+    if may_be_partial and not (Path(folder) / MANIFEST).is_file():
+        return manifest, None
+    if existing_output(folder, manifest):
+        log.info("%s stage: reusing %s", stage, folder)
+        return manifest, StageResult(Path(folder), read_json(Path(folder) / summary), reused=True)
+    return manifest, None
 
 
 def existing_output(folder: Path, manifest: dict) -> bool:

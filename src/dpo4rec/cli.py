@@ -52,8 +52,19 @@ def _add_run_folder_options(parser: argparse.ArgumentParser) -> None:
 def _add_data_options(parser: argparse.ArgumentParser, d) -> None:
     parser.add_argument("--dataset", help=f"ml-1m, ml-100k, amazon-beauty, or a folder (default: {d.data.dataset})")
     parser.add_argument("--path", help="folder with the data set's files (amazon-beauty needs it)")
-    parser.add_argument("--users", type=int, dest="n_users", help=f"seeded random subset of eligible users (default: {d.data.n_users or 'all'})")
+    parser.add_argument("--users", type=_users, dest="n_users", metavar="N|all",
+                        help=f"seeded random subset of eligible users, or all (default: {d.data.n_users or 'all'})")
     parser.add_argument("--seed", type=int, help=f"seed for subset, split, negatives, shuffling (default: {d.data.seed})")
+
+
+def _users(value: str):
+    """--users: a count, or "all" (unsets data.n_users)."""
+    if value.strip().lower() == "all":
+        return "none"
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of users or all, got {value!r}") from None
 
 
 def _add_model_option(parser: argparse.ArgumentParser, d) -> None:
@@ -242,7 +253,7 @@ def _recommend_stage(args: argparse.Namespace) -> int:
     variant = {k: getattr(args, k) for k in ("backbone", "knowledge", "max_epochs", "seed", "device") if getattr(args, k) is not None}
     result = run_recommend_stage(replace(config.recommend, **variant), args.out, args.round)
     record_config(args.out, config)
-    print(format_rerank_table(result.metrics))
+    print(format_rerank_table(result.summary))
     print(f"{'reused' if result.reused else 'wrote'} {result.folder}")
     return 0
 
@@ -299,8 +310,9 @@ def _round_stage(args: argparse.Namespace) -> int:
         from dpo4rec.reward.stage import run_reward_stage
 
         train_reward_recommender(config, args.out, args.round)
-        folder, summary, reused = run_reward_stage(args.out, args.round, config.recommend, config.align)
+        result = run_reward_stage(args.out, args.round, config.recommend, config.align)
         record_config(args.out, config)
+        summary = result.summary
         train, spread = summary["train"], summary["train"]["spread"]
         print(f"{summary['reward']} rewards on {summary['reward_lists'].replace('_', '-')} lists of {train['sampled_users']:,} sampled train users: "
               f"best - worst {spread['best_minus_worst_mean']:.4f} on average, {spread['users_with_tied_samples']:,} users tied; "
@@ -310,18 +322,19 @@ def _round_stage(args: argparse.Namespace) -> int:
         from dpo4rec.runlock import launch_rank
 
         adapter_chain(args.out, args.round)  # rounds before this one must be aligned
-        folder, history, reused = run_align_stage(args.out, args.round, config.model, config.align)
+        result = run_align_stage(args.out, args.round, config.model, config.align)
         if launch_rank() > 0:  # rank 0 reports what the launch wrote
             return 0
+        history = result.summary
         last = history["steps"][-1] if history["steps"] else {}
         print(f"DPO on {history['pairs']:,} pairs, {len(history['steps'])} steps; last step: loss {last.get('loss', float('nan')):.4f}, "
               f"reward accuracy {last.get('rewards/accuracies', float('nan')):.2f}; reference: {history['reference']}")
-        print(f"{'reused' if reused else 'wrote'} {folder}")
+        print(f"{'reused' if result.reused else 'wrote'} {result.folder}")
         from dpo4rec.heldout.stage import run_heldout_stage
 
-        folder, summary, reused = run_heldout_stage(args.out, args.round, config.model, config.align, config.data.seed)
+        result = run_heldout_stage(args.out, args.round, config.model, config.align, config.data.seed)
         record_config(args.out, config)
-    print(f"{'reused' if reused else 'wrote'} {folder}")
+    print(f"{'reused' if result.reused else 'wrote'} {result.folder}")
     return 0
 
 

@@ -443,8 +443,8 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
     """Accept ``value`` if it fits ``hint`` (int for float, list for tuple)."""
     options = get_args(hint) if get_origin(hint) in (types.UnionType, typing.Union) else (hint,)
     for option in options:
-        if option is type(None) and value is None:
-            return None
+        if option is type(None) and (value is None or (isinstance(value, str) and value.lower() == "none")):
+            return None  # "none" unsets a field from the command line (--set data.n_users=none), where TOML has no null
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if option is int and isinstance(value, int) and not isinstance(value, bool):

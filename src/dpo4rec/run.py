@@ -21,7 +21,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from dpo4rec.artifacts import read_json, write_json
+from dpo4rec.artifacts import StageResult, read_json, write_json
 from dpo4rec.config import PipelineConfig
 from dpo4rec.errors import InputError
 from dpo4rec.run_config import record_config
@@ -49,9 +49,7 @@ def run_pipeline(config: PipelineConfig, run_dir: str | Path) -> Path:
     def timed(name: str, stage, *args, **kwargs):
         start = time.perf_counter()
         result = stage(*args, **kwargs)
-        reused = getattr(result, "reused", None)
-        if reused is None and isinstance(result, tuple):
-            reused = result[-1]
+        reused = result.reused if isinstance(result, StageResult) else False  # the report is rebuilt every time
         if not reused:  # keep the time of the run that did the work
             timings[name] = round(time.perf_counter() - start, 2)
             write_json(timings_file, timings)
@@ -111,7 +109,7 @@ def train_reward_recommender(config: PipelineConfig, run_dir: str | Path, round_
         return None
     results = [run_recommend_stage(replace(config.recommend, knowledge=True, train_text="greedy"), run_dir, round_index,
                                    reward_holdout=config.align.held_out_share, member=k) for k in range(config.align.reward_seeds)]
-    return results, all(r.reused for r in results)
+    return StageResult(results[0].folder.parent, {"members": [r.summary for r in results]}, all(r.reused for r in results))
 
 
 def check_run_config(config: PipelineConfig, run_dir: Path) -> None:

@@ -57,7 +57,8 @@ def test_dpo_moves_the_policy_and_round_1_references_round_0(tmp_path):
     model_cfg = ModelConfig(dtype="fp32")
     align = AlignConfig(learning_rate=2e-3, batch_size=2, grad_accumulation=1, epochs=2, max_length=128, lora_r=8)
     _write_pairs(tmp_path, 0)
-    folder, log, reused = run_align_stage(tmp_path, 0, model_cfg, align)
+    result = run_align_stage(tmp_path, 0, model_cfg, align)
+    folder, log, reused = result.folder, result.summary, result.reused
     assert not reused and (folder / "adapter_model.safetensors").is_file() and (folder / "manifest.json").is_file()
     assert log["reference"] == "base model" and len(log["steps"]) == 4
     assert log["steps"][-1]["loss"] < log["steps"][0]["loss"]
@@ -75,11 +76,11 @@ def test_dpo_moves_the_policy_and_round_1_references_round_0(tmp_path):
     # reference is that same policy the first step's implicit rewards are ~0
     _write_pairs(tmp_path, 1)
     assert adapter_chain(tmp_path, 1) == [folder]
-    _, log1, _ = run_align_stage(tmp_path, 1, model_cfg, align)
+    log1 = run_align_stage(tmp_path, 1, model_cfg, align).summary
     first = log1["steps"][0]
     assert abs(first["rewards/chosen"]) < 1e-3 and abs(first["rewards/rejected"]) < 1e-3
     assert "round_0" in log1["reference"]
-    assert run_align_stage(tmp_path, 1, model_cfg, align)[2]  # reused
+    assert run_align_stage(tmp_path, 1, model_cfg, align).reused
 
     with pytest.raises(InputError, match="rounds 0..2 aligned first"):
         adapter_chain(tmp_path, 3)
@@ -98,7 +99,8 @@ def test_sft_term_and_top_layer_lora(tmp_path):
                         sft_weight=1.0, lora_layers=2)
     for round_index in (0, 1):
         _write_pairs(tmp_path, round_index)
-        folder, log, _ = run_align_stage(tmp_path, round_index, model_cfg, align)
+        result = run_align_stage(tmp_path, round_index, model_cfg, align)
+        folder, log = result.folder, result.summary
         layers = {int(name.split(".layers.")[1].split(".")[0]) for name in load_file(folder / "adapter_model.safetensors")}
         assert layers == {28, 29}  # SmolLM2-135M has 30 decoder layers
         # every policy step started at layer 28 from the reference pass's states: each pair's row, once per epoch
@@ -147,7 +149,8 @@ def test_a_round_without_pairs_keeps_its_model(tmp_path):
     from dpo4rec.llm import load_model, load_tokenizer
 
     _write_pairs(tmp_path, 0, n=0)
-    folder, log, reused = run_align_stage(tmp_path, 0, ModelConfig(dtype="fp32"), AlignConfig())
+    result = run_align_stage(tmp_path, 0, ModelConfig(dtype="fp32"), AlignConfig())
+    folder, log, reused = result.folder, result.summary, result.reused
     assert log["pairs"] == 0 and log["steps"] == [] and "tied" in log["skipped"]
     assert adapter_chain(tmp_path, 1) == [folder]
     tokenizer = load_tokenizer("smollm2-135m")

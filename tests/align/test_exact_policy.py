@@ -61,7 +61,8 @@ def test_next_round_samples_the_policy_dpo_trained(tmp_path):
                   "chosen": [CHOSEN] * 4, "rejected": [REJECTED] * 4,
                   "reward_chosen": [0.8] * 4, "reward_rejected": [0.2] * 4}).to_parquet(folder / "pairs.parquet")
     align = AlignConfig(learning_rate=5e-5, batch_size=2, grad_accumulation=1, epochs=2, max_length=128)
-    adapter, log, _ = run_align_stage(tmp_path, 0, ModelConfig(dtype="bf16"), align)
+    result = run_align_stage(tmp_path, 0, ModelConfig(dtype="bf16"), align)
+    adapter, log = result.folder, result.summary
     assert len(log["steps"]) == 4
 
     tokenizer = load_tokenizer("smollm2-135m")

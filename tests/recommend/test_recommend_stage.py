@@ -32,8 +32,8 @@ def test_stage_with_and_without_knowledge(ml100k_run, ml100k):
         assert metrics["test"]["map@5"] > metrics["baselines"]["random"]["map@5"]
         assert len(json.loads((result.folder / "curve.json").read_text())) == metrics["epochs"]
     # the documented policy: users without knowledge use the learned vector, and are counted
-    assert on.metrics["users_without_knowledge"]["train"] >= MISSING_USERS
-    assert off.metrics["users_without_knowledge"] is None
+    assert on.summary["users_without_knowledge"]["train"] >= MISSING_USERS
+    assert off.summary["users_without_knowledge"] is None
 
     # the saved model rebuilds to the same scores; the stage reuses its folder
     model = load_recommender(on.folder)
@@ -42,7 +42,7 @@ def test_stage_with_and_without_knowledge(ml100k_run, ml100k):
     knowledge = user_knowledge(len(protocol.users), users, vectors)
     scores = predict(model, lists, knowledge)
     from dpo4rec.metrics import mean_metrics, rerank_metrics
-    assert mean_metrics(rerank_metrics(lists.labels.numpy(), scores))["map@5"] == pytest.approx(on.metrics["test"]["map@5"], abs=1e-6)
+    assert mean_metrics(rerank_metrics(lists.labels.numpy(), scores))["map@5"] == pytest.approx(on.summary["test"]["map@5"], abs=1e-6)
     assert run_recommend_stage(config, ml100k_run, 0, progress=False).reused
 
 
@@ -108,7 +108,7 @@ def test_held_out_reward_recommender_never_trains_on_the_reward_lists(ml100k_run
     assert result.folder.name == "prm-reward-holdout"
     n_train = int((protocol.lists["split"] == "train").sum())
     held = int(np.sum([max(1, np.ceil(n * 0.25)) for n in protocol.lists[protocol.lists["split"] == "train"].groupby("user_index").size()]))
-    assert result.metrics["lists"]["train"] == n_train - held
+    assert result.summary["lists"]["train"] == n_train - held
     scorer = RewardScorer.from_folders(result.folder, ml100k_run / "data", reward_holdout=0.25)
     train_users = protocol.users.loc[protocol.users["split"] == "train", "user_index"].to_numpy()[:20]
     table = scorer.score_embeddings(emb, split="reward", users=train_users)
@@ -156,9 +156,9 @@ def test_several_seeds_average_each_list_and_keep_each_seed(ml100k_run, tmp_path
     np.testing.assert_array_equal(two["map@5_seed1"], one["map@5"])  # the first training is the single run's
     assert not np.array_equal(two["map@5_seed2"], two["map@5_seed1"])  # another seed, another model
     np.testing.assert_allclose(two["map@5"], (two["map@5_seed1"] + two["map@5_seed2"]) / 2)
-    metrics = results[2].metrics
+    metrics = results[2].summary
     assert [s["seed"] for s in metrics["seeds"]] == [0, 1]
-    assert metrics["seeds"][0]["test"]["map@5"] == results[1].metrics["test"]["map@5"]
+    assert metrics["seeds"][0]["test"]["map@5"] == results[1].summary["test"]["map@5"]
     assert metrics["test"]["map@5"] == pytest.approx(np.mean([s["test"]["map@5"] for s in metrics["seeds"]]))
     validation = pd.read_parquet(results[2].folder / "validation_lists.parquet")
     assert metrics["validation"]["map@5"] == pytest.approx(validation["map@5"].mean())

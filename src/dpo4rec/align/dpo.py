@@ -38,7 +38,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from dpo4rec.artifacts import MANIFEST, StageFolder, damaged_output, existing_output, fingerprint_file, make_manifest, read_json, read_parquet, round_dir, write_json
+from dpo4rec.artifacts import (
+    MANIFEST, StageFolder, StageResult, begin_stage, damaged_output, fingerprint_file, read_json, read_parquet, round_dir, write_json,
+)
 from dpo4rec.config import AlignConfig, ModelConfig, to_dict
 from dpo4rec.errors import InputError
 from dpo4rec.runlock import launch_rank, launched
@@ -70,10 +72,10 @@ def run_align_stage(run_dir: str | Path, round_index: int, model_cfg: ModelConfi
     chain = adapter_chain(run_dir, round_index)
     inputs = {"pairs.parquet": fingerprint_file(pairs_file)}
     inputs.update({f"chain/{p.parent.name}": fingerprint_file(p / "adapter_model.safetensors") for p in chain})
-    manifest = make_manifest(STAGE, {"align": to_dict(align), "model": model_cfg.name}, inputs)
     folder = round_folder / STAGE
-    if existing_output(folder, manifest):
-        return folder, read_json(folder / "training_log.json"), True
+    manifest, done = begin_stage(folder, STAGE, {"align": to_dict(align), "model": model_cfg.name}, inputs, summary="training_log.json")
+    if done:
+        return done
     pairs = read_parquet(pairs_file)
     shared = round_folder / ".dpo-dataset" if launched() else None
     if launch_rank() > 0:  # another process of `accelerate launch`: trains along (DDP needs every rank), writes nothing
@@ -82,7 +84,7 @@ def run_align_stage(run_dir: str | Path, round_index: int, model_cfg: ModelConfi
             with tempfile.TemporaryDirectory() as scratch:
                 history = train_dpo(pairs, model_cfg, align, chain, Path(scratch), shared)
         _barrier()  # rank 0 removes the shared pairs after this
-        return folder, history, False
+        return StageResult(folder, history, False)
     with StageFolder(folder, manifest) as tmp:
         if len(pairs) == 0:  # every user's samples tied: nothing to learn, the next round's model is this one
             log.warning("%s: no preference pairs (every user's samples tied); round %d keeps its model", pairs_file, round_index)
@@ -92,7 +94,7 @@ def run_align_stage(run_dir: str | Path, round_index: int, model_cfg: ModelConfi
     if shared is not None:
         _barrier()  # every rank is done with the shared pairs
         shutil.rmtree(shared, ignore_errors=True)
-    return folder, history, False
+    return StageResult(folder, history, False)
 
 
 def _barrier() -> None:

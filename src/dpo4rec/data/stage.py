@@ -11,13 +11,12 @@ Files written (all parquet except the JSON):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from dpo4rec.artifacts import StageFolder, existing_output, fingerprint_file, make_manifest, read_json, read_parquet, write_json, write_parquet
+from dpo4rec.artifacts import StageFolder, StageResult, begin_stage, fingerprint_file, read_json, read_parquet, write_json, write_parquet
 from dpo4rec.config import DataConfig, to_dict
 from dpo4rec.data import load_dataset
 from dpo4rec.data.protocol import ProtocolData, build_protocol
@@ -27,27 +26,19 @@ log = logging.getLogger(__name__)
 STAGE = "data"
 
 
-@dataclass
-class DataStageResult:
-    folder: Path
-    summary: dict
-    reused: bool
-
-
-def run_data_stage(config: DataConfig, run_dir: str | Path) -> DataStageResult:
+def run_data_stage(config: DataConfig, run_dir: str | Path) -> StageResult:
     """Write the protocol artifacts to ``run_dir/data``, or reuse them if they match."""
     folder = Path(run_dir) / STAGE
     dataset = load_dataset(config.dataset, config.path)
     check_ratings(dataset, config.rating_range)
     inputs = {p.name: fingerprint_file(p) for p in dataset.source_files}
-    manifest = make_manifest(STAGE, to_dict(config), inputs)
-    if existing_output(folder, manifest):
-        log.info("data stage: reusing %s", folder)
-        return DataStageResult(folder, read_json(folder / "summary.json"), reused=True)
+    manifest, done = begin_stage(folder, STAGE, to_dict(config), inputs)
+    if done:
+        return done
     protocol = build_protocol(dataset, config)
     with StageFolder(folder, manifest) as tmp:
         write_protocol(protocol, tmp)
-    return DataStageResult(folder, protocol.summary, reused=False)
+    return StageResult(folder, protocol.summary, reused=False)
 
 
 def check_ratings(dataset, rating_range: tuple[float, float] | None) -> None:

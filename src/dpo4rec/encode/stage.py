@@ -26,7 +26,9 @@ import numpy as np
 import pandas as pd
 from safetensors.numpy import save
 
-from dpo4rec.artifacts import StageFolder, existing_output, fingerprint_file, make_manifest, read_json, read_parquet, read_safetensors, round_dir, write_bytes_atomic, write_json
+from dpo4rec.artifacts import (
+    StageFolder, StageResult, begin_stage, fingerprint_file, read_json, read_parquet, read_safetensors, round_dir, write_bytes_atomic, write_json,
+)
 from dpo4rec.config import EncodeConfig, to_dict
 from dpo4rec.data.stage import used_items
 from dpo4rec.encode.cache import EmbeddingCache, cache_key, text_hash
@@ -61,14 +63,7 @@ class Embeddings:
         return self.user_index[rows], self.user_vectors[rows]
 
 
-@dataclass
-class EncodeStageResult:
-    folder: Path
-    summary: dict
-    reused: bool
-
-
-def run_encode_stage(config: EncodeConfig, run_dir: str | Path, round_index: int = 0, progress: bool = True) -> EncodeStageResult:
+def run_encode_stage(config: EncodeConfig, run_dir: str | Path, round_index: int = 0, progress: bool = True) -> StageResult:
     """Encode round ``round_index``'s knowledge and the item texts, or reuse them."""
     run_dir = Path(run_dir)
     knowledge_path = round_dir(run_dir, round_index) / "knowledge" / "knowledge.parquet"
@@ -83,11 +78,10 @@ def run_encode_stage(config: EncodeConfig, run_dir: str | Path, round_index: int
     if item_knowledge_path.is_file():
         inputs["item_knowledge.parquet"] = fingerprint_file(item_knowledge_path)
     settings = {k: v for k, v in to_dict(config).items() if k not in ("device", "batch_size")}  # neither changes a vector
-    manifest = make_manifest(STAGE, {**settings, "round": round_index}, inputs)
     folder = round_dir(run_dir, round_index) / "embeddings"
-    if existing_output(folder, manifest):
-        log.info("encode stage: reusing %s", folder)
-        return EncodeStageResult(folder, read_json(folder / "summary.json"), reused=True)
+    manifest, done = begin_stage(folder, STAGE, {**settings, "round": round_index}, inputs)
+    if done:
+        return done
 
     knowledge = read_knowledge(knowledge_path)
     items = read_parquet(items_path)
@@ -131,7 +125,7 @@ def run_encode_stage(config: EncodeConfig, run_dir: str | Path, round_index: int
                 write_bytes_atomic(tmp / name, save({"item_index": items["item_index"].to_numpy(np.int64), "vectors": vectors},
                                                     metadata={"encoder": encoder.name}))
         write_json(tmp / "summary.json", summary)
-    return EncodeStageResult(folder, summary, reused=False)
+    return StageResult(folder, summary, reused=False)
 
 
 def encode_cached(encoder: TextEncoder, cache: EmbeddingCache, texts: list[str], progress: bool = True) -> tuple[np.ndarray, int]:

@@ -23,7 +23,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dpo4rec.artifacts import (
-    MANIFEST, existing_output, fingerprint_file, make_manifest, manifest_fingerprint, read_json, read_parquet, round_dir, write_json, write_manifest,
-    write_parquet,
+    MANIFEST, StageResult, begin_stage, fingerprint_file, manifest_fingerprint, read_json, read_parquet, round_dir, write_json, write_manifest, write_parquet,
 )
 from dpo4rec.config import GenerateConfig, ModelConfig, to_dict
 from dpo4rec.errors import InputError
@@ -44,13 +43,6 @@ log = logging.getLogger(__name__)
 STAGE = "knowledge"
 ITEM_PROMPTS = "item_prompts.parquet"
 ITEM_KNOWLEDGE = "item_knowledge.parquet"  # round 0 only: KAR's factual knowledge, one greedy text per item
-
-
-@dataclass
-class GenerateResult:
-    folder: Path
-    summary: dict
-    reused: bool
 
 
 
@@ -91,7 +83,7 @@ def make_plan(prompts: pd.DataFrame, users: pd.DataFrame, gen: GenerateConfig) -
 def run_generate_stage(
     run_dir: str | Path, round_index: int, model_cfg: ModelConfig, gen: GenerateConfig,
     adapters=(), stop_after_batches: int | None = None, shard: tuple[int, int] | None = None,
-) -> GenerateResult:
+) -> StageResult:
     """Generate (or reuse, or resume) the round's knowledge texts.
 
     ``adapters``: LoRA folders from earlier rounds' DPO stages, applied together
@@ -111,9 +103,9 @@ def run_generate_stage(
         inputs[f"adapter_{number}"] = fingerprint_file(adapter / "adapter_model.safetensors")
     config = {"generate": {k: v for k, v in to_dict(gen).items() if k not in GenerateConfig.SPREAD_ONLY},
               "model": {"name": model_cfg.name, "dtype": model_cfg.dtype}}
-    manifest = make_manifest(STAGE, config, inputs)
-    if (folder / MANIFEST).is_file() and existing_output(folder, manifest):
-        return GenerateResult(folder, read_json(folder / "summary.json"), reused=True)
+    manifest, done = begin_stage(folder, STAGE, config, inputs, may_be_partial=True)
+    if done:
+        return done
 
     prompts = read_parquet(prompt_dir / "prompts.parquet")
     users = read_parquet(run_dir / "data" / "users.parquet")
@@ -132,14 +124,14 @@ def run_generate_stage(
     todo = [i for i in range(len(plan["batches"])) if not part_file(parts, i).is_file()]
     if shard is not None:
         _generate(prompts, plan["batches"], todo[shard[0]::shard[1]], parts, model_cfg, gen, adapters, None, shard)
-        return GenerateResult(folder, {}, reused=False)
+        return StageResult(folder, {}, reused=False)
     if len(todo) > 1 and gen.processes > 1 and stop_after_batches is None:
         _generate_in_processes(run_dir, round_index, model_cfg, gen, adapters, min(gen.processes, len(todo)))
         todo = []  # every process finished its share (one that failed raised here)
     if todo:
         _generate(prompts, plan["batches"], todo, parts, model_cfg, gen, adapters, stop_after_batches)
         if stop_after_batches is not None and len(todo) > stop_after_batches:
-            return GenerateResult(folder, {}, reused=False)
+            return StageResult(folder, {}, reused=False)
 
     frame = pd.concat([read_parquet(part_file(parts, i)) for i in range(len(plan["batches"]))])
     frame = frame.sort_values(["user_index", "sample"]).reset_index(drop=True)
@@ -155,7 +147,7 @@ def run_generate_stage(
     write_json(folder / "summary.json", summary)
     write_manifest(folder, manifest, exclude=("parts/",))  # last: marks the stage complete
     shutil.rmtree(parts)  # knowledge.parquet holds them all now
-    return GenerateResult(folder, summary, reused=False)
+    return StageResult(folder, summary, reused=False)
 
 
 def part_file(parts: Path, number: int) -> Path:

@@ -43,7 +43,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from dpo4rec.artifacts import StageFolder, existing_output, fingerprint_file, make_manifest, read_json, read_parquet, round_dir, write_json, write_parquet
+from dpo4rec.artifacts import StageFolder, StageResult, begin_stage, fingerprint_file, read_parquet, round_dir, write_json, write_parquet
 from dpo4rec.best_worst import best_and_worst
 from dpo4rec.config import AlignConfig, ModelConfig
 from dpo4rec.errors import InputError
@@ -69,11 +69,11 @@ def run_heldout_stage(run_dir: str | Path, round_index: int, model_cfg: ModelCon
     inputs = {"validation_pairs.parquet": fingerprint_file(pairs_file), "adapter": fingerprint_file(adapter / "adapter_model.safetensors"),
               "prompts.parquet": fingerprint_file(prompts_file)}
     inputs.update({f"chain/{p.parent.name}": fingerprint_file(p / "adapter_model.safetensors") for p in chain})
-    manifest = make_manifest(STAGE, {"model": {"name": model_cfg.name, "dtype": model_cfg.dtype}, "beta": align.beta,
-                                     "arithmetic": "fp32"}, inputs)
     folder = here / STAGE
-    if existing_output(folder, manifest):
-        return folder, read_json(folder / "summary.json"), True
+    manifest, done = begin_stage(folder, STAGE, {"model": {"name": model_cfg.name, "dtype": model_cfg.dtype}, "beta": align.beta,
+                                                 "arithmetic": "fp32"}, inputs)
+    if done:
+        return done
     pairs = read_parquet(pairs_file)
     if len(pairs) == 0:  # every sampled validation user's samples tied: nothing to check, and the report says so
         log.warning("%s: no validation pairs; raise generate.sampled_validation_users or use a continuous align.reward", pairs_file)
@@ -81,7 +81,7 @@ def run_heldout_stage(run_dir: str | Path, round_index: int, model_cfg: ModelCon
                    "skipped": "no validation pairs: every sampled validation user's samples tied"}
         with StageFolder(folder, manifest) as tmp:
             write_json(tmp / "summary.json", summary)
-        return folder, summary, False
+        return StageResult(folder, summary, False)
     texts = pair_texts(pairs)
     prompts = read_parquet(prompts_file).set_index("user_index")["message"]
     texts = score_texts(texts, prompts, model_cfg, [*chain, adapter])
@@ -91,7 +91,7 @@ def run_heldout_stage(run_dir: str | Path, round_index: int, model_cfg: ModelCon
         write_parquet(tmp / "texts.parquet", texts)
         write_parquet(tmp / "pairs.parquet", scored)
         write_json(tmp / "summary.json", summary)
-    return folder, summary, False
+    return StageResult(folder, summary, False)
 
 
 def pair_texts(pairs: pd.DataFrame) -> pd.DataFrame:

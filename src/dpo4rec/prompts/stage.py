@@ -9,13 +9,14 @@ n_history: items shown, n_dropped: oldest items cut to fit
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from dpo4rec.artifacts import StageFolder, existing_output, make_manifest, manifest_fingerprint, read_json, read_parquet, write_json, write_parquet
+from dpo4rec.artifacts import (
+    StageFolder, StageResult, begin_stage, manifest_fingerprint, read_json, read_parquet, write_json, write_parquet,
+)
 from dpo4rec.config import ModelConfig, PromptConfig, to_dict
 from dpo4rec.data.stage import used_items
 from dpo4rec.errors import InputError
@@ -23,13 +24,6 @@ from dpo4rec.prompts.templates import ITEM_TEMPLATES, USER_TEMPLATES, check_temp
 
 log = logging.getLogger(__name__)
 STAGE = "prompts"
-
-
-@dataclass
-class PromptStageResult:
-    folder: Path
-    summary: dict
-    reused: bool
 
 
 def describe_item(row, domain: str, genres: bool = False) -> str:
@@ -142,7 +136,7 @@ def build_item_prompts(data_dir: Path, prompts: PromptConfig, tokenizer, dataset
     return pd.DataFrame({"item_index": items["item_index"], "message": messages, "text": texts})
 
 
-def run_prompt_stage(run_dir: str | Path, prompts: PromptConfig, model: ModelConfig) -> PromptStageResult:
+def run_prompt_stage(run_dir: str | Path, prompts: PromptConfig, model: ModelConfig) -> StageResult:
     """Write ``RUN/prompts/`` from ``RUN/data/``, or reuse it if inputs and config match."""
     from dpo4rec.llm import load_tokenizer
 
@@ -152,12 +146,10 @@ def run_prompt_stage(run_dir: str | Path, prompts: PromptConfig, model: ModelCon
         raise InputError(f"{data_dir}: no data stage output; run `dpo4rec data --out {run_dir}` first")
     data_manifest = read_json(data_dir / "manifest.json")
     folder = run_dir / STAGE
-    manifest = make_manifest(
-        STAGE, {"prompts": to_dict(prompts), "model": model.name},
-        {"data/manifest.json": manifest_fingerprint(data_dir / "manifest.json")},
-    )
-    if existing_output(folder, manifest):
-        return PromptStageResult(folder, read_json(folder / "summary.json"), reused=True)
+    manifest, done = begin_stage(folder, STAGE, {"prompts": to_dict(prompts), "model": model.name},
+                                 {"data/manifest.json": manifest_fingerprint(data_dir / "manifest.json")})
+    if done:
+        return done
     tokenizer = load_tokenizer(model.name)
     dataset = data_manifest["config"]["dataset"]
     frame, summary = build_user_prompts(data_dir, prompts, tokenizer, dataset)
@@ -166,4 +158,4 @@ def run_prompt_stage(run_dir: str | Path, prompts: PromptConfig, model: ModelCon
         if prompts.item_prompts:
             write_parquet(tmp / "item_prompts.parquet", build_item_prompts(data_dir, prompts, tokenizer, dataset))
         write_json(tmp / "summary.json", summary)
-    return PromptStageResult(folder, summary, reused=False)
+    return StageResult(folder, summary, reused=False)

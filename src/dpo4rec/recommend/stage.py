@@ -21,13 +21,13 @@ train user's last lists (the reward is then computed on those),
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from dpo4rec.artifacts import StageFolder, existing_output, fingerprint_file, make_manifest, read_json, read_parquet, round_dir, write_json, write_parquet
+from dpo4rec.artifacts import StageFolder, StageResult, begin_stage, fingerprint_file, read_parquet, round_dir, write_json, write_parquet
 from dpo4rec.best_worst import best_and_worst
 from dpo4rec.config import RecommendConfig, to_dict
 from dpo4rec.encode.stage import item_vectors_file, read_embeddings
@@ -41,13 +41,6 @@ from dpo4rec.recommend.train import build_recommender, evaluate, missing_knowled
 log = logging.getLogger(__name__)
 STAGE = "recommend"
 _DATA_FILES = ("users.parquet", "items.parquet", "interactions.parquet", "lists.parquet")
-
-
-@dataclass
-class RecommendStageResult:
-    folder: Path
-    metrics: dict
-    reused: bool
 
 
 def model_name(config: RecommendConfig, reward_holdout: float = 0.0) -> str:
@@ -67,7 +60,7 @@ def reward_model_name(config: RecommendConfig, reward_holdout: float = 0.0, memb
 
 
 def run_recommend_stage(config: RecommendConfig, run_dir: str | Path, round_index: int = 0, progress: bool = True,
-                        reward_holdout: float = 0.0, member: int = 0) -> RecommendStageResult:
+                        reward_holdout: float = 0.0, member: int = 0) -> StageResult:
     """Train, evaluate and save one re-ranker for round ``round_index``, or reuse it.
 
     ``reward_holdout`` > 0 trains without each train user's last share of lists
@@ -103,11 +96,10 @@ def run_recommend_stage(config: RecommendConfig, run_dir: str | Path, round_inde
     settings = {k: v for k, v in to_dict(config).items() if k != "device"}
     if reward_holdout > 0:
         settings["reward_holdout"] = reward_holdout
-    manifest = make_manifest(STAGE, {**settings, "round": round_index}, inputs)
     folder = round_dir(run_dir, round_index) / "recommender" / folder_name
-    if existing_output(folder, manifest):
-        log.info("recommend stage: reusing %s", folder)
-        return RecommendStageResult(folder, read_json(folder / "metrics.json"), reused=True)
+    manifest, done = begin_stage(folder, STAGE, {**settings, "round": round_index}, inputs, summary="metrics.json")
+    if done:
+        return done
 
     frames = {name: read_parquet(data / name) for name in _DATA_FILES}
     if reward_holdout > 0:
@@ -139,7 +131,7 @@ def run_recommend_stage(config: RecommendConfig, run_dir: str | Path, round_inde
         write_parquet(tmp / "test_lists.parquet", metrics.pop("_test_lists"))
         write_parquet(tmp / "validation_lists.parquet", metrics.pop("_validation_lists"))
         write_json(tmp / "metrics.json", metrics)
-    return RecommendStageResult(folder, metrics, reused=False)
+    return StageResult(folder, metrics, reused=False)
 
 
 def fit_and_evaluate(build, lists, knowledge, config: RecommendConfig, frames: dict, progress: bool = True):

@@ -40,7 +40,7 @@ import numpy as np
 from dpo4rec.reward.pairs import make_pairs, reward_spread
 from dpo4rec.reward.probe import reward_probe
 from dpo4rec.reward.reliability import split_half_reliability
-from dpo4rec.artifacts import StageFolder, existing_output, fingerprint_file, make_manifest, read_json, read_parquet, round_dir, write_json, write_parquet
+from dpo4rec.artifacts import StageFolder, StageResult, begin_stage, fingerprint_file, read_parquet, round_dir, write_json, write_parquet
 from dpo4rec.config import AlignConfig, RecommendConfig
 from dpo4rec.encode.stage import item_vectors_file
 from dpo4rec.errors import InputError
@@ -78,11 +78,11 @@ def run_reward_stage(run_dir: str | Path, round_index: int, recommend: Recommend
     for stage, path in needed.items():
         if not path.is_file():
             raise InputError(f"{path} not found; run the {stage.split()[0]} stage for round {round_index} first")
-    manifest = make_manifest(STAGE, pairing_settings(align, recommender_name),
-                             {name: fingerprint_file(path) for name, path in needed.items()})
     folder = here / STAGE
-    if existing_output(folder, manifest):
-        return folder, read_json(folder / "summary.json"), True
+    manifest, done = begin_stage(folder, STAGE, pairing_settings(align, recommender_name),
+                                 {name: fingerprint_file(path) for name, path in needed.items()})
+    if done:
+        return done
 
     embeddings = read_embeddings(here / "embeddings")
     scorer, split = round_reward_scorer(run_dir, round_index, recommend, align)
@@ -116,7 +116,7 @@ def run_reward_stage(run_dir: str | Path, round_index: int, recommend: Recommend
         write_parquet(tmp / "validation_rewards.parquet", outputs["validation"][0])
         write_parquet(tmp / "validation_pairs.parquet", outputs["validation"][1])
         write_json(tmp / "summary.json", summary)
-    return folder, summary, False
+    return StageResult(folder, summary, False)
 
 
 def reward_folders(run_dir: Path, round_index: int, recommend: RecommendConfig, align: AlignConfig) -> list[Path]:
