@@ -1,7 +1,7 @@
 """DPO speed: TRL as shipped against ours, and both against this machine's limit, in one process.
 
     python benchmarks/dpo.py --quick --json dpo.json     # builds its own pairs; a few minutes
-    python benchmarks/dpo.py --pairs RUN/round_0/preferences/pairs.parquet --n 32
+    python benchmarks/dpo.py --pairs RUN/round_0/reward/pairs.parquet --n 32
     python benchmarks/dpo.py --quick --skip trl compact --profile 25     # where ours spends its time
 
 Pairs: real ones, either a reward stage's ``pairs.parquet`` or (``--quick``,

@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     before_rewards, after_rewards = both
     users = before_rewards["user_index"].unique()
-    before = with_length(before_rewards, read_parquet(round_dir(run, t) / "knowledge" / "knowledge.parquet"))
-    after = with_length(after_rewards, read_parquet(round_dir(run, t + 1) / "knowledge" / "knowledge.parquet"))
+    before = with_length(before_rewards, read_parquet(round_dir(run, t) / "generate" / "knowledge.parquet"))
+    after = with_length(after_rewards, read_parquet(round_dir(run, t + 1) / "generate" / "knowledge.parquet"))
     seed = config.data.seed
 
     print(f"validation users {len(users)}; sampled texts: round {t} {len(before)}, round {t + 1} {len(after)}")

@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_model_option(parser_, d)
     g = d.generate
     generate.add_argument("--round", type=int, default=0, help="round (0 = the base LLM; t = with the adapters of rounds 0..t-1)")
-    generate.add_argument("--adapter", action="append", default=[], help="LoRA adapter folder to merge in (a DPO round's adapter/); repeat for a chain")
+    generate.add_argument("--adapter", action="append", default=[], help="LoRA adapter folder to merge in (a DPO round's align/); repeat for a chain")
     generate.add_argument("--n", type=int, dest="n_samples", help=f"sampled texts per sampled user (default: {g.n_samples})")
     generate.add_argument("--max-new-tokens", type=int, dest="max_new_tokens", help=f"tokens per text at most (default: {g.max_new_tokens})")
     generate.add_argument("--temperature", type=float, help=f"sampling temperature (default: {g.temperature})")

@@ -33,7 +33,7 @@ def test_pairs_take_best_and_worst_and_skip_ties():
 
 
 def _write_pairs(run, round_index, n=4):
-    folder = run / f"round_{round_index}" / "preferences"
+    folder = run / f"round_{round_index}" / "reward"
     folder.mkdir(parents=True, exist_ok=True)
     pd.DataFrame({
         "user_index": range(n), "prompt": [f"Describe the taste of user {i} who watched musicals." for i in range(n)],
@@ -108,13 +108,13 @@ def test_sft_term_and_top_layer_lora(tmp_path):
         assert log["steps"][0]["loss"] > 0.693 + 1.0  # ln 2 of DPO plus the chosen texts' NLL per token (several nats)
     tokenizer = load_tokenizer("smollm2-135m")
     base = load_model("smollm2-135m", dtype=torch.float32)
-    policy = load_model("smollm2-135m", adapters=[tmp_path / "round_0" / "adapter"], dtype=torch.float32)
+    policy = load_model("smollm2-135m", adapters=[tmp_path / "round_0" / "align"], dtype=torch.float32)
     prompt = "Describe the taste of user 0 who watched musicals."
     assert _logp(policy, tokenizer, prompt, LIKES) > _logp(base, tokenizer, prompt, LIKES) + 1.0
     _write_pairs(tmp_path / "other", 0)
     with pytest.raises(InputError, match="align.lora_layers must be at most the model's 30 decoder layers"):
         run_align_stage(tmp_path / "other", 0, model_cfg, AlignConfig(lora_layers=31))
-    assert not (tmp_path / "other" / "round_0" / "adapter").exists()
+    assert not (tmp_path / "other" / "round_0" / "align").exists()
 
 
 def test_completion_only_scoring_gives_the_same_log_probs(monkeypatch):

@@ -55,7 +55,7 @@ def test_next_round_samples_the_policy_dpo_trained(tmp_path):
 
     from dpo4rec.llm import load_base_model, load_model, load_tokenizer
 
-    folder = tmp_path / "round_0" / "preferences"
+    folder = tmp_path / "round_0" / "reward"
     folder.mkdir(parents=True)
     pd.DataFrame({"user_index": range(4), "prompt": [PROMPT.format(i=i) for i in range(4)],
                   "chosen": [CHOSEN] * 4, "rejected": [REJECTED] * 4,

@@ -23,7 +23,7 @@ def write_knowledge(run, round_index: int, texts_for) -> pd.DataFrame:
     users = read_protocol(run / "data").users["user_index"]
     rows = [(int(u), s, texts_for(int(u), s)) for u in users for s in range(3)]
     frame = pd.DataFrame(rows, columns=["user_index", "sample", "text"]).sample(frac=1, random_state=0)  # any row order
-    folder = run / f"round_{round_index}" / "knowledge"
+    folder = run / f"round_{round_index}" / "generate"
     folder.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(folder / "knowledge.parquet", index=False)
     return frame
@@ -66,7 +66,7 @@ def test_stage_writes_keyed_vectors_and_reports_long_texts(run):
 
 
 def test_long_texts_are_chunked_not_truncated(run):
-    chunked = read_embeddings(run / "round_0" / "embeddings")
+    chunked = read_embeddings(run / "round_0" / "encode")
     long_vector = chunked.user_vectors[(chunked.user_index == 0) & (chunked.sample == 1)][0]
     encoder = TextEncoder(long_texts="truncate")
     truncated, report = encoder.encode([LONG], progress=False)
@@ -81,13 +81,13 @@ def test_long_texts_are_chunked_not_truncated(run):
 def test_reuse_and_cache_across_rounds(run):
     assert run_encode_stage(EncodeConfig(), run, 0, progress=False).reused
     key = cache_key("sentence-transformers/all-MiniLM-L6-v2", "chunk")
-    before = len(EmbeddingCache(run / "cache" / "embeddings" / key, 384, "x"))
+    before = len(EmbeddingCache(run / "cache" / "encode" / key, 384, "x"))
     # round 1: only sample 0 changes, for every user
     write_knowledge(run, 1, lambda u, s: f"Round one: user {u} prefers westerns." if s == 0 else base_text(u, s))
     result = run_encode_stage(EncodeConfig(), run, 1, progress=False)
     assert not result.reused
-    assert len(EmbeddingCache(run / "cache" / "embeddings" / key, 384, "x")) == before + 30
-    r0, r1 = read_embeddings(run / "round_0" / "embeddings"), read_embeddings(run / "round_1" / "embeddings")
+    assert len(EmbeddingCache(run / "cache" / "encode" / key, 384, "x")) == before + 30
+    r0, r1 = read_embeddings(run / "round_0" / "encode"), read_embeddings(run / "round_1" / "encode")
     np.testing.assert_array_equal(r0.user_vectors[r0.sample > 0], r1.user_vectors[r1.sample > 0])
     np.testing.assert_array_equal(r0.item_vectors, r1.item_vectors)
 
@@ -95,7 +95,7 @@ def test_reuse_and_cache_across_rounds(run):
 def test_bad_knowledge_files_are_input_errors(run, tmp_path):
     with pytest.raises(InputError, match="knowledge.parquet not found"):
         run_encode_stage(EncodeConfig(), run, 7, progress=False)
-    folder = run / "round_8" / "knowledge"
+    folder = run / "round_8" / "generate"
     folder.mkdir(parents=True)
     pd.DataFrame({"user_index": [0, 0], "sample": [0, 0], "text": ["a", "b"]}).to_parquet(folder / "knowledge.parquet")
     with pytest.raises(InputError, match=r"\(user_index, sample\) = \(0, 0\) appears twice"):
@@ -103,7 +103,7 @@ def test_bad_knowledge_files_are_input_errors(run, tmp_path):
     pd.DataFrame({"user_index": [0], "answer": ["a"]}).to_parquet(folder / "knowledge.parquet")
     with pytest.raises(InputError, match="needs columns user_index, sample, text"):
         run_encode_stage(EncodeConfig(), run, 8, progress=False)
-    assert not (run / "round_8" / "embeddings").exists()
+    assert not (run / "round_8" / "encode").exists()
     result = subprocess.run([sys.executable, "-m", "dpo4rec", "encode", "--out", str(run), "--round", "9"], capture_output=True, text=True)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
@@ -134,11 +134,11 @@ def test_item_knowledge_reaches_the_item_tower_and_changes_scores(run, tmp_path)
     items = pd.read_parquet(copy / "data" / "items.parquet")
     known = items["item_index"].to_numpy()[:40]
     pd.DataFrame({"item_index": known, "text": [f"A film about topic {i % 7}, loved by critics." for i in range(40)]}).to_parquet(
-        copy / "round_0" / "knowledge" / "item_knowledge.parquet", index=False)
+        copy / "round_0" / "generate" / "item_knowledge.parquet", index=False)
     run_encode_stage(EncodeConfig(), copy, 0, progress=False)
     run_encode_stage(EncodeConfig(), copy, 1, progress=False)  # later rounds read round 0's item texts too
     for round_index in (0, 1):
-        folder = copy / f"round_{round_index}" / "embeddings"
+        folder = copy / f"round_{round_index}" / "encode"
         assert json.loads((folder / "summary.json").read_text())["item_knowledge_texts"] > 0
         with_texts, plain = read_embeddings(folder), read_embeddings(folder, item_knowledge=False)
         changed = ~np.isclose(with_texts.item_vectors, plain.item_vectors).all(axis=1)

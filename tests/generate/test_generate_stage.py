@@ -82,7 +82,7 @@ def test_kill_9_then_rerun_loses_nothing_and_duplicates_nothing(tiny_run, tmp_pa
     # the same thread count as the reference run in this process: bf16 products round differently with another
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    parts = run / "round_0" / "knowledge" / "parts"
+    parts = run / "round_0" / "generate" / "parts"
     deadline = time.time() + 240
     while time.time() < deadline and not list(parts.glob("part-*.parquet")):
         time.sleep(0.05)
@@ -92,7 +92,7 @@ def test_kill_9_then_rerun_loses_nothing_and_duplicates_nothing(tiny_run, tmp_pa
     assert 1 <= done_before < 4, "the kill should land mid-run"
     result = subprocess.run(args, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
-    resumed = pd.read_parquet(run / "round_0" / "knowledge" / "knowledge.parquet")
+    resumed = pd.read_parquet(run / "round_0" / "generate" / "knowledge.parquet")
     pd.testing.assert_frame_equal(pd.read_parquet(reference.folder / "knowledge.parquet"), resumed)
     assert not resumed.duplicated(["user_index", "sample"]).any()
 

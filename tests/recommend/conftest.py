@@ -37,7 +37,7 @@ def write_fixture_knowledge(run: Path, n_samples: int = 2, seed: int = 0) -> pd.
             some = titles[-3:] if sample == 0 else list(rng.choice(titles, min(3, len(titles)), replace=False))
             rows.append((int(user), sample, f"This user enjoys {', '.join(top)} movies, for example {'; '.join(some)}."))
     frame = pd.DataFrame(rows, columns=["user_index", "sample", "text"])
-    out = run / "round_0" / "knowledge"
+    out = run / "round_0" / "generate"
     out.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(out / "knowledge.parquet", index=False)
     return frame
@@ -53,11 +53,11 @@ def ml100k_run(tmp_path_factory) -> Path:
     users = read_protocol(run / "data").users
     train = users.loc[users["split"] == "train", "user_index"]
     drop = sorted(set(train) & set(frame["user_index"]))[:MISSING_USERS]
-    frame[~frame["user_index"].isin(drop)].to_parquet(run / "round_0" / "knowledge" / "knowledge.parquet", index=False)
+    frame[~frame["user_index"].isin(drop)].to_parquet(run / "round_0" / "generate" / "knowledge.parquet", index=False)
     run_encode_stage(EncodeConfig(), run, 0, progress=False)
     return run
 
 
 @pytest.fixture(scope="session")
 def ml100k(ml100k_run):
-    return read_protocol(ml100k_run / "data"), read_embeddings(ml100k_run / "round_0" / "embeddings")
+    return read_protocol(ml100k_run / "data"), read_embeddings(ml100k_run / "round_0" / "encode")

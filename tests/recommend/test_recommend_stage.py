@@ -83,7 +83,7 @@ def test_cli_recommend_no_knowledge_prints_the_table(tmp_path, capsys):
     assert main(["recommend", "--out", str(tmp_path), "--backbone", "dlcm", "--no-knowledge", "--epochs", "1", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "dlcm (no knowledge)" in out and "popularity" in out and "random" in out
-    assert (tmp_path / "round_0" / "recommender" / "dlcm-no-knowledge" / "model.safetensors").is_file()
+    assert (tmp_path / "round_0" / "recommend" / "dlcm-no-knowledge" / "model.safetensors").is_file()
 
 
 def test_reward_lists_are_each_train_users_last_quarter(ml100k):

@@ -66,8 +66,8 @@ def test_a_second_process_on_a_run_folder_is_refused_and_a_dead_holder_is_taken_
     assert not (run / ".lock").exists()
 
 
-@pytest.mark.parametrize("damaged", ["data/lists.parquet", "round_0/knowledge/knowledge.parquet",
-                                     "round_1/adapter/adapter_config.json", "round_0/embeddings/users.safetensors"])
+@pytest.mark.parametrize("damaged", ["data/lists.parquet", "round_0/generate/knowledge.parquet",
+                                     "round_1/align/adapter_config.json", "round_0/encode/users.safetensors"])
 def test_a_damaged_output_is_rebuilt_and_the_run_gives_the_same_report(copy, damaged):
     run, metrics = copy
     path = run / damaged
@@ -86,7 +86,7 @@ def test_a_damaged_embedding_cache_shard_is_dropped_and_encoded_again(copy):
     run, metrics = copy
     for shard in (run / "cache").rglob("shard-*.safetensors"):
         truncate(shard)
-    shutil.rmtree(run / "round_2" / "embeddings")  # so that encoding has to read the cache
+    shutil.rmtree(run / "round_2" / "encode")  # so that encoding has to read the cache
     result = cli("run", "--config", TINY, "--out", run)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "damaged embedding cache shard" in result.stderr
@@ -94,11 +94,11 @@ def test_a_damaged_embedding_cache_shard_is_dropped_and_encoded_again(copy):
 
 
 @pytest.mark.parametrize("damaged, command, redo", [
-    ("round_2/recommender/prm/test_lists.parquet", "report", None),
-    ("round_2/knowledge/knowledge.parquet", "report", None),  # read last, after the old code had rewritten half the report
-    ("round_0/recommender/prm/metrics.json", "report", None),
-    ("round_1/recommender/prm/model.safetensors", "reward", "round_1/preferences"),
-    ("round_1/preferences/pairs.parquet", "align", "round_1/adapter"),
+    ("round_2/recommend/prm/test_lists.parquet", "report", None),
+    ("round_2/generate/knowledge.parquet", "report", None),  # read last, after the old code had rewritten half the report
+    ("round_0/recommend/prm/metrics.json", "report", None),
+    ("round_1/recommend/prm/model.safetensors", "reward", "round_1/reward"),
+    ("round_1/reward/pairs.parquet", "align", "round_1/align"),
 ])
 def test_a_single_stage_command_names_the_damaged_file_and_keeps_what_was_written(copy, damaged, command, redo):
     run, _ = copy

@@ -22,12 +22,12 @@ def align_folder(source, folder, batch_size: int, processes: int):
     folder.mkdir()
     for name in ("data", "prompts"):
         shutil.copytree(source / name, folder / name)
-    shutil.copytree(source / "round_0" / "preferences", folder / "round_0" / "preferences")
+    shutil.copytree(source / "round_0" / "reward", folder / "round_0" / "reward")
     config = json.loads((source / "config.json").read_text())
     config["model"]["dtype"] = "fp32"
     config["align"].update(batch_size=batch_size, grad_accumulation=1, learning_rate=1e-3, processes=processes)
     (folder / "config.json").write_text(json.dumps(config))
-    pairs = folder / "round_0" / "preferences" / "pairs.parquet"
+    pairs = folder / "round_0" / "reward" / "pairs.parquet"
     pd.read_parquet(pairs).head(8).to_parquet(pairs, index=False)
     return folder
 
@@ -43,10 +43,10 @@ def test_two_processes_train_the_adapter_one_process_trains(uninterrupted, tmp_p
     config = load_run_config(two)  # what `dpo4rec run` does with align.processes = 2
     launch_align_stage(two, 0, config.model, config.align)
     assert capfd.readouterr().out.count("wrote ") == 1  # rank 0 alone writes and reports
-    logs = [json.loads((run / "round_0" / "adapter" / "training_log.json").read_text()) for run in (one, two)]
+    logs = [json.loads((run / "round_0" / "align" / "training_log.json").read_text()) for run in (one, two)]
     assert [len(log["steps"]) for log in logs] == [2, 2]  # 8 pairs, 4 per optimizer step in both
     assert logs[0]["steps"][-1]["loss"] == pytest.approx(logs[1]["steps"][-1]["loss"], abs=1e-4)
-    a, b = (load_file(run / "round_0" / "adapter" / "adapter_model.safetensors") for run in (one, two))
+    a, b = (load_file(run / "round_0" / "align" / "adapter_model.safetensors") for run in (one, two))
     update = sum(float(a[k].norm() ** 2) for k in a if "lora_B" in k) ** 0.5  # B starts at zero: B is the update
     assert update > 0
     for key in a:

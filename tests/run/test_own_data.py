@@ -44,16 +44,16 @@ def test_a_folder_with_string_ids_and_odd_titles_runs_end_to_end_with_item_knowl
     assert set(metrics["validation_map@5"]) == {"base_llm", "dpo_round_1"}  # the item-knowledge arm is a baseline, not a round
     # KAR's item knowledge: one greedy text per item the run uses, once (round 0), read by every round's encoding
     item_prompts = pd.read_parquet(run / "prompts" / "item_prompts.parquet")
-    item_texts = pd.read_parquet(run / "round_0" / "knowledge" / "item_knowledge.parquet")
+    item_texts = pd.read_parquet(run / "round_0" / "generate" / "item_knowledge.parquet")
     assert sorted(item_texts["item_index"]) == sorted(item_prompts["item_index"]) and (item_texts["text"].str.len() > 0).mean() > 0.9
     assert item_prompts["message"].str.len().max() < 1000  # the 100,000-character title, cut here too
-    assert not (run / "round_1" / "knowledge" / "item_knowledge.parquet").exists()
+    assert not (run / "round_1" / "generate" / "item_knowledge.parquet").exists()
     for t in (0, 1):
-        assert json.loads((run / f"round_{t}" / "embeddings" / "summary.json").read_text())["item_knowledge_texts"] == len(item_texts)
+        assert json.loads((run / f"round_{t}" / "encode" / "summary.json").read_text())["item_knowledge_texts"] == len(item_texts)
     assert pd.read_parquet(run / "data" / "users.parquet")["user_id"].str.startswith("u").all()  # the ids as given, beside dense indices
     prompts = json.loads((run / "prompts" / "summary.json").read_text())
     assert prompts["item_texts_cut"] == 1 and prompts["prompt_tokens_max"] <= 256  # the 100,000-character title, cut
-    encoded = json.loads((run / "round_0" / "embeddings" / "summary.json").read_text())
+    encoded = json.loads((run / "round_0" / "encode" / "summary.json").read_text())
     assert encoded["items_encoded"] < encoded["items"]  # only the items this run's lists and histories hold
 
 

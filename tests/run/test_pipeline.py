@@ -24,16 +24,16 @@ def test_tiny_run_reports_every_arm_with_intervals(uninterrupted):
         assert all(0 <= v <= 1 for v in values.values())
     compared = {(c["a"], c["b"]) for c in metrics["comparisons"]}
     assert ("dpo_round_1", "base_llm") in compared and ("base_llm", "no_knowledge") in compared
-    lists = {arm: pd.read_parquet(run / f"round_{t}" / "recommender" / name / "test_lists.parquet")
+    lists = {arm: pd.read_parquet(run / f"round_{t}" / "recommend" / name / "test_lists.parquet")
              for arm, t, name in (("base_llm", 0, "prm"), ("dpo_round_1", 1, "prm"), ("no_knowledge", 0, "prm-no-knowledge"))}
     for c in metrics["comparisons"]:  # each difference is the two arms' test lists' means (the interval: tests/report)
         if c["metric"] == "map@5" and c["b"] in lists and c["a"] in lists:
             assert c["diff"] == pytest.approx(lists[c["a"]]["map@5"].mean() - lists[c["b"]]["map@5"].mean())
         assert c["ci95"][0] <= c["diff"] <= c["ci95"][1]
     for arm, t, name in (("base_llm", 0, "prm"), ("dpo_round_1", 1, "prm"), ("dpo_round_2", 2, "prm")):
-        recorded = json.loads((run / f"round_{t}" / "recommender" / name / "metrics.json").read_text())
+        recorded = json.loads((run / f"round_{t}" / "recommend" / name / "metrics.json").read_text())
         assert metrics["validation_map@5"][arm] == recorded["validation"]["map@5"]  # selection reads validation only
-    assert json.loads((run / "round_0" / "preferences" / "summary.json").read_text())["reward_lists"] == "train"
+    assert json.loads((run / "round_0" / "reward" / "summary.json").read_text())["reward_lists"] == "train"
     drift = metrics["reward_drift"]  # every round's texts under round 0's reward model
     assert [r["round"] for r in drift] == [0, 1, 2] and drift[1]["ci95"][0] <= drift[1]["sampled_minus_round_0"] <= drift[1]["ci95"][1]
     assert "sampled" not in drift[2]  # the last round feeds no DPO: its train users get the greedy text only
@@ -53,7 +53,7 @@ def test_tiny_run_reports_every_arm_with_intervals(uninterrupted):
     assert json.loads((run / "timings.json").read_text())["round_0/generate"] > 0 and "round_0/generate" in report
     assert (run / "report" / "report.md").read_text().count("|") > 50
     assert (run / "report" / "metrics_by_arm.png").stat().st_size > 1000
-    assert (run / "round_1" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run / "round_1" / "align" / "adapter_model.safetensors").is_file()
 
 
 def _wait_for(predicate, process, timeout=600):
@@ -74,7 +74,7 @@ def test_killed_during_dpo_and_generation_then_resumed_gives_the_same_metrics(un
     command = [sys.executable, "-m", "dpo4rec", "run", "--config", str(TINY), "--out", str(run)]
     kill_points = [
         lambda: any((run / "round_0").glob(".adapter.tmp-*")),  # DPO of round 0 under way
-        lambda: (run / "round_1" / "knowledge" / "parts" / "part-00000.parquet").is_file(),  # mid-generation
+        lambda: (run / "round_1" / "generate" / "parts" / "part-00000.parquet").is_file(),  # mid-generation
     ]
     for point in kill_points:
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
@@ -109,14 +109,14 @@ def test_single_stage_commands_reuse_the_run_and_another_config_is_refused(unint
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before  # nothing touched
     # held-out rewards on a copy of round 0: trains the reward recommender without each user's last lists
     copy = tmp_path / "copy"
-    for part in ("data", "prompts", "cache", "round_0/knowledge", "round_0/embeddings", "round_0/recommender/prm"):
+    for part in ("data", "prompts", "cache", "round_0/generate", "round_0/encode", "round_0/recommend/prm"):
         shutil.copytree(run / part, copy / part)
     held = tmp_path / "held.toml"
     held.write_text(TINY.read_text().replace('reward_lists = "train"', 'reward_lists = "held_out"\nreward_seeds = 2'))
     reward = cli("reward", "--config", str(held), "--out", str(copy), "--round", "0")
     assert reward.returncode == 0 and "held-out lists" in reward.stdout, reward.stderr[-2000:]
     # align.reward_seeds = 2: two held-out reward recommenders (seeds 0 and 1), the reward the mean of theirs
-    members = [copy / "round_0" / "recommender" / name for name in ("prm-reward-holdout", "prm-reward-holdout-seed1")]
+    members = [copy / "round_0" / "recommend" / name for name in ("prm-reward-holdout", "prm-reward-holdout-seed1")]
     assert all((m / "model.safetensors").is_file() for m in members)
     assert (members[0] / "model.safetensors").read_bytes() != (members[1] / "model.safetensors").read_bytes()
     from dpo4rec.reward.stage import reward_scorer
@@ -124,19 +124,19 @@ def test_single_stage_commands_reuse_the_run_and_another_config_is_refused(unint
     from dpo4rec.encode import read_embeddings
 
     config = load_config(held)
-    rewards = pd.read_parquet(copy / "round_0" / "preferences" / "rewards.parquet")
-    emb = read_embeddings(copy / "round_0" / "embeddings")
+    rewards = pd.read_parquet(copy / "round_0" / "reward" / "rewards.parquet")
+    emb = read_embeddings(copy / "round_0" / "encode")
     each = [reward_scorer(m, copy, config.align, "cpu")[0].score_embeddings(emb, "reward", rewards["user_index"].unique(), reward="loglik")
             for m in members]
     expected = (each[0]["reward"].to_numpy() + each[1]["reward"].to_numpy()) / 2
     assert not pd.Series(each[0]["reward"]).equals(pd.Series(each[1]["reward"]))
     merged = rewards.merge(each[0][["user_index", "sample"]].assign(expected=expected), on=["user_index", "sample"])
     assert len(merged) == len(rewards) and merged["reward"].to_numpy() == pytest.approx(merged["expected"].to_numpy(), rel=1e-6, nan_ok=True)
-    assert json.loads((copy / "round_0" / "preferences" / "summary.json").read_text())["reward_seeds"] == 2
+    assert json.loads((copy / "round_0" / "reward" / "summary.json").read_text())["reward_seeds"] == 2
     # align.reward_model = "text_match": no recommender is trained or read; a text's reward is the mean over its
     # user's held-out lists of the listwise reward of cosine(text, item) / temperature, recomputed here in numpy
     matched = tmp_path / "matched"
-    for part in ("data", "prompts", "cache", "round_0/knowledge", "round_0/embeddings"):
+    for part in ("data", "prompts", "cache", "round_0/generate", "round_0/encode"):
         shutil.copytree(run / part, matched / part)
     text_match = tmp_path / "text_match.toml"
     text_match.write_text(TINY.read_text().replace('reward_lists = "train"', 'reward_lists = "held_out"\nreward_model = "text_match"')
@@ -147,8 +147,8 @@ def test_single_stage_commands_reuse_the_run_and_another_config_is_refused(unint
     from dpo4rec.recommend.features import mark_reward_lists
     from dpo4rec.reward.scorers import TEXT_MATCH_TEMPERATURE
 
-    rewards = pd.read_parquet(matched / "round_0" / "preferences" / "rewards.parquet")
-    emb = read_embeddings(matched / "round_0" / "embeddings")
+    rewards = pd.read_parquet(matched / "round_0" / "reward" / "rewards.parquet")
+    emb = read_embeddings(matched / "round_0" / "encode")
     unit = lambda v: v / np.linalg.norm(v)  # noqa: E731
     item_vectors = dict(zip(emb.item_index, emb.item_vectors))
     held_out = mark_reward_lists(pd.read_parquet(matched / "data" / "lists.parquet"), 0.25)
@@ -170,7 +170,7 @@ def test_single_stage_commands_reuse_the_run_and_another_config_is_refused(unint
     # two runs of the same data compare pairwise, arm by arm: B is A with dpo_round_1 0.05 MAP@5 better on every list
     other = tmp_path / "other"
     shutil.copytree(run, other)
-    tested = other / "round_1" / "recommender" / "prm" / "test_lists.parquet"
+    tested = other / "round_1" / "recommend" / "prm" / "test_lists.parquet"
     frame = pd.read_parquet(tested)
     frame["map@5"] += 0.05
     frame.to_parquet(tested, index=False)

@@ -34,7 +34,7 @@ def test_the_readme_stage_by_stage_commands_reach_a_report(tmp_path, capsys):
     config = json.loads((run / "config.json").read_text())
     assert config["data"]["n_users"] == 40 and config["generate"]["sampled_train_users"] == 24  # the first command's, kept
     assert config["generate"]["n_samples"] == 4 and config["align"]["reward_model"] == "text_match"  # the default config's
-    knowledge = pd.read_parquet(run / "round_0" / "knowledge" / "knowledge.parquet")
+    knowledge = pd.read_parquet(run / "round_0" / "generate" / "knowledge.parquet")
     assert knowledge.groupby("user_index").size().max() == 1 + 4  # greedy + N = 4 of the recorded config
     metrics = json.loads((run / "report" / "metrics.json").read_text())
     assert set(metrics["arms"]) == {"no_knowledge", "base_llm", "dpo_round_1"}
@@ -48,7 +48,7 @@ def test_recommend_on_a_finished_run_trains_with_that_runs_settings(uninterrupte
     run = tmp_path / "copy"
     shutil.copytree(uninterrupted[0], run)
     assert main(["recommend", "--out", str(run), "--backbone", "dlcm"]) == 0
-    manifest = json.loads((run / "round_0" / "recommender" / "dlcm" / "manifest.json").read_text())
+    manifest = json.loads((run / "round_0" / "recommend" / "dlcm" / "manifest.json").read_text())
     assert manifest["config"]["max_epochs"] == 3 and manifest["config"]["backbone"] == "dlcm"  # tiny.toml's epochs, not the default's 8
     recorded = json.loads((run / "config.json").read_text())
     assert recorded["recommend"]["backbone"] == "prm"  # a variant in its own folder; the run's record is unchanged

@@ -16,14 +16,14 @@ def test_best_text_run_trains_each_rounds_recommender_on_rewarded_texts(tmp_path
     metrics = json.loads((run / "report" / "metrics.json").read_text())
     for t in (0, 1):
         here = run / f"round_{t}"
-        best = json.loads((here / "recommender" / "prm-best-text" / "metrics.json").read_text())["best_text"]
-        rewards = pd.read_parquet(here / "preferences" / "rewards.parquet")  # the last round scores its train samples too
+        best = json.loads((here / "recommend" / "prm-best-text" / "metrics.json").read_text())["best_text"]
+        rewards = pd.read_parquet(here / "reward" / "rewards.parquet")  # the last round scores its train samples too
         assert best["train_users_rewarded"] == rewards["user_index"].nunique() > 0
         assert 0 < best["train_users_not_greedy"] <= best["train_users_rewarded"]  # a continuous reward rarely picks greedy
-        assert json.loads((here / "preferences" / "summary.json").read_text())["recommender"] == "prm"  # rewards: the greedy model
-        assert (here / "recommender" / "prm" / "validation_lists.parquet").is_file()
+        assert json.loads((here / "reward" / "summary.json").read_text())["recommender"] == "prm"  # rewards: the greedy model
+        assert (here / "recommend" / "prm" / "validation_lists.parquet").is_file()
     # the reported arms are the best-text recommenders, and each is measured against its greedy twin with intervals
-    assert json.loads((run / "round_1" / "recommender" / "prm-best-text" / "metrics.json").read_text())["test"]["map@5"] == \
+    assert json.loads((run / "round_1" / "recommend" / "prm-best-text" / "metrics.json").read_text())["test"]["map@5"] == \
         pytest.approx(metrics["arms"]["dpo_round_1"]["map@5"])
     rows = metrics["train_text"]
     assert {(r["round"], r["split"], r["metric"]) for r in rows} == {(t, s, m) for t in (0, 1) for s in ("validation", "test")

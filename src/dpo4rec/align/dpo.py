@@ -46,7 +46,7 @@ from dpo4rec.errors import InputError
 from dpo4rec.runlock import launch_rank, launched
 
 log = logging.getLogger(__name__)
-STAGE = "adapter"
+STAGE = "align"
 
 
 def adapter_chain(run_dir: str | Path, round_index: int) -> list[Path]:
@@ -66,7 +66,7 @@ def run_align_stage(run_dir: str | Path, round_index: int, model_cfg: ModelConfi
     """Train round ``round_index``'s LoRA adapter on its preference pairs; returns (folder, log, reused)."""
     run_dir = Path(run_dir)
     round_folder = round_dir(run_dir, round_index)
-    pairs_file = round_folder / "preferences" / "pairs.parquet"
+    pairs_file = round_folder / "reward" / "pairs.parquet"
     if not pairs_file.is_file():
         raise InputError(f"{pairs_file} not found; run the reward stage for round {round_index} first")
     chain = adapter_chain(run_dir, round_index)

@@ -1,8 +1,8 @@
 """The encode stage: knowledge texts and item texts to vectors.
 
-Reads ``RUN/round_<t>/knowledge/knowledge.parquet`` (user_index, sample,
+Reads ``RUN/round_<t>/generate/knowledge.parquet`` (user_index, sample,
 text; sample 0 = the greedy text) and ``RUN/data/items.parquet``; writes
-``RUN/round_<t>/embeddings/``:
+``RUN/round_<t>/encode/``:
 
 * ``users.safetensors``: ``user_index`` int64 (n,), ``sample`` int64 (n,),
   ``vectors`` float32 (n, dim), rows sorted by (user_index, sample);
@@ -12,7 +12,7 @@ text; sample 0 = the greedy text) and ``RUN/data/items.parquet``; writes
 
 Item text = title plus the item's attributes (and, when the generation stage
 wrote ``item_knowledge.parquet`` with item_index, text, that text too).
-Vectors are cached per text hash under ``RUN/cache/embeddings/`` so identical
+Vectors are cached per text hash under ``RUN/cache/encode/`` so identical
 texts are encoded once across rounds and a crash keeps finished batches.
 """
 
@@ -66,10 +66,10 @@ class Embeddings:
 def run_encode_stage(config: EncodeConfig, run_dir: str | Path, round_index: int = 0, progress: bool = True) -> StageResult:
     """Encode round ``round_index``'s knowledge and the item texts, or reuse them."""
     run_dir = Path(run_dir)
-    knowledge_path = round_dir(run_dir, round_index) / "knowledge" / "knowledge.parquet"
+    knowledge_path = round_dir(run_dir, round_index) / "generate" / "knowledge.parquet"
     items_path = run_dir / "data" / "items.parquet"
     lists_path, interactions_path = run_dir / "data" / "lists.parquet", run_dir / "data" / "interactions.parquet"
-    item_knowledge_path = round_dir(run_dir, 0) / "knowledge" / "item_knowledge.parquet"  # generated once, in round 0
+    item_knowledge_path = round_dir(run_dir, 0) / "generate" / "item_knowledge.parquet"  # generated once, in round 0
     for path in (knowledge_path, items_path, lists_path, interactions_path):
         if not path.is_file():
             raise InputError(f"{path} not found; run the {'generate' if path == knowledge_path else 'data'} stage first")
@@ -78,7 +78,7 @@ def run_encode_stage(config: EncodeConfig, run_dir: str | Path, round_index: int
     if item_knowledge_path.is_file():
         inputs["item_knowledge.parquet"] = fingerprint_file(item_knowledge_path)
     settings = {k: v for k, v in to_dict(config).items() if k not in ("device", "batch_size")}  # neither changes a vector
-    folder = round_dir(run_dir, round_index) / "embeddings"
+    folder = round_dir(run_dir, round_index) / "encode"
     manifest, done = begin_stage(folder, STAGE, {**settings, "round": round_index}, inputs)
     if done:
         return done
@@ -90,7 +90,7 @@ def run_encode_stage(config: EncodeConfig, run_dir: str | Path, round_index: int
     item_knowledge = read_item_knowledge(item_knowledge_path) if item_knowledge_path.is_file() else None
     texts = item_texts(items[encoded], item_knowledge)
     encoder = TextEncoder(config.encoder, config.batch_size, config.device, config.long_texts)
-    cache = EmbeddingCache(run_dir / "cache" / "embeddings" / cache_key(encoder.name, config.long_texts), encoder.dim, encoder.name)
+    cache = EmbeddingCache(run_dir / "cache" / "encode" / cache_key(encoder.name, config.long_texts), encoder.dim, encoder.name)
     user_vectors, user_long = encode_cached(encoder, cache, knowledge["text"].tolist(), progress)
     encoded_vectors, item_long = encode_cached(encoder, cache, texts, progress)
     item_vectors = np.zeros((len(items), encoder.dim), dtype=np.float32)

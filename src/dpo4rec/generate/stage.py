@@ -1,6 +1,6 @@
 """The generate stage: greedy + N sampled knowledge texts per user, resumable.
 
-Writes ``RUN/round_<t>/knowledge/``:
+Writes ``RUN/round_<t>/generate/``:
 * ``plan.json``: the config, the inputs' fingerprints and the batch plan,
   written first; a folder whose plan differs is refused, never overwritten;
 * ``parts/part-NNNNN.parquet``: one file per finished batch, each written
@@ -40,7 +40,7 @@ from dpo4rec.llm import load_model, load_tokenizer, model_device, parse_dtype, r
 from dpo4rec.generate.sampler import SamplerSettings, batch_generator, make_sampler, plan_batches
 
 log = logging.getLogger(__name__)
-STAGE = "knowledge"
+STAGE = "generate"
 ITEM_PROMPTS = "item_prompts.parquet"
 ITEM_KNOWLEDGE = "item_knowledge.parquet"  # round 0 only: KAR's factual knowledge, one greedy text per item
 

@@ -59,8 +59,8 @@ def run_heldout_stage(run_dir: str | Path, round_index: int, model_cfg: ModelCon
 
     run_dir = Path(run_dir)
     here = round_dir(run_dir, round_index)
-    pairs_file = here / "preferences" / "validation_pairs.parquet"
-    adapter = here / "adapter"
+    pairs_file = here / "reward" / "validation_pairs.parquet"
+    adapter = here / "align"
     for path, stage in ((pairs_file, "reward"), (adapter / "adapter_model.safetensors", "align")):
         if not path.is_file():
             raise InputError(f"{path} not found; run the {stage} stage for round {round_index} first")

@@ -1,4 +1,4 @@
-"""The recommend stage: train one re-ranker, write ``RUN/round_<t>/recommender/<name>/``.
+"""The recommend stage: train one re-ranker, write ``RUN/round_<t>/recommend/<name>/``.
 
 ``<name>`` is the backbone (``prm``), ``prm-no-knowledge`` for the ID-only
 baseline, ``prm-reward-holdout`` for the reward model trained without each
@@ -75,28 +75,28 @@ def run_recommend_stage(config: RecommendConfig, run_dir: str | Path, round_inde
         folder_name = reward_model_name(config, reward_holdout, member)
         config = replace(config, seed=config.seed + member)
     data = run_dir / "data"
-    embeddings_dir = round_dir(run_dir, round_index) / "embeddings"
+    embeddings_dir = round_dir(run_dir, round_index) / "encode"
     for name in _DATA_FILES:
         if not (data / name).is_file():
             raise InputError(f"{data / name} not found; run the data stage first")
     inputs = {name: fingerprint_file(data / name) for name in _DATA_FILES}
-    rewards_path = round_dir(run_dir, round_index) / "preferences" / "rewards.parquet"
+    rewards_path = round_dir(run_dir, round_index) / "reward" / "rewards.parquet"
     on_best_texts = config.knowledge and config.train_text == "best"
     if on_best_texts:
         if reward_holdout > 0:
             raise InputError("the held-out reward recommender trains on greedy texts (recommend.train_text = greedy)")
         if not rewards_path.is_file():
             raise InputError(f"{rewards_path} not found; recommend.train_text = best needs the reward stage of round {round_index} first")
-        inputs["preferences/rewards.parquet"] = fingerprint_file(rewards_path)
+        inputs["reward/rewards.parquet"] = fingerprint_file(rewards_path)
     if config.knowledge:
         for path in (embeddings_dir / "users.safetensors", item_vectors_file(embeddings_dir, config.item_knowledge)):
             if not path.is_file():
                 raise InputError(f"{path} not found; run the encode stage for round {round_index} first (or set recommend.knowledge = false)")
-            inputs[f"embeddings/{path.name}"] = fingerprint_file(path)
+            inputs[f"encode/{path.name}"] = fingerprint_file(path)
     settings = {k: v for k, v in to_dict(config).items() if k != "device"}
     if reward_holdout > 0:
         settings["reward_holdout"] = reward_holdout
-    folder = round_dir(run_dir, round_index) / "recommender" / folder_name
+    folder = round_dir(run_dir, round_index) / "recommend" / folder_name
     manifest, done = begin_stage(folder, STAGE, {**settings, "round": round_index}, inputs, summary="metrics.json")
     if done:
         return done

@@ -28,8 +28,8 @@ def reward_drift(run_dir: Path, config: PipelineConfig) -> list[dict]:
 
     if not all((r / "model.safetensors").is_file() for r in reward_folders(run_dir, 0, config.recommend, config.align)):
         return []
-    embeddings = {t: read_embeddings(round_dir(run_dir, t) / "embeddings") for t in range(config.run.rounds + 1)
-                  if (round_dir(run_dir, t) / "embeddings" / "users.safetensors").is_file()}
+    embeddings = {t: read_embeddings(round_dir(run_dir, t) / "encode") for t in range(config.run.rounds + 1)
+                  if (round_dir(run_dir, t) / "encode" / "users.safetensors").is_file()}
     if 0 not in embeddings:
         return []
     scorer, split = round_reward_scorer(run_dir, 0, config.recommend, config.align)
@@ -73,8 +73,8 @@ def validation_rewards(run_dir: Path, config: PipelineConfig, t: int) -> tuple[p
     from dpo4rec.reward.stage import round_reward_scorer
     from dpo4rec.encode import read_embeddings
 
-    before_file = round_dir(run_dir, t) / "preferences" / "validation_rewards.parquet"
-    after_folder = round_dir(run_dir, t + 1) / "embeddings"
+    before_file = round_dir(run_dir, t) / "reward" / "validation_rewards.parquet"
+    after_folder = round_dir(run_dir, t + 1) / "encode"
     if not before_file.is_file() or not (after_folder / "users.safetensors").is_file():
         return None
     before = read_parquet(before_file)

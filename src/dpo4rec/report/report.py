@@ -30,12 +30,12 @@ def arm_folders(run_dir: Path, config: PipelineConfig) -> dict[str, Path]:
     reported = replace(config.recommend, knowledge=True)  # trained on greedy or on best texts (recommend.train_text)
     arms = {}
     if config.run.baselines:
-        arms["no_knowledge"] = round_dir(run_dir, 0) / "recommender" / model_name(replace(reported, knowledge=False))
+        arms["no_knowledge"] = round_dir(run_dir, 0) / "recommend" / model_name(replace(reported, knowledge=False))
     if config.run.baselines and config.prompts.item_prompts:
-        arms["base_llm_no_item_knowledge"] = round_dir(run_dir, 0) / "recommender" / model_name(replace(reported, item_knowledge=False))
-    arms["base_llm"] = round_dir(run_dir, 0) / "recommender" / model_name(reported)
+        arms["base_llm_no_item_knowledge"] = round_dir(run_dir, 0) / "recommend" / model_name(replace(reported, item_knowledge=False))
+    arms["base_llm"] = round_dir(run_dir, 0) / "recommend" / model_name(reported)
     for t in range(1, config.run.rounds + 1):
-        arms[f"dpo_round_{t}"] = round_dir(run_dir, t) / "recommender" / model_name(reported)
+        arms[f"dpo_round_{t}"] = round_dir(run_dir, t) / "recommend" / model_name(reported)
     return arms
 
 
@@ -48,7 +48,7 @@ def train_text_comparison(run_dir: Path, config: PipelineConfig) -> list[dict]:
         return []
     rows = []
     for t in range(config.run.rounds + 1):
-        best, greedy = (round_dir(run_dir, t) / "recommender" / model_name(replace(config.recommend, knowledge=True, train_text=text))
+        best, greedy = (round_dir(run_dir, t) / "recommend" / model_name(replace(config.recommend, knowledge=True, train_text=text))
                         for text in ("best", "greedy"))
         rows += [{"round": t, **row} for row in best_minus_greedy(best, greedy, config.data.seed)]
     return rows
@@ -176,11 +176,11 @@ def _round_details(run_dir: Path, config: PipelineConfig) -> list[dict]:
     details = []
     for t in range(config.run.rounds + 1):
         here = round_dir(run_dir, t)
-        entry = {"round": t, "knowledge": read_json(here / "knowledge" / "summary.json")}
-        if (here / "preferences" / "summary.json").is_file():
-            entry["preferences"] = read_json(here / "preferences" / "summary.json")
-        if (here / "adapter" / "training_log.json").is_file():
-            log = read_json(here / "adapter" / "training_log.json")
+        entry = {"round": t, "knowledge": read_json(here / "generate" / "summary.json")}
+        if (here / "reward" / "summary.json").is_file():
+            entry["preferences"] = read_json(here / "reward" / "summary.json")
+        if (here / "align" / "training_log.json").is_file():
+            log = read_json(here / "align" / "training_log.json")
             entry["dpo"] = {k: v for k, v in log.items() if k != "train_runtime_s"}  # times: RUN/timings.json
         details.append(entry)
     return details
@@ -192,7 +192,7 @@ def _examples(run_dir: Path, config: PipelineConfig, n: int = 2) -> list[dict]:
     user = int(users.loc[users["split"].astype(str) == "train", "user_index"].iloc[0])
     shown = []
     for t in range(config.run.rounds + 1):
-        frame = read_parquet(round_dir(run_dir, t) / "knowledge" / "knowledge.parquet")
+        frame = read_parquet(round_dir(run_dir, t) / "generate" / "knowledge.parquet")
         texts = frame[frame["user_index"] == user].sort_values("sample")
         shown += [{"round": t, "sample": int(r.sample), "text": r.text} for r in texts.head(n + 1).itertuples()]
     return [{"user_index": user, **e} for e in shown]

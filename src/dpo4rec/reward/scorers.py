@@ -87,9 +87,9 @@ class RewardScorer:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, round_index: int = 0, name: str = "prm", device: str = "cpu") -> RewardScorer:
-        """The recommender ``name`` (its folder under round_<t>/recommender/) of a run."""
+        """The recommender ``name`` (its folder under round_<t>/recommend/) of a run."""
         run_dir = Path(run_dir)
-        return cls.from_folders(run_dir / f"round_{round_index}" / "recommender" / name, run_dir / "data", device)
+        return cls.from_folders(run_dir / f"round_{round_index}" / "recommend" / name, run_dir / "data", device)
 
     @torch.inference_mode()
     def score(self, user_index: np.ndarray, vectors: np.ndarray, split: str | None = "train", k: int = 5,

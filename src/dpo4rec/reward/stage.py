@@ -1,7 +1,7 @@
 """The reward stage: score every sampled text, turn the train users' rewards into DPO pairs.
 
-Reads round t's ``embeddings/`` (one vector per (user, sample)), the reward
-recommender, ``knowledge/`` and ``prompts/``; writes ``RUN/round_<t>/preferences/``:
+Reads round t's ``encode/`` (one vector per (user, sample)), the reward
+recommender, ``generate/`` and ``prompts/``; writes ``RUN/round_<t>/reward/``:
 
 * ``rewards.parquet``: user_index, sample, reward (mean NDCG@5 over the
   user's reward lists with that text's vector plugged in), text;
@@ -45,7 +45,7 @@ from dpo4rec.config import AlignConfig, RecommendConfig
 from dpo4rec.encode.stage import item_vectors_file
 from dpo4rec.errors import InputError
 
-STAGE = "preferences"
+STAGE = "reward"
 
 
 def pairing_settings(align: AlignConfig, recommender_name: str) -> dict:
@@ -69,10 +69,10 @@ def run_reward_stage(run_dir: str | Path, round_index: int, recommend: Recommend
         raise InputError("the reward needs the knowledge-augmented recommender (recommend.knowledge = true)")
     recommender_name = "text_match" if text_match else recommenders[0].name
     needed = {
-        "embeddings": here / "embeddings" / "users.safetensors",
-        **({"embeddings items": item_vectors_file(here / "embeddings", recommend.item_knowledge)} if text_match else {}),
-        **{"recommender" + (f" {r.name}" if k else ""): r / "model.safetensors" for k, r in enumerate(recommenders)},
-        "knowledge": here / "knowledge" / "knowledge.parquet",
+        "encode": here / "encode" / "users.safetensors",  # key: the stage that writes it (said when it is missing)
+        **({"encode items": item_vectors_file(here / "encode", recommend.item_knowledge)} if text_match else {}),
+        **{"recommend" + (f" {r.name}" if k else ""): r / "model.safetensors" for k, r in enumerate(recommenders)},
+        "generate": here / "generate" / "knowledge.parquet",
         "prompts": run_dir / "prompts" / "prompts.parquet",
     }
     for stage, path in needed.items():
@@ -84,9 +84,9 @@ def run_reward_stage(run_dir: str | Path, round_index: int, recommend: Recommend
     if done:
         return done
 
-    embeddings = read_embeddings(here / "embeddings")
+    embeddings = read_embeddings(here / "encode")
     scorer, split = round_reward_scorer(run_dir, round_index, recommend, align)
-    knowledge = read_parquet(needed["knowledge"])
+    knowledge = read_parquet(needed["generate"])
     prompts = read_parquet(needed["prompts"])
     summary = {"reward": align.reward, "pairing": align.pairing, "reward_lists": align.reward_lists, "recommender": recommender_name,
                "reward_seeds": align.reward_seeds}
@@ -136,7 +136,7 @@ def round_reward_scorer(run_dir: Path, round_index: int, recommend: RecommendCon
     if align.reward_model == "text_match":
         from dpo4rec.reward.scorers import TextMatchScorer
 
-        scorer = TextMatchScorer.from_folders(round_dir(Path(run_dir), round_index) / "embeddings", Path(run_dir) / "data",
+        scorer = TextMatchScorer.from_folders(round_dir(Path(run_dir), round_index) / "encode", Path(run_dir) / "data",
                                               recommend.item_knowledge, align.held_out_share)
         return scorer, reward_list_split(align)
     return reward_scorer(reward_folders(run_dir, round_index, recommend, align), Path(run_dir), align, recommend.device)
