@@ -29,7 +29,7 @@ import pandas as pd
 from dpo4rec.heldout.stage import accuracy_ci, pair_correct
 from dpo4rec.artifacts import read_parquet, round_dir
 from dpo4rec.errors import InputError
-from dpo4rec.report.drift import sampled_drift, validation_rewards
+from dpo4rec.drift.stage import sampled_drift, validation_rewards
 from dpo4rec.run_config import load_run_config
 
 

@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "dpo4rec"
-STAGES = ["data", "prompts", "generate", "encode", "recommend", "reward", "align", "heldout", "report"]
+STAGES = ["data", "prompts", "generate", "encode", "recommend", "reward", "align", "heldout", "drift", "report"]
 """The stages in pipeline order, each a subpackage whose output the next ones read."""
 TOP = {"cli", "run", "__main__"}
 """What chains the stages: may import anything."""

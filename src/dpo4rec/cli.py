@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     helps = {
         "reward": ("score every sampled text of the train and validation users, write best-vs-worst pairs", "dpo4rec reward --out runs/x --round 0"),
-        "align": ("DPO (TRL + LoRA) on a round's preference pairs, then the held-out check", "dpo4rec align --out runs/x --round 0"),
+        "align": ("DPO (TRL + LoRA) on a round's preference pairs, then the held-out check on validation users", "dpo4rec align --out runs/x --round 0"),
+        "drift": ("a round's texts (t >= 1) under the earlier rounds' rewards: validation and train drift", "dpo4rec drift --out runs/x --round 1"),
         "report": ("test metrics of every arm with paired bootstrap intervals, plots, report.md", "dpo4rec report --out runs/x"),
     }
     for name, (text, example) in helps.items():
@@ -296,7 +297,7 @@ def parse_sets(values: list[str]) -> dict[str, dict]:
 
 
 def _round_stage(args: argparse.Namespace) -> int:
-    """reward / align (with its held-out check) / report on a run folder."""
+    """reward / align (with its held-out check) / drift / report on a run folder."""
     from dpo4rec.run import train_reward_recommender
     from dpo4rec.run_config import record_config
 
@@ -306,7 +307,16 @@ def _round_stage(args: argparse.Namespace) -> int:
 
         print(f"report: {write_report(args.out, config) / 'report.md'}")
         return 0
-    if args.command == "reward":
+    if args.command == "drift":
+        from dpo4rec.drift.stage import run_drift_stage
+
+        result = run_drift_stage(args.out, args.round, config)
+        record_config(args.out, config)
+        v = result.summary["validation"]
+        if v:
+            print(f"validation drift of DPO round {v['round']}: {v['validation_reward_drift']:+.4f} "
+                  f"[{v['validation_reward_drift_ci95'][0]:+.4f}, {v['validation_reward_drift_ci95'][1]:+.4f}] over {v['users']} users")
+    elif args.command == "reward":
         from dpo4rec.reward.stage import run_reward_stage
 
         train_reward_recommender(config, args.out, args.round)
@@ -377,7 +387,7 @@ def format_summary(summary: dict) -> str:
 
 
 # commands that read a finished stage's output first: they never create a run folder
-_NEEDS_RUN_FOLDER = ("encode", "recommend", "reward", "align", "report")
+_NEEDS_RUN_FOLDER = ("encode", "recommend", "reward", "align", "drift", "report")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -421,7 +431,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _recommend_stage(args)
     if args.command == "run":
         return _run(args)
-    if args.command in ("reward", "align", "report"):
+    if args.command in ("reward", "align", "drift", "report"):
         return _round_stage(args)
     return _data_stage(args)
 

@@ -1,8 +1,8 @@
 """The rounds loop: orchestration only; every stage reads and writes files.
 
-    data -> prompts -> round 0: generate (base LLM) -> encode -> recommend (-> reward recommender) -> reward -> align
-                    -> round 1: generate (base + adapter 0) -> ... -> align
-                    -> round T: generate (base + adapters 0..T-1) -> encode -> recommend
+    data -> prompts -> round 0: generate (base LLM) -> encode -> recommend (-> reward recommender) -> reward -> align -> heldout
+                    -> round 1: generate (base + adapter 0) -> encode -> drift -> recommend -> ... -> align -> heldout
+                    -> round T: generate (base + adapters 0..T-1) -> encode -> drift -> recommend
                     -> report
 
 With ``recommend.train_text = "best"`` every round also trains the recommender
@@ -32,14 +32,15 @@ log = logging.getLogger(__name__)
 def run_pipeline(config: PipelineConfig, run_dir: str | Path) -> Path:
     """Run (or resume) every stage; returns the report folder."""
     from dpo4rec.align.dpo import adapter_chain, launch_align_stage
-    from dpo4rec.heldout.stage import run_heldout_stage
-    from dpo4rec.reward.stage import run_reward_stage
     from dpo4rec.data.stage import run_data_stage
+    from dpo4rec.drift.stage import run_drift_stage
     from dpo4rec.encode import run_encode_stage
     from dpo4rec.generate.stage import run_generate_stage
+    from dpo4rec.heldout.stage import run_heldout_stage
     from dpo4rec.prompts.stage import run_prompt_stage
     from dpo4rec.recommend import run_recommend_stage
     from dpo4rec.report import write_report
+    from dpo4rec.reward.stage import run_reward_stage
 
     run_dir = Path(run_dir)
     check_run_config(config, run_dir)  # refuses another config's folder before any stage runs
@@ -68,6 +69,8 @@ def run_pipeline(config: PipelineConfig, run_dir: str | Path) -> Path:
         timed(f"round_{t}/generate", run_generate_stage, run_dir, t, config.model, round_generate_config(config, t),
               adapters=adapter_chain(run_dir, t))
         timed(f"round_{t}/encode", run_encode_stage, config.encode, run_dir, t)
+        if t > 0:  # this round's texts under the earlier rounds' rewards
+            timed(f"round_{t}/drift", run_drift_stage, run_dir, t, config)
         timed(f"round_{t}/recommend", run_recommend_stage, greedy, run_dir, t)
         if t < config.run.rounds or best_text:  # rewards: for DPO, or for picking the best texts
             if config.align.trains_reward_recommenders:

@@ -150,7 +150,7 @@ def test_a_round_without_pairs_keeps_its_model(tmp_path):
 
     _write_pairs(tmp_path, 0, n=0)
     result = run_align_stage(tmp_path, 0, ModelConfig(dtype="fp32"), AlignConfig())
-    folder, log, reused = result.folder, result.summary, result.reused
+    folder, log = result.folder, result.summary
     assert log["pairs"] == 0 and log["steps"] == [] and "tied" in log["skipped"]
     assert adapter_chain(tmp_path, 1) == [folder]
     tokenizer = load_tokenizer("smollm2-135m")

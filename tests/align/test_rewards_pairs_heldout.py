@@ -196,7 +196,7 @@ def test_shared_prompt_log_probs_equal_a_full_forward():
 
 
 def test_validation_drift_by_hand():
-    from dpo4rec.report.drift import sampled_drift
+    from dpo4rec.drift.stage import sampled_drift
 
     before = pd.DataFrame({"user_index": [0, 0, 0, 1, 1, 1, 2, 2], "sample": [0, 1, 2, 0, 1, 2, 1, 2],
                            "reward": [9.0, 0.2, 0.4, 9.0, 0.5, np.nan, 0.1, 0.1]})

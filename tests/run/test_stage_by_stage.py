@@ -39,6 +39,8 @@ def test_the_readme_stage_by_stage_commands_reach_a_report(tmp_path, capsys):
     metrics = json.loads((run / "report" / "metrics.json").read_text())
     assert set(metrics["arms"]) == {"no_knowledge", "base_llm", "dpo_round_1"}
     assert [a["round"] for a in metrics["alignment"]] == [0]  # align ran the held-out check
+    assert metrics["alignment"][0]["heldout_pair_accuracy"] is not None and metrics["alignment"][0]["validation_users"] == 8
+    assert [r["round"] for r in metrics["reward_drift"]] == [0, 1]  # the drift stage's rows, read by the report
     assert main(["prompts", "--out", str(run), "--users", "50"]) == 2  # a conflicting option is refused
     assert "--users 50" in capsys.readouterr().err
 

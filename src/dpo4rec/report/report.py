@@ -19,7 +19,6 @@ import pandas as pd
 from dpo4rec.artifacts import StageFolder, read_json, read_parquet, round_dir, write_json, write_text_atomic
 from dpo4rec.config import PipelineConfig, to_dict
 from dpo4rec.stats import paired_bootstrap
-from dpo4rec.report.drift import reward_drift, validation_drift
 
 METRICS = [f"{m}@{k}" for k in (1, 3, 5, 7) for m in ("map", "ndcg")]
 
@@ -114,7 +113,7 @@ def _write_report(run_dir: Path, config: PipelineConfig, out: Path) -> None:
         "test_users": int(lists["base_llm"]["user_index"].nunique()),
         "test_lists": len(lists["base_llm"]),
         "rounds": rounds,
-        "reward_drift": reward_drift(run_dir, config),
+        "reward_drift": reward_drift(run_dir, config),  # the drift stages' rows (drift/stage.py)
         "train_text": train_text_comparison(run_dir, config),
         "config": to_dict(config),
     }  # no times here: the same command gives a byte-identical metrics.json (times are in RUN/timings.json)
@@ -137,9 +136,23 @@ def _with_ci(entry: dict, key: str, spec: str = ".3f") -> str:
     return f"{value:{spec}} [{ci[0]:{spec}}, {ci[1]:{spec}}]" if value is not None else "-"
 
 
+def _drift_summaries(run_dir: Path, config: PipelineConfig) -> dict[int, dict]:
+    """Round t -> what its drift stage wrote (rounds 1..T that have one)."""
+    files = {t: round_dir(run_dir, t) / "drift" / "summary.json" for t in range(1, config.run.rounds + 1)}
+    return {t: read_json(f) for t, f in files.items() if f.is_file()}
+
+
+def reward_drift(run_dir: Path, config: PipelineConfig) -> list[dict]:
+    """Every round's train texts under round 0's reward model: round 0's row, then each later round's."""
+    rows = {}
+    for summary in _drift_summaries(run_dir, config).values():
+        rows.update({row["round"]: row for row in summary["train"]})
+    return [rows[t] for t in sorted(rows)]
+
+
 def alignment(run_dir: Path, config: PipelineConfig, rounds: list[dict]) -> list[dict]:
     """Per DPO round: what it trained on, and whether what it learned carries to validation users."""
-    drift = {row["round"]: row for row in validation_drift(run_dir, config)}
+    drift = {s["validation"]["round"]: s["validation"] for s in _drift_summaries(run_dir, config).values() if s["validation"]}
     entries = []
     for r in rounds[: config.run.rounds]:
         t, dpo = r["round"], r.get("dpo", {})
