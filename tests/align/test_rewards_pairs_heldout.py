@@ -10,6 +10,7 @@ import torch
 
 from dpo4rec.heldout.stage import answer_logps, completion_ids, net_log_ratio, pair_margins, summarize
 from dpo4rec.reward.pairs import make_pairs, reward_spread
+from dpo4rec.stats import paired_bootstrap
 from dpo4rec.reward.reliability import agreement
 from dpo4rec.errors import InputError
 from dpo4rec.recommend.features import ListTensors
@@ -224,4 +225,7 @@ def test_split_half_agreement_by_hand():
     assert out["pair_agreement"] == pytest.approx((1 + 1 + 0.5 + 0) / 4) and out["pair_agreement_pairs"] == 4
     # best vs worst on a: user 0 (sample 2 vs 1) holds on b, user 2 (sample 2 vs 1) does not
     assert out["best_worst_agreement"] == pytest.approx(0.5) and out["best_worst_agreement_pairs"] == 2
-    assert out["pair_agreement_ci95"][0] <= out["pair_agreement"] <= out["pair_agreement_ci95"][1]
+    # the interval resamples users with their pairs: user 0's mean agreement (2.5 / 3) and user 2's (0), 4 pairs in all
+    users, hits = np.array([0, 0, 0, 2]), np.array([1, 1, 0.5, 0])
+    assert out["pair_agreement_ci95"] == pytest.approx(list(paired_bootstrap(users, hits, np.zeros(4))[1]))
+    assert out["pair_agreement_ci95"][0] == pytest.approx(0.0) and out["pair_agreement_ci95"][1] == pytest.approx(2.5 / 3)

@@ -7,6 +7,7 @@ import pytest
 from runhelp import TINY, cli
 
 from dpo4rec.data import load_dataset
+from dpo4rec.stats import paired_bootstrap
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +41,9 @@ def test_a_folder_with_string_ids_and_odd_titles_runs_end_to_end_with_item_knowl
     metrics = json.loads((run / "report" / "metrics.json").read_text())
     assert set(metrics["arms"]) == {"no_knowledge", "base_llm", "base_llm_no_item_knowledge", "dpo_round_1"}
     gain = [c for c in metrics["comparisons"] if (c["a"], c["b"], c["metric"]) == ("base_llm", "base_llm_no_item_knowledge", "map@5")]
-    assert len(gain) == 1 and gain[0]["ci95"][0] <= gain[0]["diff"] <= gain[0]["ci95"][1]
+    arms = [pd.read_parquet(run / "round_0" / "recommend" / name / "test_lists.parquet") for name in ("prm", "prm-no-item-knowledge")]
+    diff, ci = paired_bootstrap(arms[0]["user_index"], arms[0]["map@5"], arms[1]["map@5"], seed=0)  # from the written lists
+    assert len(gain) == 1 and gain[0]["diff"] == pytest.approx(diff) and gain[0]["ci95"] == pytest.approx(list(ci))
     assert set(metrics["validation_map@5"]) == {"base_llm", "dpo_round_1"}  # the item-knowledge arm is a baseline, not a round
     # KAR's item knowledge: one greedy text per item the run uses, once (round 0), read by every round's encoding
     item_prompts = pd.read_parquet(run / "prompts" / "item_prompts.parquet")

@@ -14,6 +14,8 @@ import torch
 
 from runhelp import ENV, TINY, cli
 
+from dpo4rec.stats import paired_bootstrap
+
 
 @pytest.mark.slow
 def test_tiny_run_reports_every_arm_with_intervals(uninterrupted):
@@ -25,28 +27,37 @@ def test_tiny_run_reports_every_arm_with_intervals(uninterrupted):
     compared = {(c["a"], c["b"]) for c in metrics["comparisons"]}
     assert ("dpo_round_1", "base_llm") in compared and ("base_llm", "no_knowledge") in compared
     lists = {arm: pd.read_parquet(run / f"round_{t}" / "recommend" / name / "test_lists.parquet")
-             for arm, t, name in (("base_llm", 0, "prm"), ("dpo_round_1", 1, "prm"), ("no_knowledge", 0, "prm-no-knowledge"))}
-    for c in metrics["comparisons"]:  # each difference is the two arms' test lists' means (the interval: tests/report)
-        if c["metric"] == "map@5" and c["b"] in lists and c["a"] in lists:
-            assert c["diff"] == pytest.approx(lists[c["a"]]["map@5"].mean() - lists[c["b"]]["map@5"].mean())
-        assert c["ci95"][0] <= c["diff"] <= c["ci95"][1]
+             for arm, t, name in (("base_llm", 0, "prm"), ("dpo_round_1", 1, "prm"), ("dpo_round_2", 2, "prm"),
+                                  ("no_knowledge", 0, "prm-no-knowledge"))}
+    assert {c["a"] for c in metrics["comparisons"]} | {c["b"] for c in metrics["comparisons"]} <= set(lists)
+    for c in metrics["comparisons"]:  # recomputed from the arms' written test lists (the bootstrap's math: tests/report)
+        a, b = lists[c["a"]], lists[c["b"]]
+        assert c["diff"] == pytest.approx(a[c["metric"]].mean() - b[c["metric"]].mean())
+        assert c["ci95"] == pytest.approx(list(paired_bootstrap(a["user_index"], a[c["metric"]], b[c["metric"]], seed=0)[1]))
     for arm, t, name in (("base_llm", 0, "prm"), ("dpo_round_1", 1, "prm"), ("dpo_round_2", 2, "prm")):
         recorded = json.loads((run / f"round_{t}" / "recommend" / name / "metrics.json").read_text())
         assert metrics["validation_map@5"][arm] == recorded["validation"]["map@5"]  # selection reads validation only
     assert json.loads((run / "round_0" / "reward" / "summary.json").read_text())["reward_lists"] == "train"
     drift = metrics["reward_drift"]  # every round's texts under round 0's reward model
-    assert [r["round"] for r in drift] == [0, 1, 2] and drift[1]["ci95"][0] <= drift[1]["sampled_minus_round_0"] <= drift[1]["ci95"][1]
+    assert [r["round"] for r in drift] == [0, 1, 2] and drift[1]["users"] == drift[0]["users"]  # the same sampled train users
+    assert drift[1]["sampled_minus_round_0"] == pytest.approx(drift[1]["sampled"] - drift[0]["sampled"])  # a mean of differences
     assert "sampled" not in drift[2]  # the last round feeds no DPO: its train users get the greedy text only
     alignment = metrics["alignment"]  # the held-out check, one entry per DPO round
     assert [a["round"] for a in alignment] == [0, 1]
     for a in alignment:
         assert a["pairs"] > 0 and a["optimizer_steps"] >= 1 and a["heldout_pairs"] >= 1
-        assert a["heldout_pair_accuracy_ci95"][0] <= a["heldout_pair_accuracy"] <= a["heldout_pair_accuracy_ci95"][1]
-        assert a["validation_reward_drift_ci95"][0] <= a["validation_reward_drift"] <= a["validation_reward_drift_ci95"][1]
-        assert a["reward_reliability_ci95"][0] <= a["reward_reliability"] <= a["reward_reliability_ci95"][1]
-        assert a["reward_probe_accuracy_ci95"][0] <= a["reward_probe_accuracy"] <= a["reward_probe_accuracy_ci95"][1]
-        for guard in ("heldout_reference_accuracy", "heldout_net_accuracy"):  # real texts carry their token counts
-            assert a[f"{guard}_ci95"][0] <= a[guard] <= a[f"{guard}_ci95"][1]
+        pairs = pd.read_parquet(run / f"round_{a['round']}" / "heldout" / "pairs.parquet")  # recomputed by hand from each pair's margins
+        for key, column in (("heldout_pair_accuracy", "margin"), ("heldout_reference_accuracy", "reference_margin"),
+                            ("heldout_net_accuracy", "net_margin")):  # real texts carry their token counts: both guards
+            correct = (pairs[column] > 0) + 0.5 * (pairs[column] == 0)
+            assert a[key] == pytest.approx(correct.mean())
+            assert a[f"{key}_ci95"] == pytest.approx(list(paired_bootstrap(pairs["user_index"], correct, 0 * correct, seed=0)[1]))
+        validation = json.loads((run / f"round_{a['round'] + 1}" / "drift" / "summary.json").read_text())["validation"]
+        assert a["validation_users"] == validation["users"] > 0  # the next round's drift stage, read as written
+        assert a["validation_reward_drift"] == pytest.approx(validation["after"] - validation["before"])  # a mean of differences
+        reward = json.loads((run / f"round_{a['round']}" / "reward" / "summary.json").read_text())["validation"]
+        assert a["reward_reliability_ci95"] == reward["reliability"]["pair_agreement_ci95"]
+        assert a["reward_probe_accuracy"] == reward["reward_probe"]["pair_accuracy"]
     report = (run / "report" / "report.md").read_text()
     assert report.index("held-out pair accuracy") < report.index("## Test metrics")  # the first section
     assert "config" in metrics and "timings" not in metrics  # times would make two identical runs' metrics differ

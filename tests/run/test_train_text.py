@@ -6,6 +6,8 @@ import pandas as pd
 import pytest
 from runhelp import TINY, cli
 
+from dpo4rec.stats import paired_bootstrap
+
 pytestmark = pytest.mark.slow
 
 
@@ -28,6 +30,9 @@ def test_best_text_run_trains_each_rounds_recommender_on_rewarded_texts(tmp_path
     rows = metrics["train_text"]
     assert {(r["round"], r["split"], r["metric"]) for r in rows} == {(t, s, m) for t in (0, 1) for s in ("validation", "test")
                                                                      for m in ("map@5", "ndcg@5")}
-    for r in rows:
-        assert r["diff"] == pytest.approx(r["best"] - r["greedy"]) and r["ci95"][0] <= r["diff"] <= r["ci95"][1]
+    for r in rows:  # recomputed from the two recommenders' written lists
+        best, greedy = (pd.read_parquet(run / f"round_{r['round']}" / "recommend" / name / f"{r['split']}_lists.parquet")
+                        for name in ("prm-best-text", "prm"))
+        diff, ci = paired_bootstrap(best["user_index"], best[r["metric"]], greedy[r["metric"]], seed=0)
+        assert r["diff"] == pytest.approx(r["best"] - r["greedy"]) == pytest.approx(diff) and r["ci95"] == pytest.approx(list(ci))
     assert "best minus greedy" in (run / "report" / "report.md").read_text()
