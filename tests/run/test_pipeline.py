@@ -154,7 +154,7 @@ def test_single_stage_commands_reuse_the_run_and_another_config_is_refused(unint
                           .replace('reward = "loglik"', 'reward = "listwise"'))
     reward = cli("reward", "--config", str(text_match), "--out", str(matched), "--round", "0")
     assert reward.returncode == 0 and "held-out lists" in reward.stdout, reward.stderr[-2000:]
-    assert not (matched / "round_0" / "recommender").exists()
+    assert not (matched / "round_0" / "recommend").exists()
     from dpo4rec.recommend.features import mark_reward_lists
     from dpo4rec.reward.scorers import TEXT_MATCH_TEMPERATURE
 

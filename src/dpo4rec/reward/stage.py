@@ -126,7 +126,7 @@ def reward_folders(run_dir: Path, round_index: int, recommend: RecommendConfig, 
 
     if align.reward_model != "recommender":
         return []
-    here = round_dir(Path(run_dir), round_index) / "recommender"
+    here = round_dir(Path(run_dir), round_index) / "recommend"
     return [here / reward_model_name(recommend, align.held_out_share, k) for k in range(align.reward_seeds)]
 
 
