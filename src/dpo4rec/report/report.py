@@ -13,11 +13,11 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from dpo4rec.artifacts import StageFolder, read_json, read_parquet, round_dir, write_json, write_text_atomic
 from dpo4rec.config import PipelineConfig, to_dict
+from dpo4rec.report import markdown, plots
 from dpo4rec.stats import paired_bootstrap
 
 METRICS = [f"{m}@{k}" for k in (1, 3, 5, 7) for m in ("map", "ndcg")]
@@ -118,9 +118,9 @@ def _write_report(run_dir: Path, config: PipelineConfig, out: Path) -> None:
         "config": to_dict(config),
     }  # no times here: the same command gives a byte-identical metrics.json (times are in RUN/timings.json)
     write_json(out / "metrics.json", metrics)
-    _plots(out, metrics)
+    plots.draw(out, metrics)
     timings = read_json(run_dir / "timings.json") if (run_dir / "timings.json").is_file() else {}
-    write_text_atomic(out / "report.md", _markdown(metrics, _examples(run_dir, config), timings))
+    write_text_atomic(out / "report.md", markdown.render(metrics, _examples(run_dir, config), timings))
 
 
 def select_round(validation: dict[str, float]) -> int:
@@ -128,12 +128,6 @@ def select_round(validation: dict[str, float]) -> int:
     a tie goes to the earlier round, the one with fewer DPO rounds. Test users play no part."""
     rounds = {0 if arm == "base_llm" else int(arm.removeprefix("dpo_round_")): value for arm, value in validation.items()}
     return min(rounds, key=lambda t: (-rounds[t], t))
-
-
-def _with_ci(entry: dict, key: str, spec: str = ".3f") -> str:
-    """``entry[key]`` and its ``key_ci95`` as "value [lo, hi]", or "-" where the round has none."""
-    value, ci = entry.get(key), entry.get(f"{key}_ci95")
-    return f"{value:{spec}} [{ci[0]:{spec}}, {ci[1]:{spec}}]" if value is not None else "-"
 
 
 def _drift_summaries(run_dir: Path, config: PipelineConfig) -> dict[int, dict]:
@@ -209,162 +203,3 @@ def _examples(run_dir: Path, config: PipelineConfig, n: int = 2) -> list[dict]:
         texts = frame[frame["user_index"] == user].sort_values("sample")
         shown += [{"round": t, "sample": int(r.sample), "text": r.text} for r in texts.head(n + 1).itertuples()]
     return [{"user_index": user, **e} for e in shown]
-
-
-def _plots(out: Path, metrics: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    arms = list(metrics["arms"])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, metric in zip(axes, ("map@5", "ndcg@5")):
-        values = [metrics["arms"][a][metric] for a in arms]
-        errors = [[0, 0] for _ in arms]
-        for c in metrics["comparisons"]:
-            if c["metric"] == metric and c["b"] == "no_knowledge" and c["a"] in arms:
-                i = arms.index(c["a"])
-                errors[i] = [c["diff"] - c["ci95"][0], c["ci95"][1] - c["diff"]]
-        ax.bar(range(len(arms)), values, yerr=np.array(errors).T, capsize=4, color="#4C72B0")
-        ax.set_xticks(range(len(arms)), arms, rotation=20)
-        top = max(v + e[1] for v, e in zip(values, errors))
-        ax.set_ylim(min(values) - 0.05, top + 0.02)
-        ax.set_title(f"test {metric} (bars: 95% CI of the gain over no_knowledge)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "metrics_by_arm.png", dpi=110)
-    plt.close(fig)
-
-    checked = [a for a in metrics.get("alignment", []) if a["heldout_pair_accuracy"] is not None]
-    if checked:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-        for ax, key, chance, title in ((axes[0], "heldout_pair_accuracy", 0.5, "held-out pair accuracy (chance 0.5)"),
-                                       (axes[1], "validation_reward_drift", 0.0, "validation reward drift (next - this round)")):
-            shown = [a for a in checked if a[key] is not None]
-            x = [a["round"] for a in shown]
-            y = [a[key] for a in shown]
-            err = np.array([[a[key] - a[f"{key}_ci95"][0], a[f"{key}_ci95"][1] - a[key]] for a in shown]).T.reshape(2, -1)
-            ax.errorbar(x, y, yerr=err, fmt="o", capsize=5, color="#C44E52")
-            ax.axhline(chance, color="grey", lw=1, ls="--")
-            ax.set_xticks(x)
-            ax.set_xlabel("DPO round")
-            ax.set_title(title + ", 95% CI", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(out / "alignment.png", dpi=110)
-        plt.close(fig)
-
-    rounds = [r for r in metrics["rounds"] if "preferences" in r]
-    if rounds:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-        spread = [r["preferences"]["train"]["spread"]["best_minus_worst_mean"] for r in rounds]
-        axes[0].bar([r["round"] for r in rounds], spread, color="#55A868")
-        axes[0].set_title("reward spread: best - worst sample, mean over users", fontsize=9)
-        axes[0].set_xticks([r["round"] for r in rounds])
-        axes[0].set_xlabel("round")
-        for r in rounds:
-            steps = r.get("dpo", {}).get("steps", [])
-            if steps:
-                axes[1].plot([s["step"] for s in steps], [s["loss"] for s in steps], label=f"round {r['round']} loss")
-                axes[1].plot([s["step"] for s in steps], [s["rewards/accuracies"] for s in steps], "--", label=f"round {r['round']} reward acc.")
-        axes[1].set_title("DPO training", fontsize=9)
-        axes[1].set_xlabel("step")
-        axes[1].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "rewards_and_dpo.png", dpi=110)
-        plt.close(fig)
-
-
-def _markdown(metrics: dict, examples: list[dict], timings: dict) -> str:
-    lines = ["# dpo4rec report", ""]
-    cfg = metrics["config"]
-    lines += [f"Data: {cfg['data']['dataset']}, {metrics['test_users']} test users, {metrics['test_lists']} test lists. "
-              f"Backbone: {cfg['recommend']['backbone']}. LLM: {cfg['model']['name']}. N = {cfg['generate']['n_samples']}, "
-              f"beta = {cfg['align']['beta']}, T = {cfg['run']['rounds']}, {cfg['align']['reward']} rewards "
-              f"{'by text matching ' if cfg['align'].get('reward_model') == 'text_match' else ''}on {cfg['align']['reward_lists'].replace('_', '-')} lists. "
-              f"Round picked by validation MAP@5: **{metrics['selected_round']}** (0 = the base LLM: no DPO round did better).", ""]
-    lines += ["## Did DPO learn something that carries to unseen users? (validation users)", "",
-              "Held-out pair accuracy: how often the DPO-trained policy's implicit reward (beta x log-ratio against the "
-              "round's starting model) ranks a validation user's chosen text above the rejected one (chance 0.5), over "
-              "every two samples whose rewards differ, and over each user's best-vs-worst pair alone; "
-              "validation reward drift: the next round's sampled texts minus this round's, both under this round's "
-              f"reward model ({cfg['align']['reward']}). Intervals: 95% bootstrap over validation users; they leave out "
-              "DPO's own randomness (adapter init, dropout, pair order), which moved the default run's held-out pair "
-              "accuracy by about as much as the interval is wide (docs/results.md): run again with another "
-              "`--set align.seed=1` (a new --out; earlier stages are the same work) before "
-              "reading a small margin over 0.5. Reward reliability: how often the reward itself orders two of a "
-              "validation user's texts the same way on two halves of the user's lists (chance 0.5): a reward near 0.5 "
-              "makes pairs that are noise, and held-out pair accuracy cannot rise above what it allows "
-              "(src/dpo4rec/reward/reliability.py). Two guards: how often the starting model's own log-prob orders the "
-              "pairs the reward's way (no DPO at all), and the accuracy of the margin net of sharpening and length (the "
-              "log-ratio minus its within-user least-squares fit on that log-prob and the answer's tokens): DPO that only "
-              "sharpened the model, or moved it by length, can score above 0.5 when the reward happens to prefer likely "
-              "or short texts, and then the net accuracy falls to chance (src/dpo4rec/heldout/stage.py). Linear probe: "
-              "the same pairs ordered by a ridge regression from the text's vector and length, fitted on the train "
-              "users' rewards: how much of the reward's preference is shared across users at all; a probe above chance "
-              "with DPO at chance puts the limit on DPO, not the reward (src/dpo4rec/reward/probe.py).", "",
-              "| DPO round | pairs | optimizer steps | held-out pairs (users) | held-out pair accuracy [95% CI] "
-              "| best vs worst only [95% CI] | net of sharpening and length [95% CI] | starting model alone [95% CI] "
-              "| validation reward drift [95% CI] | reward reliability [95% CI] | linear probe [95% CI] |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for a in metrics["alignment"]:
-        lines.append(f"| {a['round']} | {a['pairs']} | {a['optimizer_steps']} | {a['heldout_pairs']} ({a['heldout_users']}) "
-                     f"| {_with_ci(a, 'heldout_pair_accuracy')} | {_with_ci(a, 'heldout_best_worst_accuracy')} "
-                     f"| {_with_ci(a, 'heldout_net_accuracy')} | {_with_ci(a, 'heldout_reference_accuracy')} "
-                     f"| {_with_ci(a, 'validation_reward_drift', '+.4f')} | {_with_ci(a, 'reward_reliability')} "
-                     f"| {_with_ci(a, 'reward_probe_accuracy')} |")
-    lines += ["", "![alignment](alignment.png)", ""]
-    lines += ["## Test metrics (mean over lists)", "", "| arm | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
-    for arm, values in {**metrics["arms"], **{f"({k} ranking)": v for k, v in metrics["baselines"].items()}}.items():
-        lines.append(f"| {arm} | " + " | ".join(f"{values[m]:.4f}" for m in METRICS) + " |")
-    seeds = metrics["config"]["recommend"].get("seeds", 1)
-    noise = ("The intervals resample test users; each arm's recommender is trained once, so they leave out how much a "
-             "recommender moves with its training seed (on ML-1M with 2,000 users, ~0.002 MAP@5 standard deviation, and "
-             "differences of 0.005 that change sign with the seed: docs/results.md). Check small differences with "
-             "`--set recommend.seeds=3` (a new --out)." if seeds == 1 else
-             f"Each arm's per-list metrics are the mean of {seeds} trainings of its recommender (recommend.seeds); the intervals "
-             "resample test users around that mean. \"per seed\" gives the difference with each seed's pair of trainings: "
-             "one that changes sign across seeds is the recommender's training noise, whatever its interval.")
-    lines += ["", "## Differences with 95% paired bootstrap intervals over test users", "", noise, "",
-              "| a - b | metric | diff | 95% CI |" + (" per seed |" if seeds > 1 else ""), "|---|---|---|---|" + ("---|" if seeds > 1 else "")]
-    for c in metrics["comparisons"]:
-        if c["metric"] in ("map@5", "ndcg@5"):
-            per_seed = f" {', '.join(f'{d:+.4f}' for d in c['per_seed'])} |" if "per_seed" in c else (" - |" if seeds > 1 else "")
-            lines.append(f"| {c['a']} - {c['b']} | {c['metric']} | {c['diff']:+.4f} | [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] |{per_seed}")
-    lines += ["", "(all K in metrics.json)", "", "![metrics](metrics_by_arm.png)", ""]
-    lines += ["## Rounds", "", "Train users' texts and pairs (lengths in tokens: DPO exploits length first).", "",
-              "| round | mean tokens | ended at EOS | pairs | users tied | reward spread (best - worst) | chosen / rejected tokens "
-              "| DPO final loss | reward accuracy |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in metrics["rounds"]:
-        pref, steps = r.get("preferences"), r.get("dpo", {}).get("steps", [])
-        spread = pref["train"]["spread"] if pref else {}
-        lengths = f"{spread['chosen_tokens_mean']:.1f} / {spread['rejected_tokens_mean']:.1f}" if "chosen_tokens_mean" in spread else "-"
-        lines.append(
-            f"| {r['round']} | {r['knowledge']['mean_tokens']:.1f} | {r['knowledge']['stopped_at_eos']:.0%} | "
-            + (f"{pref['pairs']} | {spread['users_with_tied_samples']} | {spread['best_minus_worst_mean']:.4g} | {lengths} | " if pref else "- | - | - | - | ")
-            + (f"{steps[-1]['loss']:.4f} | {steps[-1]['rewards/accuracies']:.2f} |" if steps else "- | - |")
-        )
-    lines += ["", "![rewards and DPO](rewards_and_dpo.png)", ""]
-    if metrics["reward_drift"]:
-        lines += ["## Did DPO raise its own reward? (train users, round 0's reward model)", "",
-                  "| round | greedy text | sampled texts, mean | sampled - round 0 [95% CI] |", "|---|---|---|---|"]
-        for r in metrics["reward_drift"]:
-            change = f"{r['sampled_minus_round_0']:+.4f} [{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}]" if "ci95" in r else "-"
-            sampled = f"{r['sampled']:.4f}" if "sampled" in r else "- (no train samples)"
-            lines.append(f"| {r['round']} | {r['greedy']:.4f} | {sampled} | {change} |")
-        lines.append("")
-    if metrics.get("train_text"):
-        lines += ["## Which text trains the recommender: best minus greedy (recommend.train_text)", "",
-                  "The arms above train on each sampled train user's best-rewarded text; beside each, the same recommender "
-                  "trained on greedy texts. Validation and test users see their greedy text in both.", "",
-                  "| round | users | metric | best | greedy | best - greedy [95% CI] |", "|---|---|---|---|---|---|"]
-        for r in metrics["train_text"]:
-            lines.append(f"| {r['round']} | {r['split']} ({r['users']}) | {r['metric']} | {r['best']:.4f} | {r['greedy']:.4f} "
-                         f"| {r['diff']:+.4f} [{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}] |")
-        lines.append("")
-    lines += ["## Example texts (one train user)", ""]
-    for e in examples:
-        kind = "greedy" if e["sample"] == 0 else f"sample {e['sample']}"
-        lines.append(f"- round {e['round']}, {kind}: {e['text'][:400]!r}")
-    lines += ["", "## Time per stage (seconds)", ""]
-    lines += [f"- {k}: {v}" for k, v in timings.items()]
-    return "\n".join(lines) + "\n"

@@ -1,0 +1,70 @@
+"""The report's three questions, each answered in words that follow from its interval (never written by hand).
+
+1. Did knowledge help? KAR (the base LLM's texts) minus the ID-only backbone, test MAP@5.
+2. Did DPO help? DPO4Rec (the round validation picked; round 1 when it picked the base LLM) minus KAR, test MAP@5.
+3. Did DPO learn the reward on users it never saw? DPO round 1's held-out pair accuracy (chance 0.5) and validation
+   drift (chance 0), with the starting model's own pair accuracy beside them.
+"""
+
+from __future__ import annotations
+
+ARM_NAMES = {"no_knowledge": "w/o knowledge", "base_llm": "KAR", "base_llm_no_item_knowledge": "KAR w/o item knowledge"}
+
+
+def arm_name(arm: str) -> str:
+    """The paper's names: w/o knowledge, KAR, DPO4Rec round t (after t DPO rounds)."""
+    return ARM_NAMES.get(arm) or f"DPO4Rec round {arm.removeprefix('dpo_round_')}"
+
+
+def above(ci: list[float] | None, chance: float) -> bool | None:
+    """True when the interval lies above ``chance``, False when below, None when it holds it (or there is none)."""
+    if not ci:
+        return None
+    return True if ci[0] > chance else False if ci[1] < chance else None
+
+
+def _difference(metrics: dict, a: str, b: str, metric: str = "map@5") -> dict | None:
+    return next((c for c in metrics["comparisons"] if (c["a"], c["b"], c["metric"]) == (a, b, metric)), None)
+
+
+def _word(direction: bool | None, yes: str, no: str, unclear: str) -> str:
+    return yes if direction is True else no if direction is False else unclear
+
+
+def _ci(value: float, ci: list[float], spec: str) -> str:
+    return f"{value:{spec}} [{ci[0]:{spec}}, {ci[1]:{spec}}]"
+
+
+def verdicts(metrics: dict) -> list[str]:
+    """Three markdown lines, each a question, its answer, and the number with its 95% interval."""
+    lines = []
+    knowledge = _difference(metrics, "base_llm", "no_knowledge")
+    if knowledge:
+        answer = _word(above(knowledge["ci95"], 0), "Yes", "No, it hurt", "Not measurably")
+        lines.append(f"**Did knowledge help?** {answer}: KAR - w/o knowledge, test MAP@5 "
+                     f"{_ci(knowledge['diff'], knowledge['ci95'], '+.4f')}.")
+    t = metrics["selected_round"] or 1
+    dpo = _difference(metrics, f"dpo_round_{t}", "base_llm")
+    if dpo:
+        answer = _word(above(dpo["ci95"], 0), "Yes", "No, it hurt", "Not measurably")
+        picked = (f"round {t}, picked by validation MAP@5" if metrics["selected_round"]
+                  else "round 1; validation MAP@5 picked the base LLM's round (KAR) over every DPO round")
+        lines.append(f"**Did DPO help?** {answer}: DPO4Rec ({picked}) - KAR, test MAP@5 {_ci(dpo['diff'], dpo['ci95'], '+.4f')}.")
+    checked = next((a for a in metrics.get("alignment", []) if a["round"] == 0), None)
+    if checked and checked.get("heldout_pair_accuracy") is not None:
+        accuracy = above(checked["heldout_pair_accuracy_ci95"], 0.5)
+        drift = above(checked.get("validation_reward_drift_ci95"), 0.0)
+        answer = ("Yes, by both checks" if accuracy and drift else "No, both checks fall below chance" if accuracy is False and drift is False
+                  else "Partly, by one check of two" if accuracy or drift else "Not measurably")
+        parts = [f"held-out pair accuracy {_ci(checked['heldout_pair_accuracy'], checked['heldout_pair_accuracy_ci95'], '.3f')} (chance 0.5"]
+        if checked.get("heldout_reference_accuracy") is not None:
+            parts[0] += f"; the starting model alone, before DPO: {checked['heldout_reference_accuracy']:.3f}"
+        parts[0] += ")"
+        if checked.get("validation_reward_drift") is not None:
+            parts.append(f"validation drift {_ci(checked['validation_reward_drift'], checked['validation_reward_drift_ci95'], '+.4f')} (chance 0)")
+        lines.append(f"**Did DPO learn the reward on users it never saw?** {answer}: DPO round 1 on "
+                     f"{checked['heldout_users']} validation users, {', '.join(parts)}.")
+    elif checked:
+        lines.append("**Did DPO learn the reward on users it never saw?** Not checked: no validation pairs (every sampled "
+                     "validation user's texts tied).")
+    return lines
