@@ -391,6 +391,10 @@ _NEEDS_RUN_FOLDER = ("encode", "recommend", "reward", "align", "drift", "report"
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # TRL 1.16 reads transformers 5's deprecated `is_gradient_checkpointing`: a warning no user can act on
+    warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed in v6", category=FutureWarning)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="dpo4rec: %(message)s")
     try:

@@ -253,7 +253,7 @@ def train_dpo(pairs: pd.DataFrame, model_cfg: ModelConfig, align: AlignConfig, c
         per_device_train_batch_size=align.batch_size,
         gradient_accumulation_steps=align.grad_accumulation,
         max_length=align.max_length,
-        gradient_checkpointing=align.gradient_checkpointing,
+        activation_checkpointing=align.gradient_checkpointing,  # transformers 5's name (the old one warns)
         precompute_ref_log_probs=True,
         precompute_ref_batch_size=max(8, align.batch_size * 2),
         bf16=dtype == torch.bfloat16,
