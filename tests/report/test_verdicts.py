@@ -44,11 +44,16 @@ def test_the_verdicts_open_the_report_with_their_numbers():
     head = render(metrics, [], {}).splitlines()[:15]
     said = [line for line in head if line.startswith("**Did ")]
     assert len(said) == 3
-    assert "[+0.0100, +0.0300]" in said[0] and "validation MAP@5 picked the base LLM's round" in said[1]
+    assert "[+0.0100, +0.0300]" in said[0] and "validation MAP@5 picked KAR over every DPO round" in said[1]
     assert "0.580 [0.540, 0.620]" in said[2] and "starting model alone, before DPO: 0.520" in said[2] and "120 validation users" in said[2]
     flipped = copy.deepcopy(metrics)
     flipped["comparisons"][0]["ci95"] = [-0.03, -0.01]
     assert "**Did knowledge help?** No, it hurt" in render(flipped, [], {})
+
+
+def test_a_bound_that_rounds_to_zero_keeps_its_sign():
+    metrics = crafted(drift=(0.00001, 0.0003))
+    assert "[+1.0e-05, +0.0003]" in verdicts(metrics)[2] and answers(metrics)[2] == "Yes, by both checks"
 
 
 def test_stage_times_come_in_pipeline_order_with_a_total():

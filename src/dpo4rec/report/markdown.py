@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from dpo4rec.report.verdicts import arm_name, verdicts
+from dpo4rec.report.verdicts import arm_name, number, verdicts
 
 MAP_NDCG = [f"{m}@{k}" for m in ("map", "ndcg") for k in (1, 3, 5, 7)]
 STAGE_ORDER = ["data", "prompts", "generate", "encode", "drift", "recommend_no_knowledge", "recommend", "recommend_reward",
@@ -18,7 +18,7 @@ STAGE_ORDER = ["data", "prompts", "generate", "encode", "drift", "recommend_no_k
 def _ci(entry: dict, key: str, spec: str = ".3f") -> str:
     """``entry[key]`` and its ``key_ci95`` as "value [lo, hi]", or "-" where there is none."""
     value, ci = entry.get(key), entry.get(f"{key}_ci95")
-    return f"{value:{spec}} [{ci[0]:{spec}}, {ci[1]:{spec}}]" if value is not None and ci else "-"
+    return f"{number(value, spec)} [{number(ci[0], spec)}, {number(ci[1], spec)}]" if value is not None and ci else "-"
 
 
 def stage_order(name: str) -> tuple[int, int]:
@@ -115,7 +115,10 @@ def _rounds(metrics: dict) -> list[str]:
             + (f"{pref['train']['pairs']} | {spread['users_with_tied_samples']} | {spread['best_minus_worst_mean']:.4g} | {lengths} | "
                if pref else "- | - | - | - | ")
             + (f"{r['round'] + 1} | {sum(tail) / len(tail):.4f} |" if tail else "- | - |"))
-    return lines + ["", "![DPO loss](rewards_and_dpo.png)", ""]
+    return lines + ["", "![DPO loss](rewards_and_dpo.png)", "",
+                    "DPO's loss on its own training pairs starts at ln 2 = 0.693; below it, the policy prefers the chosen "
+                    "texts it trained on. With beta = 0.01 it moves little even when the held-out checks above move: "
+                    "those, not this loss, say whether DPO learned what carries to other users.", ""]
 
 
 def _reward_drift(metrics: dict) -> list[str]:

@@ -38,6 +38,7 @@ def _differences(plt, out: Path, metrics: dict) -> None:
         for yi, d, lo, hi, color in zip(y, diffs, err[0], err[1], colors):
             ax.errorbar(d, yi, xerr=[[lo], [hi]], fmt="o", capsize=4, color=color)
         ax.axvline(0, color="grey", lw=1, ls="--")
+        ax.locator_params(axis="x", nbins=5)
         ax.set_yticks(y, [f"{arm_name(c['a'])} - {arm_name(c['b'])}" for c in rows], fontsize=8)
         ax.set_title(f"test {metric.upper()}: difference, 95% CI (green/red: clear of 0)", fontsize=9)
     fig.tight_layout()
@@ -84,7 +85,8 @@ def _dpo(plt, out: Path, metrics: dict) -> None:
         window = max(1, len(loss) // 10)
         smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
         ax.plot(x, loss, color="#4C72B0", alpha=0.25, lw=0.8)
-        ax.plot(x[window - 1:], smooth, lw=1.8, label=f"DPO round {r['round'] + 1} (mean of {window} steps)")
+        label = f"DPO round {r['round'] + 1}" + (f" (mean of {window} steps)" if window > 1 else "")
+        ax.plot(x[window - 1:], smooth, lw=1.8, label=label)
     ax.axhline(math.log(2), color="grey", lw=1, ls="--", label="ln 2: no preference learned yet")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("DPO loss (training pairs)")

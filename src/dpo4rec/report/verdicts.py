@@ -31,8 +31,15 @@ def _word(direction: bool | None, yes: str, no: str, unclear: str) -> str:
     return yes if direction is True else no if direction is False else unclear
 
 
+def number(value: float, spec: str) -> str:
+    """``value`` in ``spec``, or in scientific notation where ``spec`` would round a nonzero value to zero (a bound
+    printed as +0.0000 would hide which side of zero it lies on)."""
+    text = format(value, spec)
+    return format(value, "+.1e" if "+" in spec else ".1e") if value != 0 and float(text) == 0 else text
+
+
 def _ci(value: float, ci: list[float], spec: str) -> str:
-    return f"{value:{spec}} [{ci[0]:{spec}}, {ci[1]:{spec}}]"
+    return f"{number(value, spec)} [{number(ci[0], spec)}, {number(ci[1], spec)}]"
 
 
 def verdicts(metrics: dict) -> list[str]:
@@ -47,9 +54,9 @@ def verdicts(metrics: dict) -> list[str]:
     dpo = _difference(metrics, f"dpo_round_{t}", "base_llm")
     if dpo:
         answer = _word(above(dpo["ci95"], 0), "Yes", "No, it hurt", "Not measurably")
-        picked = (f"round {t}, picked by validation MAP@5" if metrics["selected_round"]
-                  else "round 1; validation MAP@5 picked the base LLM's round (KAR) over every DPO round")
-        lines.append(f"**Did DPO help?** {answer}: DPO4Rec ({picked}) - KAR, test MAP@5 {_ci(dpo['diff'], dpo['ci95'], '+.4f')}.")
+        picked = ("the round validation MAP@5 picked" if metrics["selected_round"]
+                  else "validation MAP@5 picked KAR over every DPO round")
+        lines.append(f"**Did DPO help?** {answer}: DPO4Rec round {t} - KAR, test MAP@5 {_ci(dpo['diff'], dpo['ci95'], '+.4f')} ({picked}).")
     checked = next((a for a in metrics.get("alignment", []) if a["round"] == 0), None)
     if checked and checked.get("heldout_pair_accuracy") is not None:
         accuracy = above(checked["heldout_pair_accuracy_ci95"], 0.5)
