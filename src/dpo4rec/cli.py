@@ -40,13 +40,14 @@ def _command(commands, name: str, text: str, example: str) -> argparse.ArgumentP
     return parser
 
 
-def _add_run_folder_options(parser: argparse.ArgumentParser) -> None:
-    """What every command that runs a stage takes: the run folder, a config file, overrides."""
+def _add_run_folder_options(parser: argparse.ArgumentParser, d) -> None:
+    """What every command that runs a stage takes: the run folder, a config file, overrides, the LLM."""
     parser.add_argument("--out", default=DEFAULT_RUN_DIR, help=f"run folder (default: {DEFAULT_RUN_DIR})")
     parser.add_argument("--config", help="TOML config for a new run folder (default: the packaged default config; "
                                          "a folder with config.json runs with that)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value, TOML syntax (e.g. --set align.beta=0.1 --set run.rounds=2)")
+    _add_model_option(parser, d)
 
 
 def _add_data_options(parser: argparse.ArgumentParser, d) -> None:
@@ -83,13 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = _command(commands, "run", "run (or resume) every stage of every round, then write the report",
                    f"dpo4rec run --out runs/default   (rounds: {d.run.rounds}, N = {d.generate.n_samples}, reward: {d.align.reward_model})")
-    _add_run_folder_options(run)
+    _add_run_folder_options(run, d)
     _add_data_options(run, d)
-    _add_model_option(run, d)
 
     data = _command(commands, "data", "load a data set and write the re-rank protocol (users, items, lists)",
                     "dpo4rec data --dataset ml-100k --users 100 --out runs/x")
-    _add_run_folder_options(data)
+    _add_run_folder_options(data, d)
     _add_data_options(data, d)
     data_commands = data.add_subparsers(dest="data_command")
     download = data_commands.add_parser("download", help="fetch and verify a public data set into the cache")
@@ -103,9 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate = _command(commands, "generate", "sample a greedy and N knowledge texts per user (runs data and prompts first if needed)",
                         "dpo4rec generate --out runs/x --round 0")
     for parser_ in (prompts, generate):
-        _add_run_folder_options(parser_)
+        _add_run_folder_options(parser_, d)
         _add_data_options(parser_, d)
-        _add_model_option(parser_, d)
     g = d.generate
     generate.add_argument("--round", type=int, default=0, help="round (0 = the base LLM; t = with the adapters of rounds 0..t-1)")
     generate.add_argument("--adapter", action="append", default=[], help="LoRA adapter folder to merge in (a DPO round's align/); repeat for a chain")
@@ -117,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--processes", type=int, help=f"processes that share the batches, one per GPU (default: {g.processes})")
 
     encode = _command(commands, "encode", "encode a round's knowledge texts and the item texts to vectors", "dpo4rec encode --out runs/x --round 0")
-    _add_run_folder_options(encode)
+    _add_run_folder_options(encode, d)
     encode.add_argument("--round", type=int, default=0, help="round whose knowledge to encode (0 = the base LLM's)")
     encode.add_argument("--encoder", help=f"sentence-transformers model or folder (default: {d.encode.encoder})")
     encode.add_argument("--batch-size", type=int, dest="batch_size", help=f"texts per encoder pass (default: {d.encode.batch_size})")
@@ -126,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     recommend = _command(commands, "recommend", "train and evaluate a (knowledge-augmented) re-ranker on a round's vectors",
                          "dpo4rec recommend --out runs/x --backbone dlcm")
-    _add_run_folder_options(recommend)
+    _add_run_folder_options(recommend, d)
     r = d.recommend
     recommend.add_argument("--round", type=int, default=0, help="round whose vectors to use")
     recommend.add_argument("--backbone", help=f"dlcm, prm or setrank (default: {r.backbone}); another backbone gets its own folder")
@@ -143,11 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for name, (text, example) in helps.items():
         parser_ = _command(commands, name, text, example)
-        _add_run_folder_options(parser_)
+        _add_run_folder_options(parser_, d)
         if name != "report":
             parser_.add_argument("--round", type=int, default=0, help="round (0 = the base LLM's texts)")
-        if name == "align":
-            _add_model_option(parser_, d)
 
     compare = _command(commands, "compare", "two finished runs side by side: validation MAP@5, test metrics, A - B with 95%% CIs",
                        "dpo4rec compare runs/a runs/b")
@@ -169,6 +166,8 @@ def _config(args: argparse.Namespace, overrides: dict[str, dict] | None = None):
     from dpo4rec.run_config import resolve_config
 
     sets = parse_sets(args.set)
+    if getattr(args, "model", None) is not None:
+        overrides = {**(overrides or {}), "model": {"name": args.model}}
     spelled = {}
     for section, entries in (overrides or {}).items():
         given = {k: v for k, v in entries.items() if v is not None}
@@ -178,10 +177,7 @@ def _config(args: argparse.Namespace, overrides: dict[str, dict] | None = None):
 
 
 def _data_overrides(args: argparse.Namespace) -> dict[str, dict]:
-    overrides = {"data": {k: getattr(args, k, None) for k in ("dataset", "path", "n_users", "seed")}}
-    if getattr(args, "model", None) is not None:
-        overrides["model"] = {"name": args.model}
-    return overrides
+    return {"data": {k: getattr(args, k, None) for k in ("dataset", "path", "n_users", "seed")}}
 
 
 def _data_stage(args: argparse.Namespace) -> int:
