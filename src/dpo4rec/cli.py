@@ -325,7 +325,7 @@ def _round_stage(args: argparse.Namespace) -> int:
               f"{train['pairs']:,} pairs ({summary['pairing']}); {summary['validation']['pairs']:,} held-out validation pairs")
     else:
         from dpo4rec.align.dpo import adapter_chain, run_align_stage
-        from dpo4rec.runlock import launch_rank
+        from dpo4rec.runlock import launch_rank, launched
 
         adapter_chain(args.out, args.round)  # rounds before this one must be aligned
         result = run_align_stage(args.out, args.round, config.model, config.align)
@@ -335,6 +335,11 @@ def _round_stage(args: argparse.Namespace) -> int:
         last = history["steps"][-1] if history["steps"] else {}
         print(f"DPO on {history['pairs']:,} pairs, {len(history['steps'])} steps; last step: loss {last.get('loss', float('nan')):.4f}, "
               f"reward accuracy {last.get('rewards/accuracies', float('nan')):.2f}; reference: {history['reference']}")
+        if launched():  # DDP ranks: the held-out check is one process's work (`dpo4rec run` does it after the launch)
+            print(f"{'reused' if result.reused else 'wrote'} {result.folder}; the held-out check: "
+                  f"'dpo4rec align --out {args.out} --round {args.round}' "
+                  "once more without the launcher (it reuses the adapter)")
+            return 0
         print(f"{'reused' if result.reused else 'wrote'} {result.folder}")
         from dpo4rec.heldout.stage import run_heldout_stage
 

@@ -85,7 +85,7 @@ def test_killed_during_dpo_and_generation_then_resumed_gives_the_same_metrics(un
     run = tmp_path / "killed"
     command = [sys.executable, "-m", "dpo4rec", "run", "--config", str(TINY), "--out", str(run)]
     kill_points = [
-        lambda: any((run / "round_0").glob(".adapter.tmp-*")),  # DPO of round 0 under way
+        lambda: any((run / "round_0").glob(".align.tmp-*")),  # DPO of round 0 under way
         lambda: (run / "round_1" / "generate" / "parts" / "part-00000.parquet").is_file(),  # mid-generation
     ]
     for point in kill_points:
