@@ -14,11 +14,11 @@ import torch
 
 from runhelp import ENV, TINY, cli
 
+from dpo4rec.cli import main
 from dpo4rec.stats import paired_bootstrap
 
 
-@pytest.mark.slow
-def test_tiny_run_reports_every_arm_with_intervals(uninterrupted):
+def test_tiny_run_reports_every_arm_with_intervals(uninterrupted):  # the fast tier's one end-to-end run
     run, metrics = uninterrupted
     assert set(metrics["arms"]) == {"no_knowledge", "base_llm", "dpo_round_1", "dpo_round_2"}
     for values in metrics["arms"].values():
@@ -205,10 +205,12 @@ def test_single_stage_commands_reuse_the_run_and_another_config_is_refused(unint
                                      "generate.sampled_validation_users=0", "generate.sampled_train_users=-1",
                                      "recommend.train_text=bestest", "model.device=tpu", "encode.device=gpu",
                                      *([] if torch.cuda.is_available() else ["model.device=cuda"])])
-def test_impossible_run_settings_are_one_line_and_write_nothing(setting, tmp_path):
-    result = cli("run", "--config", str(TINY), "--out", str(tmp_path / "run"), "--set", setting)
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+def test_impossible_run_settings_are_one_line_and_write_nothing(setting, tmp_path, capsys):
+    """In-process through the console script's entry function (the console script itself: tests/run/test_faults.py)."""
+    assert main(["run", "--config", str(TINY), "--out", str(tmp_path / "run"), "--set", setting]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("dpo4rec: error: "), err
+    assert not (tmp_path / "run").exists()
 
 
 def test_sampled_subset_larger_than_the_split_stops_after_the_data_stage(tmp_path):

@@ -5,13 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from runhelp import ENV
 
 RESEARCH = Path(__file__).resolve().parents[2] / "research"
 
 
-@pytest.mark.slow
 def test_drift_length_splits_the_checks_by_length(uninterrupted):
     run, _ = uninterrupted
     result = subprocess.run([sys.executable, str(RESEARCH / "drift_length.py"), str(run), "--round", "0"],

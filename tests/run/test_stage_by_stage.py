@@ -45,7 +45,6 @@ def test_the_readme_stage_by_stage_commands_reach_a_report(tmp_path, capsys):
     assert "--users 50" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_recommend_on_a_finished_run_trains_with_that_runs_settings(uninterrupted, tmp_path):
     run = tmp_path / "copy"
     shutil.copytree(uninterrupted[0], run)
