@@ -412,18 +412,18 @@ def from_dict(cls: type, values: dict, where: str) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise InputError(f"unknown config key {where}.{unknown[0]}{_suggestion(unknown[0], known)}")
+        raise InputError(f"unknown config key {where}.{unknown[0]}{closest_key(unknown[0], known)}")
     kwargs = {}
     for name, value in values.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             kwargs[name] = from_dict(hint, value, f"{where}.{name}")
         else:
-            kwargs[name] = _coerce(value, hint, f"{where}.{name}")
+            kwargs[name] = coerce(value, hint, f"{where}.{name}")
     return cls(**kwargs)
 
 
-def _suggestion(name: str, known) -> str:
+def closest_key(name: str, known) -> str:
     """``" (did you mean beta?)"`` for a near miss, else the known names."""
     import difflib
 
@@ -439,7 +439,7 @@ def _type_name(hint: Any) -> str:
     return " or ".join(named) + (" (or unset)" if type(None) in options else "")
 
 
-def _coerce(value: Any, hint: Any, name: str) -> Any:
+def coerce(value: Any, hint: Any, name: str) -> Any:
     """Accept ``value`` if it fits ``hint`` (int for float, list for tuple)."""
     options = get_args(hint) if get_origin(hint) in (types.UnionType, typing.Union) else (hint,)
     for option in options:

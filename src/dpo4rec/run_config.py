@@ -17,7 +17,7 @@ import typing
 from pathlib import Path
 
 from dpo4rec.artifacts import first_difference, read_json, write_json
-from dpo4rec.config import GenerateConfig, PipelineConfig, _coerce, _suggestion, from_dict, load_config, to_dict
+from dpo4rec.config import GenerateConfig, PipelineConfig, closest_key, coerce, from_dict, load_config, to_dict
 from dpo4rec.errors import InputError
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.toml"
@@ -41,15 +41,15 @@ def resolve_config(run_dir: str | Path, config_file: str | Path | None = None,
         if section not in sections:
             key, value = next(iter(entries.items()))
             raise InputError(f"{given(section, key, value)}: no config section [{section}]"
-                             f"{_suggestion(section, sections)}")
+                             f"{closest_key(section, sections)}")
         known = {f.name for f in dataclasses.fields(hints[section])}
         for key, value in entries.items():
             if key not in known:
-                raise InputError(f"{given(section, key, value)}: no setting {section}.{key}{_suggestion(key, known)}")
+                raise InputError(f"{given(section, key, value)}: no setting {section}.{key}{closest_key(key, known)}")
         field_hints = typing.get_type_hints(hints[section])
         for key, value in entries.items():
             try:
-                _coerce(value, field_hints[key], f"{section}.{key}")
+                coerce(value, field_hints[key], f"{section}.{key}")
             except InputError as exc:  # a wrong type: name the option that gave it
                 raise InputError(f"{given(section, key, value)}: {exc}") from None
     try:
