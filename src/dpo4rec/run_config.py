@@ -35,8 +35,8 @@ def resolve_config(run_dir: str | Path, config_file: str | Path | None = None,
     def given(section: str, key: str, value) -> str:
         return spelled.get(f"{section}.{key}") or f"--set {section}.{key}={_toml(value)}"
 
-    sections = {f.name: f.type for f in dataclasses.fields(PipelineConfig)}
     hints = typing.get_type_hints(PipelineConfig)
+    sections = {f.name for f in dataclasses.fields(PipelineConfig)}
     for section, entries in overrides.items():
         if section not in sections:
             key, value = next(iter(entries.items()))
@@ -115,9 +115,9 @@ def _refuse_other(recorded: PipelineConfig, config: PipelineConfig, run_dir: str
                          "choose another --out folder or remove it")
 
 
-def _plain(config) -> dict:
+def _plain(config: PipelineConfig) -> dict:
     """A config as its record holds it (tuples become lists)."""
-    return json.loads(json.dumps(to_dict(config) if not isinstance(config, dict) else config))
+    return json.loads(json.dumps(to_dict(config)))
 
 
 def _comparable(record: dict) -> dict:

@@ -62,8 +62,8 @@ def adapter_chain(run_dir: str | Path, round_index: int) -> list[Path]:
     return chain
 
 
-def run_align_stage(run_dir: str | Path, round_index: int, model_cfg: ModelConfig, align: AlignConfig) -> tuple[Path, dict, bool]:
-    """Train round ``round_index``'s LoRA adapter on its preference pairs; returns (folder, log, reused)."""
+def run_align_stage(run_dir: str | Path, round_index: int, model_cfg: ModelConfig, align: AlignConfig) -> StageResult:
+    """Train round ``round_index``'s LoRA adapter on its preference pairs (the summary: the training log)."""
     run_dir = Path(run_dir)
     round_folder = round_dir(run_dir, round_index)
     pairs_file = round_folder / "reward" / "pairs.parquet"
@@ -103,7 +103,7 @@ def _barrier() -> None:
     PartialState().wait_for_everyone()
 
 
-def launch_align_stage(run_dir: str | Path, round_index: int, model_cfg: ModelConfig, align: AlignConfig) -> tuple[Path, dict, bool]:
+def launch_align_stage(run_dir: str | Path, round_index: int, model_cfg: ModelConfig, align: AlignConfig) -> StageResult:
     """``run_align_stage``, as ``align.processes`` processes of ``accelerate launch`` when that is more than one.
 
     The launched processes read the run's config.json and run ``dpo4rec align``; this process keeps the run

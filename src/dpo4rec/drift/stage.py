@@ -40,7 +40,6 @@ def run_drift_stage(run_dir: str | Path, round_index: int, config: PipelineConfi
         "encode": round_dir(run_dir, round_index) / "encode" / "users.safetensors",
         "reward": round_dir(run_dir, round_index - 1) / "reward" / "validation_rewards.parquet",
         "reward of round 0": round_dir(run_dir, 0) / "reward" / "rewards.parquet",
-        "encode of round 0": round_dir(run_dir, 0) / "encode" / "users.safetensors",
     }
     for stage, path in needed.items():
         if not path.is_file():
@@ -62,15 +61,17 @@ def run_drift_stage(run_dir: str | Path, round_index: int, config: PipelineConfi
 
 def reward_drift(run_dir: Path, config: PipelineConfig, round_index: int) -> list[dict]:
     """Round 0's and round ``round_index``'s texts of the train users whose samples fed DPO, under round 0's reward
-    model: mean reward of greedy and sampled texts, and round t's sampled minus round 0's, paired over users."""
+    model: mean reward of greedy and sampled texts, and round t's sampled minus round 0's, paired over users.
+    Round 0's are the rewards its reward stage wrote (the same scorer, lists and users), not scored again."""
     from dpo4rec.encode import read_embeddings
-    from dpo4rec.reward.stage import round_reward_scorer, train_user_indices
+    from dpo4rec.reward.stage import round_reward_scorer
 
-    embeddings = {t: read_embeddings(round_dir(run_dir, t) / "encode") for t in (0, round_index)}
+    base_rewards = read_parquet(round_dir(run_dir, 0) / "reward" / "rewards.parquet")[["user_index", "sample", "reward"]]
+    train_users = base_rewards["user_index"].unique()  # the sampled train users, whose pairs fed DPO
     scorer, split = round_reward_scorer(run_dir, 0, config.recommend, config.align)
-    first = embeddings[0]  # the train users whose samples fed DPO
-    train_users = np.intersect1d(train_user_indices(run_dir), first.user_index[first.sample > 0])
-    per_round = {t: scorer.score_embeddings(e, split=split, users=train_users, reward=config.align.reward) for t, e in embeddings.items()}
+    later = read_embeddings(round_dir(run_dir, round_index) / "encode")
+    per_round = {0: base_rewards,
+                 round_index: scorer.score_embeddings(later, split=split, users=train_users, reward=config.align.reward)}
     base = per_round[0][per_round[0]["sample"] > 0].groupby("user_index")["reward"].mean()
     rows = []
     for t, table in per_round.items():

@@ -53,8 +53,8 @@ log = logging.getLogger(__name__)
 STAGE = "heldout"
 
 
-def run_heldout_stage(run_dir: str | Path, round_index: int, model_cfg: ModelConfig, align: AlignConfig, seed: int = 0):
-    """Held-out pair accuracy of round ``round_index``'s DPO; returns (folder, summary, reused)."""
+def run_heldout_stage(run_dir: str | Path, round_index: int, model_cfg: ModelConfig, align: AlignConfig, seed: int = 0) -> StageResult:
+    """Held-out pair accuracy of round ``round_index``'s DPO."""
     from dpo4rec.align.dpo import adapter_chain
 
     run_dir = Path(run_dir)

@@ -103,8 +103,9 @@ def _write_report(run_dir: Path, config: PipelineConfig, out: Path) -> None:
                                         seed=config.data.seed)
             comparisons.append({"a": a, "b": b, "metric": metric, "diff": diff, "ci95": list(ci), **per_seed_differences(lists[a], lists[b], metric)})
     rounds = _round_details(run_dir, config)
+    drifts = _drift_summaries(run_dir, config)
     metrics = {
-        "alignment": alignment(run_dir, config, rounds),
+        "alignment": alignment(run_dir, config, rounds, drifts),
         "arms": arms,
         "comparisons": comparisons,
         "selected_round": select_round(validation),
@@ -113,7 +114,7 @@ def _write_report(run_dir: Path, config: PipelineConfig, out: Path) -> None:
         "test_users": int(lists["base_llm"]["user_index"].nunique()),
         "test_lists": len(lists["base_llm"]),
         "rounds": rounds,
-        "reward_drift": reward_drift(run_dir, config),  # the drift stages' rows (drift/stage.py)
+        "reward_drift": reward_drift(drifts),  # the drift stages' rows (drift/stage.py)
         "train_text": train_text_comparison(run_dir, config),
         "config": to_dict(config),
     }  # no times here: the same command gives a byte-identical metrics.json (times are in RUN/timings.json)
@@ -136,17 +137,18 @@ def _drift_summaries(run_dir: Path, config: PipelineConfig) -> dict[int, dict]:
     return {t: read_json(f) for t, f in files.items() if f.is_file()}
 
 
-def reward_drift(run_dir: Path, config: PipelineConfig) -> list[dict]:
+def reward_drift(drifts: dict[int, dict]) -> list[dict]:
     """Every round's train texts under round 0's reward model: round 0's row, then each later round's."""
     rows = {}
-    for summary in _drift_summaries(run_dir, config).values():
+    for summary in drifts.values():
         rows.update({row["round"]: row for row in summary["train"]})
     return [rows[t] for t in sorted(rows)]
 
 
-def alignment(run_dir: Path, config: PipelineConfig, rounds: list[dict]) -> list[dict]:
-    """Per DPO round: what it trained on, and whether what it learned carries to validation users."""
-    drift = {s["validation"]["round"]: s["validation"] for s in _drift_summaries(run_dir, config).values() if s["validation"]}
+def alignment(run_dir: Path, config: PipelineConfig, rounds: list[dict], drifts: dict[int, dict]) -> list[dict]:
+    """Per DPO round: what it trained on, and whether what it learned carries to validation users (``drifts``: what
+    the drift stages wrote, by round)."""
+    drift = {s["validation"]["round"]: s["validation"] for s in drifts.values() if s["validation"]}
     entries = []
     for r in rounds[: config.run.rounds]:
         t, dpo = r["round"], r.get("dpo", {})

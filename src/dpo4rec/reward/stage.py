@@ -57,8 +57,8 @@ def pairing_settings(align: AlignConfig, recommender_name: str) -> dict:
             **({"reward_model": align.reward_model} if align.reward_model != "recommender" else {})}
 
 
-def run_reward_stage(run_dir: str | Path, round_index: int, recommend: RecommendConfig, align: AlignConfig) -> tuple[Path, dict, bool]:
-    """Rewards and preference pairs for round ``round_index``; returns (folder, summary, reused)."""
+def run_reward_stage(run_dir: str | Path, round_index: int, recommend: RecommendConfig, align: AlignConfig) -> StageResult:
+    """Rewards and preference pairs for round ``round_index``."""
     from dpo4rec.encode import read_embeddings
 
     run_dir = Path(run_dir)
