@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from dpo4rec.report.verdicts import arm_name, number, verdicts
+from dpo4rec.report.verdicts import arm_name, verdicts, with_interval
 
 MAP_NDCG = [f"{m}@{k}" for m in ("map", "ndcg") for k in (1, 3, 5, 7)]
 STAGE_ORDER = ["data", "prompts", "generate", "encode", "drift", "recommend_no_knowledge", "recommend", "recommend_reward",
@@ -18,7 +18,7 @@ STAGE_ORDER = ["data", "prompts", "generate", "encode", "drift", "recommend_no_k
 def _ci(entry: dict, key: str, spec: str = ".3f") -> str:
     """``entry[key]`` and its ``key_ci95`` as "value [lo, hi]", or "-" where there is none."""
     value, ci = entry.get(key), entry.get(f"{key}_ci95")
-    return f"{number(value, spec)} [{number(ci[0], spec)}, {number(ci[1], spec)}]" if value is not None and ci else "-"
+    return with_interval(value, ci, spec) if value is not None and ci else "-"
 
 
 def stage_order(name: str) -> tuple[int, int]:

@@ -38,7 +38,8 @@ def number(value: float, spec: str) -> str:
     return format(value, "+.1e" if "+" in spec else ".1e") if value != 0 and float(text) == 0 else text
 
 
-def _ci(value: float, ci: list[float], spec: str) -> str:
+def with_interval(value: float, ci: list[float], spec: str) -> str:
+    """"0.594 [0.551, 0.636]": a value and its interval, each through ``number``."""
     return f"{number(value, spec)} [{number(ci[0], spec)}, {number(ci[1], spec)}]"
 
 
@@ -49,26 +50,26 @@ def verdicts(metrics: dict) -> list[str]:
     if knowledge:
         answer = _word(above(knowledge["ci95"], 0), "Yes", "No, it hurt", "Not measurably")
         lines.append(f"**Did knowledge help?** {answer}: KAR - w/o knowledge, test MAP@5 "
-                     f"{_ci(knowledge['diff'], knowledge['ci95'], '+.4f')}.")
+                     f"{with_interval(knowledge['diff'], knowledge['ci95'], '+.4f')}.")
     t = metrics["selected_round"] or 1
     dpo = _difference(metrics, f"dpo_round_{t}", "base_llm")
     if dpo:
         answer = _word(above(dpo["ci95"], 0), "Yes", "No, it hurt", "Not measurably")
         picked = ("the round validation MAP@5 picked" if metrics["selected_round"]
                   else "validation MAP@5 picked KAR over every DPO round")
-        lines.append(f"**Did DPO help?** {answer}: DPO4Rec round {t} - KAR, test MAP@5 {_ci(dpo['diff'], dpo['ci95'], '+.4f')} ({picked}).")
+        lines.append(f"**Did DPO help?** {answer}: DPO4Rec round {t} - KAR, test MAP@5 {with_interval(dpo['diff'], dpo['ci95'], '+.4f')} ({picked}).")
     checked = next((a for a in metrics.get("alignment", []) if a["round"] == 0), None)
     if checked and checked.get("heldout_pair_accuracy") is not None:
         accuracy = above(checked["heldout_pair_accuracy_ci95"], 0.5)
         drift = above(checked.get("validation_reward_drift_ci95"), 0.0)
         answer = ("Yes, by both checks" if accuracy and drift else "No, both checks fall below chance" if accuracy is False and drift is False
                   else "Partly, by one check of two" if accuracy or drift else "Not measurably")
-        parts = [f"held-out pair accuracy {_ci(checked['heldout_pair_accuracy'], checked['heldout_pair_accuracy_ci95'], '.3f')} (chance 0.5"]
+        parts = [f"held-out pair accuracy {with_interval(checked['heldout_pair_accuracy'], checked['heldout_pair_accuracy_ci95'], '.3f')} (chance 0.5"]
         if checked.get("heldout_reference_accuracy") is not None:
             parts[0] += f"; the starting model alone, before DPO: {checked['heldout_reference_accuracy']:.3f}"
         parts[0] += ")"
         if checked.get("validation_reward_drift") is not None:
-            parts.append(f"validation drift {_ci(checked['validation_reward_drift'], checked['validation_reward_drift_ci95'], '+.4f')} (chance 0)")
+            parts.append(f"validation drift {with_interval(checked['validation_reward_drift'], checked['validation_reward_drift_ci95'], '+.4f')} (chance 0)")
         lines.append(f"**Did DPO learn the reward on users it never saw?** {answer}: DPO round 1 on "
                      f"{checked['heldout_users']} validation users, {', '.join(parts)}.")
     elif checked:
