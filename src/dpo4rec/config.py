@@ -19,6 +19,10 @@ from dpo4rec.errors import InputError
 
 REWARDS = ("ndcg", "loglik", "listwise")
 """The reward kinds of ``[align] reward`` (computed in reward/scorers.py)."""
+PROTOCOLS = ("rerank", "next_item")
+"""``[data] protocol``: KAR's re-rank lists, or leave-one-out next-item prediction (data/next_item.py)."""
+SEQUENTIAL_BACKBONES = ("sasrec",)
+"""Recommenders that rank every item after a sequence (the next_item protocol); the others re-rank lists."""
 LOSSES = ("sigmoid", "sigmoid_norm", "ipo", "hinge")
 """The pairwise losses of ``[align] loss`` (TRL's ``loss_type`` names)."""
 
@@ -58,6 +62,10 @@ class DataConfig:
     positive, a number r = rating > r is positive."""
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
     """Train / validation / test fractions of users."""
+    protocol: str = "rerank"
+    """"rerank": KAR's lists of 10 candidates after the prompt history (the paper; the fields above); "next_item":
+    chronological leave-one-out (the last item tests, the one before it validates, full ranking over all items),
+    for recommend.backbone = "sasrec" (docs/protocol.md)."""
     rating_range: tuple[float, float] | None = None
     """[lowest, highest] rating the data may hold; a rating outside is refused. None = taken from the
     data, with a warning when the ratings look odd (negative, above 10 or fractional)."""
@@ -69,6 +77,7 @@ class DataConfig:
         _check(self.positives_per_list >= 1, "data.positives_per_list", ">= 1", self.positives_per_list)
         _check(self.list_size > self.positives_per_list, "data.list_size", "> data.positives_per_list", self.list_size)
         _check(self.recent_history >= 1, "data.recent_history", ">= 1", self.recent_history)
+        _check(self.protocol in PROTOCOLS, "data.protocol", " or ".join(PROTOCOLS), self.protocol)
         _check(
             self.positive_rating in ("auto", "all") or isinstance(self.positive_rating, (int, float)),
             "data.positive_rating", '"auto", "all" or a number', self.positive_rating,
@@ -201,7 +210,7 @@ class RecommendConfig:
     """The knowledge-augmented re-ranker (the reward model): architecture and training."""
 
     backbone: str = "prm"
-    """A registered re-ranker: dlcm, prm, setrank."""
+    """A registered re-ranker (dlcm, prm, setrank) for data.protocol = "rerank", or sasrec for "next_item"."""
     knowledge: bool = True
     """Feed the knowledge vectors through the hybrid-expert adapter; false = the ID-only baseline."""
     item_knowledge: bool = True
@@ -230,8 +239,10 @@ class RecommendConfig:
     """Hybrid-expert adapter: experts of each tower alone."""
     adapter_dim: int = 32
     """Output size of each adapter tower."""
+    max_len: int = 50
+    """sasrec: the most recent items of a sequence the model reads (the SASRec paper: 50 on Amazon, 200 on ML-1M)."""
     batch_size: int = 512
-    """Lists per step."""
+    """Lists (sasrec: sequences) per step."""
     lr: float = 3e-3
     weight_decay: float = 0.0
     max_epochs: int = 20
@@ -249,7 +260,7 @@ class RecommendConfig:
     """auto (cuda if present), cpu, cuda."""
 
     def __post_init__(self) -> None:
-        for name in ("embed_dim", "hidden_dim", "n_heads", "n_layers", "adapter_dim", "batch_size", "max_epochs", "patience", "seeds"):
+        for name in ("embed_dim", "hidden_dim", "n_heads", "n_layers", "adapter_dim", "max_len", "batch_size", "max_epochs", "patience", "seeds"):
             _check(getattr(self, name) >= 1, f"recommend.{name}", ">= 1", getattr(self, name))
         _check(self.hidden_dim % self.n_heads == 0, "recommend.hidden_dim", "a multiple of recommend.n_heads", self.hidden_dim)
         _check(self.shared_experts >= 0 and self.specific_experts >= 0 and self.shared_experts + self.specific_experts >= 1,
@@ -402,6 +413,14 @@ class PipelineConfig:
     align: AlignConfig = field(default_factory=AlignConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     recommend: RecommendConfig = field(default_factory=RecommendConfig)
+
+    def __post_init__(self) -> None:
+        sequential = self.recommend.backbone in SEQUENTIAL_BACKBONES
+        if sequential != (self.data.protocol == "next_item"):
+            raise InputError(f"recommend.backbone = {self.recommend.backbone!r} does not fit data.protocol = {self.data.protocol!r}: "
+                             'sasrec needs "next_item", the re-rankers (dlcm, prm, setrank) "rerank"')
+        if sequential and self.align.reward_seeds > 1:
+            raise InputError("align.reward_seeds must be 1 under data.protocol = next_item (its reward model is the round's own SASRec)")
 
 
 def from_dict(cls: type, values: dict, where: str) -> Any:

@@ -80,3 +80,24 @@ def rerank_metrics(
 def mean_metrics(per_list: dict[str, np.ndarray]) -> dict[str, float]:
     """The headline numbers: each metric averaged over lists."""
     return {name: float(values.mean()) if values.size else float("nan") for name, values in per_list.items()}
+
+
+FULL_RANKING_KS = (5, 10, 20)
+
+
+def full_ranking_metrics(ranks: np.ndarray, ks: Sequence[int] = FULL_RANKING_KS) -> dict[str, np.ndarray]:
+    """Per-target ``hr@K`` and ``ndcg@K`` from each target's 0-based rank among all candidate items.
+
+    One relevant item per row (leave-one-out): HR@K = [rank < K], NDCG@K = 1 / log2(rank + 2) where rank < K.
+    The ranks come from ``target_ranks``, which breaks ties against the target.
+    """
+    ranks = np.asarray(ranks, dtype=np.int64)
+    if ranks.ndim != 1 or (ranks < 0).any():
+        raise ValueError("ranks must be a 1-D array of ranks >= 0")
+    gain = 1.0 / np.log2(ranks + 2.0)
+    out: dict[str, np.ndarray] = {}
+    for k in ks:
+        hit = ranks < int(k)
+        out[f"hr@{k}"] = hit.astype(np.float64)
+        out[f"ndcg@{k}"] = np.where(hit, gain, 0.0)
+    return out

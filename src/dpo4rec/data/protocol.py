@@ -71,6 +71,22 @@ def split_users(n_users: int, fractions: tuple[float, float, float], seed: int) 
     return np.random.default_rng([seed, _SPLIT]).permutation(codes)
 
 
+def select_users(eligible: np.ndarray, config: DataConfig, dataset_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The seeded subset of ``data.n_users`` eligible users (all when unset), and their split codes."""
+    selected = eligible
+    if config.n_users is not None:
+        if config.n_users > len(selected):
+            raise InputError(f"data.n_users={config.n_users} but only {len(selected)} users of {dataset_name} are eligible")
+        pick = np.random.default_rng([config.seed, _SUBSET]).choice(len(selected), config.n_users, replace=False)
+        selected = selected[np.sort(pick)]
+    return selected, split_users(len(selected), config.split, config.seed)
+
+
+def protocol_name(summary: dict) -> str:
+    """The protocol a data stage applied, from its summary.json (data folders older than data.protocol: rerank)."""
+    return summary.get("protocol", {}).get("name", "rerank")
+
+
 def _user_stream(seed: int, user_id) -> np.random.Generator:
     return np.random.default_rng([seed, _LISTS, zlib.crc32(str(user_id).encode())])
 
@@ -88,7 +104,11 @@ def sample_negatives(rng: np.random.Generator, allowed: np.ndarray, n_lists: int
 
 
 def build_protocol(dataset: Dataset, config: DataConfig) -> ProtocolData:
-    """Apply the protocol to a loaded data set."""
+    """Apply the protocol (``data.protocol``) to a loaded data set."""
+    if config.protocol == "next_item":
+        from dpo4rec.data.next_item import build_next_item
+
+        return build_next_item(dataset, config)
     cap = config.prompt_history_max or dataset.prompt_history_max
     threshold = resolve_positive_rating(config, dataset)
     chunk, n_neg, recent = config.positives_per_list, config.list_size - config.positives_per_list, config.recent_history
@@ -108,13 +128,7 @@ def build_protocol(dataset: Dataset, config: DataConfig) -> ProtocolData:
     if len(eligible) == 0:
         raise InputError(f"{dataset.name}: no user has enough interactions for one list of {chunk} after the prompt history")
 
-    selected = eligible.to_numpy()
-    if config.n_users is not None:
-        if config.n_users > len(selected):
-            raise InputError(f"data.n_users={config.n_users} but only {len(selected)} users of {dataset.name} are eligible")
-        pick = np.random.default_rng([config.seed, _SUBSET]).choice(len(selected), config.n_users, replace=False)
-        selected = selected[np.sort(pick)]
-    split_codes = split_users(len(selected), config.split, config.seed)
+    selected, split_codes = select_users(eligible.to_numpy(), config, dataset.name)
 
     users = pd.DataFrame({"user_index": np.arange(len(selected), dtype=np.int32), "user_id": selected})
     users["split"] = pd.Categorical.from_codes(split_codes, SPLITS)
@@ -193,6 +207,7 @@ def _summary(dataset, config, cap, threshold, counts, too_few, no_list, eligible
         "dataset": dataset.name,
         "loaded": dataset.summary(),
         "protocol": {
+            "name": "rerank",
             "prompt_history_max": int(cap),
             "positives_per_list": config.positives_per_list,
             "list_size": config.list_size,

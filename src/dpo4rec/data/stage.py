@@ -19,7 +19,7 @@ import pandas as pd
 from dpo4rec.artifacts import StageFolder, StageResult, begin_stage, fingerprint_file, read_json, read_parquet, write_json, write_parquet
 from dpo4rec.config import DataConfig, to_dict
 from dpo4rec.data import load_dataset
-from dpo4rec.data.protocol import ProtocolData, build_protocol
+from dpo4rec.data.protocol import ProtocolData, build_protocol, protocol_name
 from dpo4rec.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,12 @@ def _text_safe(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def used_items(lists: pd.DataFrame, interactions: pd.DataFrame) -> np.ndarray:
-    """Item indices the run's recommenders can see: list candidates, the histories beside them, the users' interactions."""
+def used_items(data_dir: Path) -> np.ndarray:
+    """Item indices the run's recommenders can see: under the re-rank protocol the list candidates, the histories
+    beside them and the users' interactions; under next_item every item (all are candidates)."""
+    if protocol_name(read_json(Path(data_dir) / "summary.json")) == "next_item":
+        return read_parquet(Path(data_dir) / "items.parquet")["item_index"].to_numpy().astype(np.int64)
+    lists, interactions = read_parquet(Path(data_dir) / "lists.parquet"), read_parquet(Path(data_dir) / "interactions.parquet")
     parts = [interactions["item_index"].to_numpy()]
     for column in ("items", "history"):
         if len(lists):

@@ -85,7 +85,7 @@ def run_encode_stage(config: EncodeConfig, run_dir: str | Path, round_index: int
 
     knowledge = read_knowledge(knowledge_path)
     items = read_parquet(items_path)
-    used = used_items(read_parquet(lists_path), read_parquet(interactions_path))
+    used = used_items(run_dir / "data")
     encoded = items["item_index"].isin(used).to_numpy()  # a data set's other items are never scored in this run
     item_knowledge = read_item_knowledge(item_knowledge_path) if item_knowledge_path.is_file() else None
     texts = item_texts(items[encoded], item_knowledge)

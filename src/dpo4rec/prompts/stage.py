@@ -130,7 +130,7 @@ def build_item_prompts(data_dir: Path, prompts: PromptConfig, tokenizer, dataset
     domain = domain_of(dataset)
     template = check_template(prompts.item_template or ITEM_TEMPLATES[domain], "item", "prompts.item_template")
     items = read_parquet(data_dir / "items.parquet")
-    items = items[items["item_index"].isin(used_items(read_parquet(data_dir / "lists.parquet"), read_parquet(data_dir / "interactions.parquet")))]
+    items = items[items["item_index"].isin(used_items(data_dir))]
     messages = [template.format(title=f'"{shorten(clean_text(t), prompts.max_item_chars)}"') for t in items["title"]]
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": m}], tokenize=False, add_generation_prompt=True) for m in messages]
     return pd.DataFrame({"item_index": items["item_index"], "message": messages, "text": texts})

@@ -27,15 +27,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dpo4rec.artifacts import StageFolder, StageResult, begin_stage, fingerprint_file, read_parquet, round_dir, write_json, write_parquet
+from dpo4rec.artifacts import StageFolder, StageResult, begin_stage, fingerprint_file, read_json, read_parquet, round_dir, write_json, write_parquet
 from dpo4rec.best_worst import best_and_worst
-from dpo4rec.config import RecommendConfig, to_dict
+from dpo4rec.config import SEQUENTIAL_BACKBONES, RecommendConfig, to_dict
+from dpo4rec.data.next_item import run_sequences
+from dpo4rec.data.protocol import protocol_name
 from dpo4rec.encode.stage import item_vectors_file, read_embeddings
 from dpo4rec.errors import InputError
 from dpo4rec.metrics import mean_metrics
 from dpo4rec.recommend.baselines import baseline_metrics
 from dpo4rec.recommend.checkpoint import save_recommender
 from dpo4rec.recommend.features import list_tensors, mark_reward_lists, user_knowledge
+from dpo4rec.recommend.sequential import build_sequential, fit_and_evaluate_sequential, next_item_data
 from dpo4rec.recommend.train import build_recommender, evaluate, missing_knowledge, train_recommender
 
 log = logging.getLogger(__name__)
@@ -80,6 +83,9 @@ def run_recommend_stage(config: RecommendConfig, run_dir: str | Path, round_inde
         if not (data / name).is_file():
             raise InputError(f"{data / name} not found; run the data stage first")
     inputs = {name: fingerprint_file(data / name) for name in _DATA_FILES}
+    sequential = check_protocol(config, data)
+    if sequential and reward_holdout > 0:
+        raise InputError("under data.protocol = next_item the reward is the validation target, which no recommender trains on: no reward-holdout model")
     rewards_path = round_dir(run_dir, round_index) / "reward" / "rewards.parquet"
     on_best_texts = config.knowledge and config.train_text == "best"
     if on_best_texts:
@@ -106,7 +112,7 @@ def run_recommend_stage(config: RecommendConfig, run_dir: str | Path, round_inde
         if not config.knowledge:
             raise InputError("the held-out reward recommender needs knowledge (recommend.knowledge = true)")
         frames["lists.parquet"] = mark_reward_lists(frames["lists.parquet"], reward_holdout)
-    lists = list_tensors(frames["lists.parquet"])
+    lists = None if sequential else list_tensors(frames["lists.parquet"])
     knowledge, model = None, None
     if config.knowledge:
         emb = read_embeddings(embeddings_dir, config.item_knowledge)
@@ -122,7 +128,10 @@ def run_recommend_stage(config: RecommendConfig, run_dir: str | Path, round_inde
         build = lambda seeded: build_recommender(seeded, frames["items.parquet"], lists)  # noqa: E731
     if reward_holdout > 0:
         config = replace(config, seeds=1)  # the reward reads one model's scores: more trainings would not change them
-    model, metrics = fit_and_evaluate(build, lists, knowledge, config, frames, progress)
+    if sequential:
+        model, metrics = fit_sequential(config, frames, knowledge, emb if config.knowledge else None, progress)
+    else:
+        model, metrics = fit_and_evaluate(build, lists, knowledge, config, frames, progress)
     if on_best_texts:
         metrics["best_text"] = best_text
     with StageFolder(folder, manifest) as tmp:
@@ -132,6 +141,31 @@ def run_recommend_stage(config: RecommendConfig, run_dir: str | Path, round_inde
         write_parquet(tmp / "validation_lists.parquet", metrics.pop("_validation_lists"))
         write_json(tmp / "metrics.json", metrics)
     return StageResult(folder, metrics, reused=False)
+
+
+def check_protocol(config: RecommendConfig, data: Path) -> bool:
+    """Whether the backbone is sequential; refuses one that does not fit the data stage's protocol."""
+    protocol = protocol_name(read_json(data / "summary.json")) if (data / "summary.json").is_file() else "rerank"
+    sequential = config.backbone in SEQUENTIAL_BACKBONES
+    if sequential != (protocol == "next_item"):
+        want = "sasrec" if protocol == "next_item" else "a re-ranker (dlcm, prm, setrank)"
+        raise InputError(f"recommend.backbone = {config.backbone!r} does not fit {data} (data.protocol = {protocol!r}): use {want}")
+    return sequential
+
+
+def fit_sequential(config: RecommendConfig, frames: dict, knowledge, emb, progress: bool = True):
+    """SASRec on the next-item protocol: every selected user's sequence trains; validation users' validation
+    targets pick the epoch; test users' test targets are reported."""
+    users = frames["users.parquet"]
+    split = users["split"].astype(str).to_numpy()
+    sequences = run_sequences(frames["interactions.parquet"], len(users))
+    n_items = int(frames["items.parquet"]["item_index"].max())
+    data = next_item_data(sequences, config.max_len, np.flatnonzero(split == "validation"), np.flatnonzero(split == "test"), n_items)
+    if emb is None:
+        build = lambda seeded: build_sequential(seeded, n_items)  # noqa: E731
+    else:
+        build = lambda seeded: build_sequential(seeded, n_items, emb.dim, (emb.item_index, emb.item_vectors), emb.encoder)  # noqa: E731
+    return fit_and_evaluate_sequential(build, data, knowledge, config, progress)
 
 
 def fit_and_evaluate(build, lists, knowledge, config: RecommendConfig, frames: dict, progress: bool = True):

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import math
 
-from dpo4rec.report.verdicts import arm_name, verdicts, with_interval
+from dpo4rec.report.verdicts import arm_name, metric_names, verdicts, with_interval
 
-MAP_NDCG = [f"{m}@{k}" for m in ("map", "ndcg") for k in (1, 3, 5, 7)]
 STAGE_ORDER = ["data", "prompts", "generate", "encode", "drift", "recommend_no_knowledge", "recommend", "recommend_reward",
                "reward", "recommend_no_item_knowledge", "recommend_best_text", "align", "heldout", "report"]
 
@@ -33,11 +32,16 @@ def stage_order(name: str) -> tuple[int, int]:
 
 def settings_line(metrics: dict) -> str:
     cfg = metrics["config"]
-    reward = f"{cfg['align']['reward']} reward from {'text matching' if cfg['align'].get('reward_model') == 'text_match' else 'the re-ranker'}"
+    dpo = f"DPO beta {cfg['align']['beta']}, T = {cfg['run']['rounds']} round{'s' * (cfg['run']['rounds'] > 1)}."
+    scorer = "text matching" if cfg['align'].get('reward_model') == 'text_match' else "the recommender"
+    if cfg["data"].get("protocol") == "next_item":
+        return (f"{cfg['data']['dataset']}, {metrics['test_users']} test users (next item, full ranking, leave-one-out); "
+                f"{cfg['recommend']['backbone'].upper()}; LLM {cfg['model']['name']}; N = {cfg['generate']['n_samples']} texts per user, "
+                f"{cfg['align']['reward']} reward from {scorer} on each train user's validation target; {dpo}")
     return (f"{cfg['data']['dataset']}, {metrics['test_users']} test users ({metrics['test_lists']} lists of "
             f"{cfg['data']['list_size']}); re-ranker {cfg['recommend']['backbone'].upper()}; LLM {cfg['model']['name']}; "
-            f"N = {cfg['generate']['n_samples']} texts per user, {reward} on {cfg['align']['reward_lists'].replace('_', '-')} lists; "
-            f"DPO beta {cfg['align']['beta']}, T = {cfg['run']['rounds']} round{'s' * (cfg['run']['rounds'] > 1)}.")
+            f"N = {cfg['generate']['n_samples']} texts per user, {cfg['align']['reward']} reward from {scorer.replace('recommender', 're-ranker')} "
+            f"on {cfg['align']['reward_lists'].replace('_', '-')} lists; {dpo}")
 
 
 def render(metrics: dict, examples: list[dict], timings: dict) -> str:
@@ -50,16 +54,18 @@ def render(metrics: dict, examples: list[dict], timings: dict) -> str:
 
 
 def _test_table(metrics: dict) -> list[str]:
-    picked = metrics["selected_round"]
-    header = "| | " + " | ".join(m.upper() for m in MAP_NDCG) + " |"
-    lines = ["## Test metrics (mean over test lists)", "",
-             "DPO4Rec round t: the LLM after t DPO rounds. * = the round validation MAP@5 picked (round 0 is KAR). "
-             "MAP@1 equals NDCG@1 (one relevant slot).", "", header, "|---|" + "---|" * len(MAP_NDCG)]
+    picked, names = metrics["selected_round"], metric_names(metrics)
+    header = "| | " + " | ".join(m.upper() for m in names["all"]) + " |"
+    note = ("MAP@1 equals NDCG@1 (one relevant slot)." if names["unit"] == "lists" else
+            "One target per test user, ranked among every item the user had not interacted with, ties against it.")
+    lines = [f"## Test metrics (mean over test {names['unit']})", "",
+             f"DPO4Rec round t: the LLM after t DPO rounds. * = the round validation {names['select'].upper()} picked (round 0 is KAR). "
+             + note, "", header, "|---|" + "---|" * len(names["all"])]
     for arm, values in metrics["arms"].items():
         star = " *" if arm == f"dpo_round_{picked}" or (picked == 0 and arm == "base_llm") else ""
-        lines.append(f"| {arm_name(arm)}{star} | " + " | ".join(f"{values[m]:.4f}" for m in MAP_NDCG) + " |")
+        lines.append(f"| {arm_name(arm)}{star} | " + " | ".join(f"{values[m]:.4f}" for m in names["all"]) + " |")
     for name, values in metrics["baselines"].items():
-        lines.append(f"| ({name} ranking) | " + " | ".join(f"{values[m]:.4f}" for m in MAP_NDCG) + " |")
+        lines.append(f"| ({name} ranking) | " + " | ".join(f"{values[m]:.4f}" for m in names["all"]) + " |")
     return lines + [""]
 
 
@@ -75,7 +81,7 @@ def _differences(metrics: dict) -> list[str]:
              "| a - b | metric | difference [95% CI] |" + (" per seed |" if seeds > 1 else ""),
              "|---|---|---|" + ("---|" if seeds > 1 else "")]
     for c in metrics["comparisons"]:
-        if c["metric"] in ("map@5", "ndcg@5"):
+        if c["metric"] in metric_names(metrics)["headline"]:
             per_seed = f" {', '.join(f'{d:+.4f}' for d in c['per_seed'])} |" if "per_seed" in c else (" - |" if seeds > 1 else "")
             lines.append(f"| {arm_name(c['a'])} - {arm_name(c['b'])} | {c['metric'].upper()} | {c['diff']:+.4f} "
                          f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] |{per_seed}")
@@ -174,7 +180,7 @@ def _glossary(metrics: dict) -> list[str]:
     return ["## Glossary", "",
             "- **w/o knowledge, KAR, DPO4Rec round t**: the same re-ranker without user texts, with the base LLM's texts "
             "(KAR), and with the texts of the LLM after t DPO rounds. Test users see their greedy text. The round to "
-            "report is picked by validation MAP@5; test users decide nothing.",
+            f"report is picked by validation {metric_names(metrics)['select'].upper()}; test users decide nothing.",
             "- **95% paired bootstrap interval**: test (or validation) users resampled 2,000 times, each with all of "
             "their lists; a difference is measurable when its interval leaves out 0.",
             "- **held-out pair accuracy**: how often the DPO-trained policy's implicit reward (beta x log-ratio against "

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dpo4rec.report.markdown import metric_names
 from dpo4rec.report.verdicts import arm_name
 
 
@@ -29,7 +30,7 @@ def draw(out: Path, metrics: dict) -> None:
 
 def _differences(plt, out: Path, metrics: dict) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.6 + 0.45 * max(3, len(metrics["comparisons"]) // 8)), sharey=True)
-    for ax, metric in zip(axes, ("map@5", "ndcg@5")):
+    for ax, metric in zip(axes, metric_names(metrics)["headline"]):
         rows = [c for c in metrics["comparisons"] if c["metric"] == metric]
         y = np.arange(len(rows))[::-1]
         diffs = np.array([c["diff"] for c in rows])

@@ -4,7 +4,7 @@ Arms: ``no_knowledge`` (the ID-only backbone), ``base_llm`` (knowledge from
 the base LLM: KAR), ``base_llm_no_item_knowledge`` (KAR's item tower on titles and
 attributes alone, when the run generated item knowledge), ``dpo_round_t`` (knowledge from the LLM after t DPO
 rounds: DPO4Rec). Test-time knowledge is each user's greedy text. The round
-to report is picked by validation MAP@5 only; test users decide nothing.
+to report is picked by validation MAP@5 (next_item: NDCG@10) only; test users decide nothing.
 Writes ``RUN/report/``: metrics.json, report.md, tables, PNG plots.
 """
 
@@ -21,6 +21,12 @@ from dpo4rec.report import markdown, plots
 from dpo4rec.stats import paired_bootstrap
 
 METRICS = [f"{m}@{k}" for k in (1, 3, 5, 7) for m in ("map", "ndcg")]
+PROTOCOL_METRICS = {
+    # every metric of the table, the two the differences and verdicts show, the one validation picks a round by
+    "rerank": {"all": METRICS, "headline": ["map@5", "ndcg@5"], "select": "map@5", "unit": "lists"},
+    "next_item": {"all": [f"{m}@{k}" for k in (5, 10, 20) for m in ("hr", "ndcg")], "headline": ["hr@10", "ndcg@10"],
+                  "select": "ndcg@10", "unit": "targets"},
+}
 
 
 def arm_folders(run_dir: Path, config: PipelineConfig) -> dict[str, Path]:
@@ -85,11 +91,12 @@ def write_report(run_dir: str | Path, config: PipelineConfig) -> Path:
 
 def _write_report(run_dir: Path, config: PipelineConfig, out: Path) -> None:
     folders = arm_folders(run_dir, config)
+    names = PROTOCOL_METRICS[config.data.protocol]
     lists = {arm: read_parquet(folder / "test_lists.parquet") for arm, folder in folders.items()}
     info = {arm: read_json(folder / "metrics.json") for arm, folder in folders.items()}
-    arms = {arm: {m: float(frame[m].mean()) for m in METRICS} for arm, frame in lists.items()}
+    arms = {arm: {m: float(frame[m].mean()) for m in names["all"]} for arm, frame in lists.items()}
     # round 0 (the base LLM) competes too: if no DPO round beats it on validation users, we say so
-    validation = {arm: info[arm]["validation"]["map@5"] for arm in folders if arm == "base_llm" or arm.startswith("dpo_round_")}
+    validation = {arm: info[arm]["validation"][names["select"]] for arm in folders if arm == "base_llm" or arm.startswith("dpo_round_")}
     dpo_arms = [arm for arm in validation if arm.startswith("dpo_round_")]
     pairs = [("base_llm", "no_knowledge"), ("base_llm", "base_llm_no_item_knowledge"), *[(arm, "base_llm") for arm in dpo_arms]]
     pairs += [(arm, "no_knowledge") for arm in dpo_arms]
@@ -98,7 +105,7 @@ def _write_report(run_dir: Path, config: PipelineConfig, out: Path) -> None:
         if a not in lists or b not in lists:
             continue
         assert (lists[a]["user_index"].to_numpy() == lists[b]["user_index"].to_numpy()).all(), "arms must share test lists"
-        for metric in METRICS:
+        for metric in names["all"]:
             diff, ci = paired_bootstrap(lists[a]["user_index"].to_numpy(), lists[a][metric].to_numpy(), lists[b][metric].to_numpy(),
                                         seed=config.data.seed)
             comparisons.append({"a": a, "b": b, "metric": metric, "diff": diff, "ci95": list(ci), **per_seed_differences(lists[a], lists[b], metric)})
@@ -109,7 +116,8 @@ def _write_report(run_dir: Path, config: PipelineConfig, out: Path) -> None:
         "arms": arms,
         "comparisons": comparisons,
         "selected_round": select_round(validation),
-        "validation_map@5": validation,
+        "metric_names": names,
+        f"validation_{names['select']}": validation,
         "baselines": info["base_llm"]["baselines"],
         "test_users": int(lists["base_llm"]["user_index"].nunique()),
         "test_lists": len(lists["base_llm"]),
@@ -125,7 +133,7 @@ def _write_report(run_dir: Path, config: PipelineConfig, out: Path) -> None:
 
 
 def select_round(validation: dict[str, float]) -> int:
-    """The round whose recommender has the best validation MAP@5 (base_llm = round 0, dpo_round_t = t);
+    """The round whose recommender has the best validation MAP@5 or NDCG@10 (base_llm = round 0, dpo_round_t = t);
     a tie goes to the earlier round, the one with fewer DPO rounds. Test users play no part."""
     rounds = {0 if arm == "base_llm" else int(arm.removeprefix("dpo_round_")): value for arm, value in validation.items()}
     return min(rounds, key=lambda t: (-rounds[t], t))

@@ -1,7 +1,7 @@
 """The report's three questions, each answered in words that follow from its interval (never written by hand).
 
-1. Did knowledge help? KAR (the base LLM's texts) minus the ID-only backbone, test MAP@5.
-2. Did DPO help? DPO4Rec (the round validation picked; round 1 when it picked the base LLM) minus KAR, test MAP@5.
+1. Did knowledge help? KAR (the base LLM's texts) minus the ID-only backbone, test MAP@5 (next_item: HR@10).
+2. Did DPO help? DPO4Rec (the round validation picked; round 1 when it picked the base LLM) minus KAR, test MAP@5 (HR@10).
 3. Did DPO learn the reward on users it never saw? DPO round 1's held-out pair accuracy (chance 0.5) and validation
    drift (chance 0), with the starting model's own pair accuracy beside them.
 """
@@ -23,7 +23,17 @@ def above(ci: list[float] | None, chance: float) -> bool | None:
     return True if ci[0] > chance else False if ci[1] < chance else None
 
 
-def _difference(metrics: dict, a: str, b: str, metric: str = "map@5") -> dict | None:
+RERANK_NAMES = {"all": [f"{m}@{k}" for m in ("map", "ndcg") for k in (1, 3, 5, 7)], "headline": ["map@5", "ndcg@5"], "select": "map@5", "unit": "lists"}
+
+
+def metric_names(metrics: dict) -> dict:
+    """The protocol's metrics (report.PROTOCOL_METRICS), in table order: the re-rank ones for reports made before them."""
+    names = dict(metrics.get("metric_names") or RERANK_NAMES)
+    names["all"] = sorted(names["all"], key=lambda m: (m.split("@")[0] == "ndcg", int(m.split("@")[1])))  # MAP or HR first, then NDCG
+    return names
+
+def _difference(metrics: dict, a: str, b: str, metric: str | None = None) -> dict | None:
+    metric = metric or metric_names(metrics)["headline"][0]
     return next((c for c in metrics["comparisons"] if (c["a"], c["b"], c["metric"]) == (a, b, metric)), None)
 
 
@@ -46,18 +56,19 @@ def with_interval(value: float, ci: list[float], spec: str) -> str:
 def verdicts(metrics: dict) -> list[str]:
     """Three markdown lines, each a question, its answer, and the number with its 95% interval."""
     lines = []
+    headline, select = metric_names(metrics)["headline"][0].upper(), metric_names(metrics)["select"].upper()
     knowledge = _difference(metrics, "base_llm", "no_knowledge")
     if knowledge:
         answer = _word(above(knowledge["ci95"], 0), "Yes", "No, it hurt", "Not measurably")
-        lines.append(f"**Did knowledge help?** {answer}: KAR - w/o knowledge, test MAP@5 "
+        lines.append(f"**Did knowledge help?** {answer}: KAR - w/o knowledge, test {headline} "
                      f"{with_interval(knowledge['diff'], knowledge['ci95'], '+.4f')}.")
     t = metrics["selected_round"] or 1
     dpo = _difference(metrics, f"dpo_round_{t}", "base_llm")
     if dpo:
         answer = _word(above(dpo["ci95"], 0), "Yes", "No, it hurt", "Not measurably")
-        picked = ("the round validation MAP@5 picked" if metrics["selected_round"]
-                  else "validation MAP@5 picked KAR over every DPO round")
-        lines.append(f"**Did DPO help?** {answer}: DPO4Rec round {t} - KAR, test MAP@5 {with_interval(dpo['diff'], dpo['ci95'], '+.4f')} ({picked}).")
+        picked = (f"the round validation {select} picked" if metrics["selected_round"]
+                  else f"validation {select} picked KAR over every DPO round")
+        lines.append(f"**Did DPO help?** {answer}: DPO4Rec round {t} - KAR, test {headline} {with_interval(dpo['diff'], dpo['ci95'], '+.4f')} ({picked}).")
     checked = next((a for a in metrics.get("alignment", []) if a["round"] == 0), None)
     if checked and checked.get("heldout_pair_accuracy") is not None:
         accuracy = above(checked["heldout_pair_accuracy_ci95"], 0.5)

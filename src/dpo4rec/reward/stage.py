@@ -105,7 +105,7 @@ def run_reward_stage(run_dir: str | Path, round_index: int, recommend: Recommend
         summary[name] = {"spread": reward_spread(rewards, pairs), "pairs": len(pairs), "users_with_pairs": int(pairs["user_index"].nunique()),
                          "sampled_users": int(len(sampled_users)),
                          "greedy_reward_mean": float(rewards.loc[rewards["sample"] == 0, "reward"].mean())}
-        if name == "validation":  # does the reward have signal? Its agreement between two halves of their lists
+        if name == "validation" and scorer.lists is not None:  # does the reward have signal? Its agreement between two halves of their lists
             summary[name]["reliability"] = split_half_reliability(scorer, embeddings, sampled_users, align.reward)
     # is the reward's preference shared across users at all? A linear probe carried from train to validation users
     summary["validation"]["reward_probe"] = reward_probe(embeddings, knowledge, outputs["train"][0], outputs["validation"][0])
@@ -127,12 +127,33 @@ def reward_folders(run_dir: Path, round_index: int, recommend: RecommendConfig, 
     if align.reward_model != "recommender":
         return []
     here = round_dir(Path(run_dir), round_index) / "recommend"
+    if next_item_run(run_dir):  # the round's own recommender: it never trained on the validation targets
+        return [here / reward_model_name(recommend)]
     return [here / reward_model_name(recommend, align.held_out_share, k) for k in range(align.reward_seeds)]
+
+
+def next_item_run(run_dir: Path) -> bool:
+    """Whether the run's data stage applied the next-item protocol (rewards then score validation targets)."""
+    from dpo4rec.artifacts import read_json
+    from dpo4rec.data.protocol import protocol_name
+
+    summary = Path(run_dir) / "data" / "summary.json"
+    return summary.is_file() and protocol_name(read_json(summary)) == "next_item"
 
 
 def round_reward_scorer(run_dir: Path, round_index: int, recommend: RecommendConfig, align: AlignConfig):
     """Round t's reward (align.reward_model: its reward recommenders, or text matching on its item vectors) and the
     split of lists a train user's reward averages over."""
+    if next_item_run(run_dir):
+        from dpo4rec.devices import resolve_device
+        from dpo4rec.encode import read_embeddings
+        from dpo4rec.reward.next_item import NextItemScorer
+
+        if align.reward_model == "text_match":
+            emb = read_embeddings(round_dir(Path(run_dir), round_index) / "encode", recommend.item_knowledge)
+            return NextItemScorer.from_folders(Path(run_dir) / "data", item_vectors=(emb.item_index, emb.item_vectors)), "validation"
+        folder = reward_folders(run_dir, round_index, recommend, align)[0]
+        return NextItemScorer.from_folders(Path(run_dir) / "data", folder, device=str(resolve_device(recommend.device, "recommend.device"))), "validation"
     if align.reward_model == "text_match":
         from dpo4rec.reward.scorers import TextMatchScorer
 
