@@ -23,7 +23,7 @@ import torch
 from dpo4rec.config import DataConfig, RecommendConfig
 from dpo4rec.data.stage import read_protocol, run_data_stage
 from dpo4rec.recommend.features import list_tensors, user_knowledge
-from dpo4rec.recommend.models import MODELS
+from dpo4rec.recommend.models import rerankers
 from dpo4rec.reward.scorers import RewardScorer
 from dpo4rec.recommend.train import build_recommender, train_recommender
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     knowledge = user_knowledge(len(protocol.users), np.arange(len(protocol.users)), unit_vectors(len(protocol.users), 2))
 
     rows = []
-    for backbone in sorted(MODELS):
+    for backbone in rerankers():
         for with_knowledge in (False, True):
             config = RecommendConfig(backbone=backbone, knowledge=with_knowledge, max_epochs=1, device=args.device)
             model = build_recommender(config, protocol.items, lists, DIM if with_knowledge else None, items if with_knowledge else None)

@@ -35,7 +35,7 @@ SHARED_BEAUTY = Path(__file__).resolve().parents[1].parent / "shared" / "data" /
 # Beauty, 0.2 on ML-1M); width 64 and 2 blocks as in RecBole's defaults. Epochs: with the full cross-entropy
 # validation NDCG@10 stops rising within these on 2 cores' budget.
 SETTINGS = {
-    "amazon-beauty": dict(max_len=50, embed_dim=64, n_heads=1, n_layers=2, dropout=0.5, lr=1e-3, batch_size=256, max_epochs=40, patience=5),
+    "amazon-beauty": dict(max_len=50, embed_dim=64, n_heads=1, n_layers=2, dropout=0.5, lr=2e-3, batch_size=256, max_epochs=30, patience=5),
     "ml-1m": dict(max_len=200, embed_dim=64, n_heads=1, n_layers=2, dropout=0.2, lr=1e-3, batch_size=128, max_epochs=40, patience=5),
 }
 

@@ -104,11 +104,7 @@ def sample_negatives(rng: np.random.Generator, allowed: np.ndarray, n_lists: int
 
 
 def build_protocol(dataset: Dataset, config: DataConfig) -> ProtocolData:
-    """Apply the protocol (``data.protocol``) to a loaded data set."""
-    if config.protocol == "next_item":
-        from dpo4rec.data.next_item import build_next_item
-
-        return build_next_item(dataset, config)
+    """Apply the re-rank protocol to a loaded data set (data/next_item.py builds the other)."""
     cap = config.prompt_history_max or dataset.prompt_history_max
     threshold = resolve_positive_rating(config, dataset)
     chunk, n_neg, recent = config.positives_per_list, config.list_size - config.positives_per_list, config.recent_history

@@ -19,6 +19,7 @@ import pandas as pd
 from dpo4rec.artifacts import StageFolder, StageResult, begin_stage, fingerprint_file, read_json, read_parquet, write_json, write_parquet
 from dpo4rec.config import DataConfig, to_dict
 from dpo4rec.data import load_dataset
+from dpo4rec.data.next_item import build_next_item
 from dpo4rec.data.protocol import ProtocolData, build_protocol, protocol_name
 from dpo4rec.errors import InputError
 
@@ -35,7 +36,7 @@ def run_data_stage(config: DataConfig, run_dir: str | Path) -> StageResult:
     manifest, done = begin_stage(folder, STAGE, to_dict(config), inputs)
     if done:
         return done
-    protocol = build_protocol(dataset, config)
+    protocol = (build_next_item if config.protocol == "next_item" else build_protocol)(dataset, config)
     with StageFolder(folder, manifest) as tmp:
         write_protocol(protocol, tmp)
     return StageResult(folder, protocol.summary, reused=False)

@@ -72,7 +72,7 @@ def next_item_targets(sequences: list[np.ndarray], user_index: np.ndarray, cut: 
         prefixes.append(np.asarray(seq[: len(seq) - cut]))
         targets.append(int(seq[len(seq) - cut]))
     items, lengths = pad_right(prefixes, max_len)
-    return Targets(items, lengths, torch.tensor(targets, dtype=torch.long), torch.as_tensor(np.asarray(user_index), dtype=torch.long),
+    return Targets(items, lengths, torch.tensor(targets, dtype=torch.long), torch.from_numpy(np.array(user_index, dtype=np.int64)),
                    [np.unique(p) for p in prefixes])
 
 

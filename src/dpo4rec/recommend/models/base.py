@@ -69,6 +69,11 @@ class ModelSpec:
         return asdict(self)
 
 
+def rerankers() -> list[str]:
+    """Names of the registered re-rankers (the re-rank protocol's models; SASRec is ``kind = "sequential"``)."""
+    return sorted(name for name, cls in MODELS.items() if getattr(cls, "kind", "rerank") == "rerank")
+
+
 def build_model(spec: ModelSpec) -> Reranker:
     """Instantiate the registered model named by ``spec.backbone``."""
     if spec.backbone not in MODELS:
@@ -80,6 +85,7 @@ class Reranker(nn.Module):
     """Shared embedding and knowledge plumbing; subclasses implement ``rank``."""
 
     name: ClassVar[str] = ""
+    kind: ClassVar[str] = "rerank"
 
     def __init__(self, spec: ModelSpec):
         super().__init__()

@@ -1,0 +1,110 @@
+"""The next-item protocol through the stages: data, recommend (SASRec with and without knowledge), the reward."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dpo4rec.artifacts import read_json, read_parquet
+from dpo4rec.config import DataConfig, EncodeConfig, PipelineConfig, RecommendConfig
+from dpo4rec.data.next_item import run_sequences
+from dpo4rec.data.stage import read_protocol, run_data_stage, used_items
+from dpo4rec.encode.stage import read_embeddings, run_encode_stage
+from dpo4rec.errors import InputError
+from dpo4rec.recommend import load_recommender, run_recommend_stage
+from dpo4rec.recommend.features import user_knowledge
+from dpo4rec.recommend.sequential import VALIDATION_CUT, next_item_targets, rank_targets
+from dpo4rec.reward.next_item import NextItemScorer
+
+from .conftest import write_fixture_knowledge
+
+SASREC = RecommendConfig(backbone="sasrec", embed_dim=32, hidden_dim=32, n_heads=1, n_layers=1, max_len=30, lr=3e-3,
+                         batch_size=64, max_epochs=3, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def next_item_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("next-item-run")
+    run_data_stage(DataConfig(dataset="ml-100k", n_users=150, protocol="next_item", prompt_history_max=10), run)
+    write_fixture_knowledge(run)
+    run_encode_stage(EncodeConfig(), run, 0, progress=False)
+    return run
+
+
+def test_the_data_stage_keeps_both_targets_out_of_the_prompt(next_item_run):
+    protocol = read_protocol(next_item_run / "data")
+    assert protocol.summary["protocol"]["name"] == "next_item" and len(protocol.lists) == 0
+    inter = protocol.interactions
+    n = inter.groupby("user_index")["position"].transform("size")
+    prompt = inter[inter["in_prompt"]]
+    assert (prompt["position"] < n[prompt.index] - 2).all()  # never the validation (n - 2) or test (n - 1) item
+    assert (prompt.groupby("user_index").size() == 10).all()  # the last 10 before the validation target (ML-100k: >= 20 each)
+    last_before = inter[inter["position"] == n - 3]
+    assert inter.loc[last_before.index, "in_prompt"].all()  # the prompt ends right before the validation target
+    # every item of the data set is a candidate, so every one is encoded
+    assert len(used_items(next_item_run / "data")) == len(protocol.items) == protocol.summary["items"]
+    assert (read_embeddings(next_item_run / "round_0" / "encode").item_index.size == len(protocol.items))
+
+
+def test_sasrec_trains_on_the_run_and_reports_full_ranking(next_item_run):
+    plain = run_recommend_stage(replace(SASREC, knowledge=False), next_item_run, 0, progress=False)
+    kar = run_recommend_stage(SASREC, next_item_run, 0, progress=False)
+    users = read_parquet(next_item_run / "data" / "users.parquet")
+    for result in (plain, kar):
+        metrics = result.summary
+        assert set(metrics["test"]) == {f"{m}@{k}" for m in ("hr", "ndcg") for k in (5, 10, 20)}
+        test = read_parquet(result.folder / "test_lists.parquet")
+        assert sorted(test["user_index"]) == sorted(users.loc[users["split"] == "test", "user_index"])  # one row per test user
+        assert metrics["test"]["hr@10"] == pytest.approx(test["hr@10"].mean())
+    assert plain.folder.name == "sasrec-no-knowledge" and kar.folder.name == "sasrec"
+    # the saved model reloads and ranks the test targets as the stage measured them
+    model = load_recommender(kar.folder)
+    sequences = run_sequences(read_parquet(next_item_run / "data" / "interactions.parquet"), len(users))
+    test_users = users.loc[users["split"] == "test", "user_index"].to_numpy()
+    targets = next_item_targets([sequences[u] for u in test_users], test_users, 1, SASREC.max_len)
+    emb = read_embeddings(next_item_run / "round_0" / "encode")
+    knowledge = user_knowledge(len(users), *emb.for_sample(0))
+    ranks = rank_targets(model, targets, knowledge)
+    measured = read_parquet(kar.folder / "test_lists.parquet").set_index("user_index").loc[test_users, "hr@10"].to_numpy()
+    assert ((ranks < 10).astype(float) == measured).all()
+
+
+def test_a_reranker_on_next_item_data_is_refused(next_item_run):
+    with pytest.raises(InputError, match="does not fit"):
+        run_recommend_stage(replace(SASREC, backbone="prm"), next_item_run, 0, progress=False)
+    with pytest.raises(InputError, match="sasrec needs"):
+        PipelineConfig(data=DataConfig(protocol="next_item"))
+
+
+def test_next_item_rewards_are_the_validation_targets_log_probability_and_rank(next_item_run):
+    folder = run_recommend_stage(SASREC, next_item_run, 0, progress=False).folder
+    scorer = NextItemScorer.from_folders(next_item_run / "data", folder)
+    emb = read_embeddings(next_item_run / "round_0" / "encode")
+    users = read_parquet(next_item_run / "data" / "users.parquet")
+    train = users.loc[users["split"] == "train", "user_index"].to_numpy()[:6]
+    rows = np.isin(emb.user_index, train)
+    user_index, vectors = emb.user_index[rows], emb.user_vectors[rows]
+    loglik = scorer.score(user_index, vectors, reward="loglik")
+    ndcg = scorer.score(user_index, vectors, reward="ndcg")
+    # recomputed from the model's own forward pass, one row at a time
+    model = load_recommender(folder)
+    sequences = run_sequences(read_parquet(next_item_run / "data" / "interactions.parquet"), len(users))
+    for i, (u, v) in enumerate(zip(user_index, vectors)):
+        target = next_item_targets([sequences[u]], np.array([u]), VALIDATION_CUT, SASREC.max_len)
+        with torch.no_grad():
+            scores = model(target.items, target.lengths, torch.as_tensor(v)[None])[0]
+        allowed = torch.ones_like(scores, dtype=torch.bool)
+        allowed[0] = False
+        allowed[torch.as_tensor(target.seen[0])] = False
+        allowed[target.target[0]] = True
+        expected = torch.log_softmax(scores[allowed], 0)[allowed[: target.target[0] + 1].sum() - 1]
+        assert loglik[i] == pytest.approx(float(expected), abs=1e-4)
+        rank = int((scores[allowed] >= scores[target.target[0]]).sum()) - 1
+        assert ndcg[i] == pytest.approx(1 / np.log2(rank + 2))
+    assert len(set(np.round(loglik, 6))) > 1  # the texts move the reward
+    text_match = NextItemScorer.from_folders(next_item_run / "data", item_vectors=(emb.item_index, emb.item_vectors))
+    assert np.isfinite(text_match.score(user_index, vectors, reward="listwise")).all()
