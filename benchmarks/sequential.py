@@ -40,6 +40,16 @@ SETTINGS = {
 }
 
 
+def cpu_name() -> str:
+    """The CPU's model name, and whether it has AMX (the two CPU kinds these budgets are set for differ by it)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), platform.machine())
+    return f"{name} ({'AMX' if 'amx_tile' in info else 'no AMX'})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="amazon-beauty", choices=sorted(SETTINGS))
@@ -77,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_per_epoch": round(float(np.mean([r["train_seconds"] for r in result.curve])), 1),
         "settings": {"max_len": max_len, **settings, "loss": "cross-entropy over all items"},
         "curve": [{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()} for row in result.curve],
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__},
+        "machine": {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__},
     }
     print(f"SASRec, {args.dataset}: {out['users']:,} users, {out['items']:,} items, full ranking, leave-one-out (test targets)")
     print(f"{'metric':<10}" + "".join(f"{k:>10}" for k in ("@5", "@10", "@20")))

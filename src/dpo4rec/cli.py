@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_folder_options(recommend, d)
     r = d.recommend
     recommend.add_argument("--round", type=int, default=0, help="round whose vectors to use")
-    recommend.add_argument("--backbone", help=f"dlcm, prm or setrank (default: {r.backbone}); another backbone gets its own folder")
+    recommend.add_argument("--backbone", help=f"dlcm, prm or setrank on re-rank data, sasrec on next_item data (default: {r.backbone}); another backbone gets its own folder")
     recommend.add_argument("--no-knowledge", dest="knowledge", action="store_const", const=False, help="the ID-only baseline")
     recommend.add_argument("--epochs", type=int, dest="max_epochs", help=f"most training epochs (default: {r.max_epochs})")
     recommend.add_argument("--seed", type=int, help=f"seed for initialization and batch order (default: {r.seed})")

@@ -417,8 +417,10 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         sequential = self.recommend.backbone in SEQUENTIAL_BACKBONES
         if sequential != (self.data.protocol == "next_item"):
-            raise InputError(f"recommend.backbone = {self.recommend.backbone!r} does not fit data.protocol = {self.data.protocol!r}: "
-                             'sasrec needs "next_item", the re-rankers (dlcm, prm, setrank) "rerank"')
+            # both field names with "must": run_config names whichever of the two a --set gave
+            raise InputError('data.protocol must fit the backbone, and recommend.backbone must be sasrec under data.protocol "next_item" or a '
+                             f're-ranker (dlcm, prm, setrank) under "rerank"; got data.protocol = {self.data.protocol!r}, '
+                             f"recommend.backbone = {self.recommend.backbone!r}")
         if sequential and self.align.reward_seeds > 1:
             raise InputError("align.reward_seeds must be 1 under data.protocol = next_item (its reward model is the round's own SASRec)")
 

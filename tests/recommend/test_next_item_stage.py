@@ -76,7 +76,7 @@ def test_sasrec_trains_on_the_run_and_reports_full_ranking(next_item_run):
 def test_a_reranker_on_next_item_data_is_refused(next_item_run):
     with pytest.raises(InputError, match="does not fit"):
         run_recommend_stage(replace(SASREC, backbone="prm"), next_item_run, 0, progress=False)
-    with pytest.raises(InputError, match="sasrec needs"):
+    with pytest.raises(InputError, match="must be sasrec"):
         PipelineConfig(data=DataConfig(protocol="next_item"))
 
 

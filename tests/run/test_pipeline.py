@@ -204,6 +204,7 @@ def test_single_stage_commands_reuse_the_run_and_another_config_is_refused(unint
                                      "align.loss=kto", "align.sft_weight=-1", "align.lora_layers=-1",
                                      "generate.sampled_validation_users=0", "generate.sampled_train_users=-1",
                                      "recommend.train_text=bestest", "model.device=tpu", "encode.device=gpu",
+                                     "data.protocol=next_item", "recommend.backbone=sasrec", "data.protocol=sequential",
                                      *([] if torch.cuda.is_available() else ["model.device=cuda"])])
 def test_impossible_run_settings_are_one_line_and_write_nothing(setting, tmp_path, capsys):
     """In-process through the console script's entry function (the console script itself: tests/run/test_faults.py)."""
