@@ -66,6 +66,10 @@ class DataConfig:
     """"rerank": KAR's lists of 10 candidates after the prompt history (the paper; the fields above); "next_item":
     chronological leave-one-out (the last item tests, the one before it validates, full ranking over all items),
     for recommend.backbone = "sasrec" (docs/protocol.md)."""
+    background_users: int | None = 0
+    """next_item only: this many more eligible users outside the data.n_users selection (a seeded subset; None = all)
+    whose sequences train the recommender too; they get no prompt, no text (the adapter's "unknown" vector) and are
+    never evaluated. SASRec then learns its item embeddings from the whole data set while the LLM writes for a few."""
     rating_range: tuple[float, float] | None = None
     """[lowest, highest] rating the data may hold; a rating outside is refused. None = taken from the
     data, with a warning when the ratings look odd (negative, above 10 or fractional)."""
@@ -78,6 +82,9 @@ class DataConfig:
         _check(self.list_size > self.positives_per_list, "data.list_size", "> data.positives_per_list", self.list_size)
         _check(self.recent_history >= 1, "data.recent_history", ">= 1", self.recent_history)
         _check(self.protocol in PROTOCOLS, "data.protocol", " or ".join(PROTOCOLS), self.protocol)
+        _check(self.background_users is None or self.background_users >= 0, "data.background_users", ">= 0 (or unset: all)", self.background_users)
+        _check(self.background_users == 0 or self.protocol == "next_item", "data.background_users", '0 unless data.protocol = "next_item"',
+               self.background_users)
         _check(
             self.positive_rating in ("auto", "all") or isinstance(self.positive_rating, (int, float)),
             "data.positive_rating", '"auto", "all" or a number', self.positive_rating,

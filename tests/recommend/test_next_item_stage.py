@@ -29,7 +29,7 @@ SASREC = RecommendConfig(backbone="sasrec", embed_dim=32, hidden_dim=32, n_heads
 @pytest.fixture(scope="module")
 def next_item_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("next-item-run")
-    run_data_stage(DataConfig(dataset="ml-100k", n_users=150, protocol="next_item", prompt_history_max=10), run)
+    run_data_stage(DataConfig(dataset="ml-100k", n_users=150, protocol="next_item", prompt_history_max=10, background_users=200), run)
     write_fixture_knowledge(run)
     run_encode_stage(EncodeConfig(), run, 0, progress=False)
     return run
@@ -45,6 +45,10 @@ def test_the_data_stage_keeps_both_targets_out_of_the_prompt(next_item_run):
     assert (prompt.groupby("user_index").size() == 10).all()  # the last 10 before the validation target (ML-100k: >= 20 each)
     last_before = inter[inter["position"] == n - 3]
     assert inter.loc[last_before.index, "in_prompt"].all()  # the prompt ends right before the validation target
+    # the background users: others of the data set, sequences only (no prompt, no text, no evaluation)
+    background = protocol.background
+    assert len(background) == 200 and not set(background["user_id"]) & set(protocol.users["user_id"])
+    assert all(len(s) >= 3 for s in background["items"])
     # every item of the data set is a candidate, so every one is encoded
     assert len(used_items(next_item_run / "data")) == len(protocol.items) == protocol.summary["items"]
     assert (read_embeddings(next_item_run / "round_0" / "encode").item_index.size == len(protocol.items))
@@ -61,6 +65,8 @@ def test_sasrec_trains_on_the_run_and_reports_full_ranking(next_item_run):
         assert sorted(test["user_index"]) == sorted(users.loc[users["split"] == "test", "user_index"])  # one row per test user
         assert metrics["test"]["hr@10"] == pytest.approx(test["hr@10"].mean())
     assert plain.folder.name == "sasrec-no-knowledge" and kar.folder.name == "sasrec"
+    assert kar.summary["targets"]["train_sequences"] == 150 + 200  # the background users train too (ML-100k: >= 20 items each)
+    assert kar.summary["users_without_knowledge"] == {"validation": 0, "test": 0}
     # the saved model reloads and ranks the test targets as the stage measured them
     model = load_recommender(kar.folder)
     sequences = run_sequences(read_parquet(next_item_run / "data" / "interactions.parquet"), len(users))

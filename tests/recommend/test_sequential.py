@@ -15,7 +15,8 @@ from dpo4rec.errors import InputError
 from dpo4rec.metrics import full_ranking_metrics, mean_metrics
 from dpo4rec.recommend.features import user_knowledge
 from dpo4rec.recommend.models import ModelSpec, build_model
-from dpo4rec.recommend.sequential import evaluate_next_item, next_item_data, next_item_targets, rank_targets, target_ranks, train_sequential
+from dpo4rec.recommend.sequential import (evaluate_next_item, length_buckets, next_item_data, next_item_targets, rank_targets, target_ranks,
+                                          train_sequential)
 
 
 def sasrec(n_items: int, knowledge_dim: int | None = None, max_len: int = 8, seed: int = 0):
@@ -136,3 +137,12 @@ def test_user_knowledge_reaches_the_trained_model():
     swapped = user_knowledge(200, np.arange(200), vectors[:, ::-1].copy())
     with_wrong_text = (rank_targets(model, after_two, swapped) == 0).mean()
     assert with_text > 0.95 and with_wrong_text < 0.05
+
+
+def test_length_buckets_cover_every_row_once_and_group_similar_lengths():
+    lengths = torch.from_numpy(np.random.default_rng(0).integers(2, 51, 1000))
+    batches = length_buckets(lengths, 32, torch.Generator().manual_seed(0), pool=8)
+    rows = torch.cat(batches)
+    assert sorted(rows.tolist()) == list(range(1000))
+    spread = np.mean([int(lengths[b].max() - lengths[b].min()) for b in batches])
+    assert spread < 10  # random batches of 32 would span ~45

@@ -14,7 +14,7 @@ import pandas as pd
 
 from dpo4rec.config import DataConfig
 from dpo4rec.data.dataset import Dataset
-from dpo4rec.data.protocol import SPLITS, ProtocolData, select_users
+from dpo4rec.data.protocol import _BACKGROUND, SPLITS, ProtocolData, select_users
 from dpo4rec.errors import InputError
 
 MIN_INTERACTIONS = 3  # one input item, the validation target, the test target
@@ -78,6 +78,7 @@ def build_next_item(dataset: Dataset, config: DataConfig) -> ProtocolData:
     position, owner = chosen["position"].to_numpy(), chosen["user_index"].to_numpy()
     chosen["in_prompt"] = (position >= first[owner]) & (position < end[owner])
     chosen["label"] = np.ones(len(chosen), dtype=np.int8)
+    background = background_sequences(inter, item_index, np.setdiff1d(eligible.to_numpy(), selected), config)
     items = dataset.items[dataset.items["item_id"].isin(item_index.index)].copy()
     items.insert(0, "item_index", item_index.reindex(items["item_id"]).to_numpy())
     items = items.sort_values("item_index").reset_index(drop=True)
@@ -87,14 +88,27 @@ def build_next_item(dataset: Dataset, config: DataConfig) -> ProtocolData:
         "protocol": {"name": "next_item", "prompt_history_max": int(cap), "seed": config.seed,
                      "targets": "last item = test, second-to-last = validation, per user in time order"},
         "users": {"loaded": int(len(counts)), f"dropped_fewer_than_{MIN_INTERACTIONS}_interactions": int(too_few.sum()),
-                  "eligible": int(len(eligible)), "selected": int(len(users)),
+                  "eligible": int(len(eligible)), "selected": int(len(users)), "background": int(len(background)),
                   **{split: int((users["split"] == split).sum()) for split in SPLITS}},
         "items": int(len(item_index)),
         "items_of_selected_users": int(chosen["item_index"].nunique()),
         "prompt_history_mean_length": float(users["n_prompt"].mean()),
     }
     interactions = chosen[["user_index", "item_index", "rating", "timestamp", "position", "label", "in_prompt"]].reset_index(drop=True)
-    return ProtocolData(users=users, items=items, interactions=interactions, lists=pd.DataFrame(columns=LIST_COLUMNS), summary=summary)
+    return ProtocolData(users=users, items=items, interactions=interactions, lists=pd.DataFrame(columns=LIST_COLUMNS), summary=summary,
+                        background=background)
+
+
+def background_sequences(inter: pd.DataFrame, item_index: pd.Series, others: np.ndarray, config: DataConfig) -> pd.DataFrame:
+    """``user_id``, ``items``: the sequences of ``data.background_users`` of the unselected eligible users (seeded)."""
+    count = len(others) if config.background_users is None else config.background_users
+    if count > len(others):
+        raise InputError(f"data.background_users = {count}, but only {len(others)} eligible users are outside data.n_users")
+    if count < len(others):
+        others = np.sort(np.random.default_rng([config.seed, _BACKGROUND]).choice(others, count, replace=False))
+    rows = inter[inter["user_id"].isin(others)]
+    user_ids, sequences = item_sequences(rows, item_index) if len(rows) else (np.array([]), [])
+    return pd.DataFrame({"user_id": user_ids, "items": [s.astype(np.int32) for s in sequences]})
 
 
 def run_sequences(interactions: pd.DataFrame, n_users: int) -> list[np.ndarray]:

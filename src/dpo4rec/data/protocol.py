@@ -27,7 +27,7 @@ from dpo4rec.errors import InputError
 
 SPLITS = ("train", "validation", "test")
 # Distinct streams so that, say, changing n_users leaves each user's lists alone.
-_SUBSET, _SPLIT, _LISTS = 0, 1, 2
+_SUBSET, _SPLIT, _LISTS, _BACKGROUND = 0, 1, 2, 3
 
 
 @dataclass
@@ -39,6 +39,7 @@ class ProtocolData:
     interactions: pd.DataFrame  # selected users: user_index, item_index, rating, timestamp, position, label, in_prompt
     lists: pd.DataFrame  # list_index, user_index, split, chunk, items, labels, history
     summary: dict
+    background: pd.DataFrame | None = None  # next_item: user_id, items (item_index sequence) of users who only train the recommender
 
 
 def prompt_history_length(n_interactions: np.ndarray | int, cap: int) -> np.ndarray:

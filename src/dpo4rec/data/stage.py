@@ -4,7 +4,8 @@ Files written (all parquet except the JSON):
 * ``users.parquet``: user_index, user_id, split, n_interactions, n_prompt, n_lists, side info
 * ``items.parquet``: item_index (1-based, 0 pads), item_id, title, text attributes
 * ``interactions.parquet``: the selected users' interactions with position, label, in_prompt
-* ``lists.parquet``: list_index, user_index, split, chunk, items, labels, history
+* ``lists.parquet``: list_index, user_index, split, chunk, items, labels, history (empty under next_item)
+* ``background.parquet`` (next_item): user_id, items: sequences that only train the recommender (data.background_users)
 * ``summary.json`` and ``manifest.json``
 """
 
@@ -68,6 +69,8 @@ def write_protocol(protocol: ProtocolData, folder: Path) -> None:
     write_parquet(folder / "items.parquet", _text_safe(protocol.items))
     write_parquet(folder / "interactions.parquet", protocol.interactions)
     write_parquet(folder / "lists.parquet", protocol.lists)
+    if protocol.background is not None:
+        write_parquet(folder / "background.parquet", protocol.background)
     write_json(folder / "summary.json", protocol.summary)
 
 
@@ -104,4 +107,5 @@ def read_protocol(folder: str | Path) -> ProtocolData:
         interactions=read_parquet(folder / "interactions.parquet"),
         lists=read_parquet(folder / "lists.parquet"),
         summary=read_json(folder / "summary.json"),
+        background=read_parquet(folder / "background.parquet") if (folder / "background.parquet").is_file() else None,
     )

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from dpo4rec.artifacts import StageFolder, StageResult, begin_stage, fingerprint_file, read_json, read_parquet, round_dir, write_json, write_parquet
 from dpo4rec.best_worst import best_and_worst
@@ -37,13 +38,14 @@ from dpo4rec.errors import InputError
 from dpo4rec.metrics import mean_metrics
 from dpo4rec.recommend.baselines import baseline_metrics
 from dpo4rec.recommend.checkpoint import save_recommender
-from dpo4rec.recommend.features import list_tensors, mark_reward_lists, user_knowledge
+from dpo4rec.recommend.features import UserKnowledge, list_tensors, mark_reward_lists, user_knowledge
 from dpo4rec.recommend.sequential import build_sequential, fit_and_evaluate_sequential, next_item_data
 from dpo4rec.recommend.train import build_recommender, evaluate, missing_knowledge, train_recommender
 
 log = logging.getLogger(__name__)
 STAGE = "recommend"
 _DATA_FILES = ("users.parquet", "items.parquet", "interactions.parquet", "lists.parquet")
+BACKGROUND = "background.parquet"  # next_item: users whose sequences only train the recommender
 
 
 def model_name(config: RecommendConfig, reward_holdout: float = 0.0) -> str:
@@ -84,6 +86,8 @@ def run_recommend_stage(config: RecommendConfig, run_dir: str | Path, round_inde
             raise InputError(f"{data / name} not found; run the data stage first")
     inputs = {name: fingerprint_file(data / name) for name in _DATA_FILES}
     sequential = check_protocol(config, data)
+    if sequential and (data / BACKGROUND).is_file():
+        inputs[BACKGROUND] = fingerprint_file(data / BACKGROUND)
     if sequential and reward_holdout > 0:
         raise InputError("under data.protocol = next_item the reward is the validation target, which no recommender trains on: no reward-holdout model")
     rewards_path = round_dir(run_dir, round_index) / "reward" / "rewards.parquet"
@@ -107,7 +111,7 @@ def run_recommend_stage(config: RecommendConfig, run_dir: str | Path, round_inde
     if done:
         return done
 
-    frames = {name: read_parquet(data / name) for name in _DATA_FILES}
+    frames = {name: read_parquet(data / name) for name in (*_DATA_FILES, *[BACKGROUND] * (BACKGROUND in inputs))}
     if reward_holdout > 0:
         if not config.knowledge:
             raise InputError("the held-out reward recommender needs knowledge (recommend.knowledge = true)")
@@ -154,11 +158,17 @@ def check_protocol(config: RecommendConfig, data: Path) -> bool:
 
 
 def fit_sequential(config: RecommendConfig, frames: dict, knowledge, emb, progress: bool = True):
-    """SASRec on the next-item protocol: every selected user's sequence trains; validation users' validation
-    targets pick the epoch; test users' test targets are reported."""
+    """SASRec on the next-item protocol: every selected user's sequence trains, and the background users'
+    (data.background_users: after the run's users, with no text); validation users' validation targets pick the
+    epoch; test users' test targets are reported."""
     users = frames["users.parquet"]
     split = users["split"].astype(str).to_numpy()
     sequences = run_sequences(frames["interactions.parquet"], len(users))
+    if BACKGROUND in frames and len(frames[BACKGROUND]):
+        sequences += [np.asarray(s, np.int64) for s in frames[BACKGROUND]["items"]]
+        if knowledge is not None:  # rows for them, all unknown: they train the learned "unknown" vector
+            knowledge = UserKnowledge(torch.cat([knowledge.vectors, knowledge.vectors.new_zeros(len(sequences) - len(users), knowledge.dim)]),
+                                      torch.cat([knowledge.known, torch.zeros(len(sequences) - len(users), dtype=torch.bool)]))
     n_items = int(frames["items.parquet"]["item_index"].max())
     data = next_item_data(sequences, config.max_len, np.flatnonzero(split == "validation"), np.flatnonzero(split == "test"), n_items)
     if emb is None:
