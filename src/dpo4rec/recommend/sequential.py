@@ -86,6 +86,11 @@ class NextItemData:
     validation: Targets
     test: Targets
     n_items: int
+    selection: Targets | None = None  # the targets that pick the epoch; None = ``validation``
+
+    @property
+    def picks_epochs(self) -> Targets:
+        return self.validation if self.selection is None else self.selection
 
 
 def next_item_data(sequences: list[np.ndarray], max_len: int, validation_users: np.ndarray | None = None,
@@ -158,7 +163,7 @@ def evaluate_next_item(model, targets: Targets, knowledge: UserKnowledge | None,
 
 
 def train_sequential(model, data: NextItemData, knowledge: UserKnowledge | None, config: RecommendConfig, progress: bool = True) -> TrainResult:
-    """Fit with cross-entropy over all items; the epoch with the best validation NDCG@10 is kept."""
+    """Fit with cross-entropy over all items; the epoch with the best NDCG@10 on ``data.picks_epochs`` is kept."""
     with deterministic_kernels():
         return _train(model, data, knowledge, config, progress)
 
@@ -175,7 +180,7 @@ def _train(model, data: NextItemData, knowledge, config: RecommendConfig, progre
         tick = time.perf_counter()
         loss = _train_epoch(model, optimizer, data, knowledge, config, generator, device, progress, epoch)
         train_seconds = time.perf_counter() - tick
-        val = mean_metrics(evaluate_next_item(model, data.validation, knowledge, config))
+        val = mean_metrics(evaluate_next_item(model, data.picks_epochs, knowledge, config))
         row = {"epoch": epoch, "train_loss": loss, **{f"validation_{k}": v for k, v in val.items()},
                "train_seconds": train_seconds, "seconds": time.perf_counter() - tick}
         result.curve.append(row)

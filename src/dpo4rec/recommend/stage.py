@@ -39,7 +39,7 @@ from dpo4rec.metrics import mean_metrics
 from dpo4rec.recommend.baselines import baseline_metrics
 from dpo4rec.recommend.checkpoint import save_recommender
 from dpo4rec.recommend.features import UserKnowledge, list_tensors, mark_reward_lists, user_knowledge
-from dpo4rec.recommend.sequential import build_sequential, fit_and_evaluate_sequential, next_item_data
+from dpo4rec.recommend.sequential import VALIDATION_CUT, build_sequential, fit_and_evaluate_sequential, next_item_data, next_item_targets
 from dpo4rec.recommend.train import build_recommender, evaluate, missing_knowledge, train_recommender
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,9 @@ def check_protocol(config: RecommendConfig, data: Path) -> bool:
 def fit_sequential(config: RecommendConfig, frames: dict, knowledge, emb, progress: bool = True):
     """SASRec on the next-item protocol: every selected user's sequence trains, and the background users'
     (data.background_users: after the run's users, with no text); validation users' validation targets pick the
-    epoch; test users' test targets are reported."""
+    epoch, with the background users' (a hundred validation users alone are too few: on Beauty the epoch picked
+    by them stopped training at epoch 4, before SASRec had learned anything); test users' test targets are
+    reported, and the validation users' are what a round is picked by."""
     users = frames["users.parquet"]
     split = users["split"].astype(str).to_numpy()
     sequences = run_sequences(frames["interactions.parquet"], len(users))
@@ -170,7 +172,11 @@ def fit_sequential(config: RecommendConfig, frames: dict, knowledge, emb, progre
             knowledge = UserKnowledge(torch.cat([knowledge.vectors, knowledge.vectors.new_zeros(len(sequences) - len(users), knowledge.dim)]),
                                       torch.cat([knowledge.known, torch.zeros(len(sequences) - len(users), dtype=torch.bool)]))
     n_items = int(frames["items.parquet"]["item_index"].max())
-    data = next_item_data(sequences, config.max_len, np.flatnonzero(split == "validation"), np.flatnonzero(split == "test"), n_items)
+    validation = np.flatnonzero(split == "validation")
+    data = next_item_data(sequences, config.max_len, validation, np.flatnonzero(split == "test"), n_items)
+    if len(sequences) > len(users):  # more targets pick the epoch: the validation users' and the background users'
+        everyone = np.concatenate([validation, np.arange(len(users), len(sequences))])
+        data.selection = next_item_targets([sequences[u] for u in everyone], everyone, VALIDATION_CUT, config.max_len)
     if emb is None:
         build = lambda seeded: build_sequential(seeded, n_items)  # noqa: E731
     else:
