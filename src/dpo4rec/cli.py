@@ -256,12 +256,14 @@ def _recommend_stage(args: argparse.Namespace) -> int:
 
 
 def format_rerank_table(metrics: dict) -> str:
-    """Test MAP/NDCG@K of a trained re-ranker beside the random and popularity rankings."""
+    """Test MAP/NDCG@K of a trained re-ranker (HR/NDCG@K of SASRec) beside the baseline rankings."""
     rows = [(f"{metrics['model']}{'' if metrics['knowledge'] else ' (no knowledge)'}", metrics["test"])]
     rows += [(name, values) for name, values in metrics["baselines"].items()]
-    names = [k for k in metrics["test"] if k.endswith(("@1", "@3", "@5", "@7"))]
+    next_item = metrics.get("protocol") == "next_item"
+    names = sorted(metrics["test"], key=lambda m: (m.startswith("ndcg"), int(m.split("@")[1]))) if next_item else \
+        [k for k in metrics["test"] if k.endswith(("@1", "@3", "@5", "@7"))]
     width = max(len(r[0]) for r in rows)
-    lines = [f"{'test lists':<{width}}  " + "  ".join(f"{n:>7}" for n in names)]
+    lines = [f"{'test targets' if next_item else 'test lists':<{width}}  " + "  ".join(f"{n:>7}" for n in names)]
     lines += [f"{label:<{width}}  " + "  ".join(f"{values[n]:7.4f}" for n in names) for label, values in rows]
     return "\n".join(lines)
 

@@ -92,8 +92,9 @@ def _alignment(metrics: dict) -> list[str]:
     if not metrics["alignment"]:
         return []
     lines = ["## Did DPO learn the reward on users it never saw? (validation users)", "",
-             "DPO round k trains on round k-1's texts and writes round k's. Validation users never reach DPO or a "
-             "recommender's training. Definitions: the glossary below.", "",
+             "DPO round k trains on round k-1's texts and writes round k's. Validation users never reach DPO, and no "
+             "recommender trains on what they are scored on (next item: their earlier items train SASRec, their "
+             "validation targets never). Definitions: the glossary below.", "",
              "| DPO round | pairs | steps | held-out pairs (users) | held-out pair accuracy | best vs worst only "
              "| net of sharpening and length | starting model alone | validation drift | reward reliability | linear probe |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
