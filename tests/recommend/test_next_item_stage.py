@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpo4rec.artifacts import read_json, read_parquet
+from dpo4rec.artifacts import read_parquet
 from dpo4rec.config import DataConfig, EncodeConfig, PipelineConfig, RecommendConfig
 from dpo4rec.data.next_item import run_sequences
 from dpo4rec.data.stage import read_protocol, run_data_stage, used_items

@@ -14,7 +14,7 @@ import pandas as pd
 
 from dpo4rec.config import DataConfig
 from dpo4rec.data.dataset import Dataset
-from dpo4rec.data.protocol import _BACKGROUND, SPLITS, ProtocolData, select_users
+from dpo4rec.data.protocol import _BACKGROUND, SPLITS, ProtocolData, select_users, selected_tables
 from dpo4rec.errors import InputError
 
 MIN_INTERACTIONS = 3  # one input item, the validation target, the test target
@@ -63,18 +63,10 @@ def build_next_item(dataset: Dataset, config: DataConfig) -> ProtocolData:
     if len(eligible) == 0:
         raise InputError(f"{dataset.name}: no user has the {MIN_INTERACTIONS} interactions the next-item protocol needs")
     selected, split_codes = select_users(eligible.to_numpy(), config, dataset.name)
-    users = pd.DataFrame({"user_index": np.arange(len(selected), dtype=np.int32), "user_id": selected})
-    users["split"] = pd.Categorical.from_codes(split_codes, SPLITS)
-    users["n_interactions"] = counts.reindex(selected).to_numpy()
-    first, end = prompt_positions(users["n_interactions"].to_numpy(), cap)
-    users["n_prompt"] = end - first
-    if dataset.users is not None:
-        users = users.merge(dataset.users, on="user_id", how="left")
-
-    chosen = inter[inter["user_id"].isin(selected)].copy()
-    chosen["user_index"] = chosen["user_id"].map(pd.Series(users["user_index"].to_numpy(), index=users["user_id"])).astype(np.int32)
-    chosen["item_index"] = item_index.reindex(chosen["item_id"]).to_numpy()
-    chosen["position"] = chosen.groupby("user_index").cumcount().astype(np.int32)
+    first, end = prompt_positions(counts.to_numpy(), cap)  # per user of ``counts``, in its order
+    per_user = pd.DataFrame({"n_interactions": counts, "n_prompt": end - first}, index=counts.index)
+    users, chosen = selected_tables(dataset, selected, split_codes, per_user, item_index)
+    first, end = prompt_positions(users["n_interactions"].to_numpy(), cap)  # now by user_index
     position, owner = chosen["position"].to_numpy(), chosen["user_index"].to_numpy()
     chosen["in_prompt"] = (position >= first[owner]) & (position < end[owner])
     chosen["label"] = np.ones(len(chosen), dtype=np.int8)

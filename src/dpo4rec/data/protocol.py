@@ -83,6 +83,22 @@ def select_users(eligible: np.ndarray, config: DataConfig, dataset_name: str) ->
     return selected, split_users(len(selected), config.split, config.seed)
 
 
+def selected_tables(dataset: Dataset, selected: np.ndarray, split_codes: np.ndarray, per_user: pd.DataFrame,
+                    item_index: pd.Series) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(users, interactions)`` of the selected users: user_index in selection order, split, the ``per_user``
+    columns and side information; their interactions with user_index, item_index and position (in time order)."""
+    users = pd.DataFrame({"user_index": np.arange(len(selected), dtype=np.int32), "user_id": selected})
+    users["split"] = pd.Categorical.from_codes(split_codes, SPLITS)
+    users = users.join(per_user, on="user_id")
+    if dataset.users is not None:
+        users = users.merge(dataset.users, on="user_id", how="left")
+    chosen = dataset.interactions[dataset.interactions["user_id"].isin(selected)].copy()
+    chosen["user_index"] = chosen["user_id"].map(pd.Series(users["user_index"].to_numpy(), index=users["user_id"])).astype(np.int32)
+    chosen["item_index"] = item_index.reindex(chosen["item_id"]).to_numpy()
+    chosen["position"] = chosen.groupby("user_index").cumcount().astype(np.int32)
+    return users, chosen
+
+
 def protocol_name(summary: dict) -> str:
     """The protocol a data stage applied, from its summary.json (data folders older than data.protocol: rerank)."""
     return summary.get("protocol", {}).get("name", "rerank")
@@ -127,17 +143,8 @@ def build_protocol(dataset: Dataset, config: DataConfig) -> ProtocolData:
 
     selected, split_codes = select_users(eligible.to_numpy(), config, dataset.name)
 
-    users = pd.DataFrame({"user_index": np.arange(len(selected), dtype=np.int32), "user_id": selected})
-    users["split"] = pd.Categorical.from_codes(split_codes, SPLITS)
     per_user = pd.DataFrame({"n_interactions": counts, "n_prompt": n_prompt, "n_lists": n_lists}, index=counts.index)
-    users = users.join(per_user, on="user_id")
-    if dataset.users is not None:
-        users = users.merge(dataset.users, on="user_id", how="left")
-
-    chosen = inter[inter["user_id"].isin(selected)].copy()
-    chosen["user_index"] = chosen["user_id"].map(pd.Series(users["user_index"].to_numpy(), index=users["user_id"])).astype(np.int32)
-    chosen["item_index"] = item_index.reindex(chosen["item_id"]).to_numpy()
-    chosen["position"] = chosen.groupby("user_index").cumcount().astype(np.int32)
+    users, chosen = selected_tables(dataset, selected, split_codes, per_user, item_index)
     chosen["in_prompt"] = chosen["position"].to_numpy() < chosen["user_index"].map(users["n_prompt"]).to_numpy()
     if threshold is None:
         chosen["label"] = np.ones(len(chosen), dtype=np.int8)

@@ -18,9 +18,7 @@ last item is the test target and the one before it the validation target.
 
 from __future__ import annotations
 
-import copy
 import logging
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +30,7 @@ from dpo4rec.devices import resolve_device
 from dpo4rec.errors import InputError
 from dpo4rec.metrics import full_ranking_metrics, mean_metrics
 from dpo4rec.recommend.features import UserKnowledge
-from dpo4rec.recommend.train import TrainResult, _autocast, deterministic_kernels
+from dpo4rec.recommend.train import TrainResult, _autocast, deterministic_kernels, fit_epochs
 
 log = logging.getLogger(__name__)
 SELECT_METRIC = "ndcg@10"
@@ -173,28 +171,8 @@ def _train(model, data: NextItemData, knowledge, config: RecommendConfig, progre
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
-    result, best, stale = TrainResult(model), -1.0, 0
-    best_state = copy.deepcopy(model.state_dict())
-    start = time.perf_counter()
-    for epoch in range(1, config.max_epochs + 1):
-        tick = time.perf_counter()
-        loss = _train_epoch(model, optimizer, data, knowledge, config, generator, device, progress, epoch)
-        train_seconds = time.perf_counter() - tick
-        val = mean_metrics(evaluate_next_item(model, data.picks_epochs, knowledge, config))
-        row = {"epoch": epoch, "train_loss": loss, **{f"validation_{k}": v for k, v in val.items()},
-               "train_seconds": train_seconds, "seconds": time.perf_counter() - tick}
-        result.curve.append(row)
-        log.info("epoch %d: loss %.4f, validation hr@10 %.4f ndcg@10 %.4f (%.1fs)", epoch, loss, val["hr@10"], val["ndcg@10"], row["seconds"])
-        if val[SELECT_METRIC] > best:
-            best, stale, result.best_epoch = val[SELECT_METRIC], 0, epoch
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            stale += 1
-            if stale >= config.patience:
-                break
-    model.load_state_dict(best_state)
-    result.seconds = time.perf_counter() - start
-    return result
+    return fit_epochs(model, config, lambda epoch: _train_epoch(model, optimizer, data, knowledge, config, generator, device, progress, epoch),
+                      lambda: mean_metrics(evaluate_next_item(model, data.picks_epochs, knowledge, config)), (SELECT_METRIC, "hr@10"))
 
 
 def length_buckets(lengths: torch.Tensor, batch_size: int, generator: torch.Generator, pool: int = 64) -> list[torch.Tensor]:

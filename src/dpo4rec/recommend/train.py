@@ -89,20 +89,28 @@ def _train(model: Reranker, lists: ListTensors, knowledge: UserKnowledge | None,
         raise InputError(f"recommend: need train and validation lists, got {len(train)} and {len(valid)}")
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
+    return fit_epochs(model, config, lambda epoch: _train_epoch(model, optimizer, train, knowledge, config, generator, device, progress, epoch),
+                      lambda: mean_metrics(evaluate(model, valid, knowledge, config)), (SELECT_METRIC, "ndcg@5"))
+
+
+def fit_epochs(model, config: RecommendConfig, run_epoch, validate, shown: tuple[str, ...]) -> TrainResult:
+    """The epoch loop every recommender shares: ``run_epoch(epoch)`` trains one epoch and returns its mean loss,
+    ``validate()`` returns validation metrics; the epoch with the best ``shown[0]`` is kept, and training stops
+    after ``config.patience`` epochs without a better one."""
     result, best, stale = TrainResult(model), -1.0, 0
     best_state = copy.deepcopy(model.state_dict())
     start = time.perf_counter()
     for epoch in range(1, config.max_epochs + 1):
         tick = time.perf_counter()
-        loss = _train_epoch(model, optimizer, train, knowledge, config, generator, device, progress, epoch)
+        loss = run_epoch(epoch)
         train_seconds = time.perf_counter() - tick
-        val = mean_metrics(evaluate(model, valid, knowledge, config))
+        val = validate()
         row = {"epoch": epoch, "train_loss": loss, **{f"validation_{k}": v for k, v in val.items()},
                "train_seconds": train_seconds, "seconds": time.perf_counter() - tick}
         result.curve.append(row)
-        log.info("epoch %d: loss %.4f, validation map@5 %.4f ndcg@5 %.4f (%.1fs)", epoch, loss, val["map@5"], val["ndcg@5"], row["seconds"])
-        if val[SELECT_METRIC] > best:
-            best, stale, result.best_epoch = val[SELECT_METRIC], 0, epoch
+        log.info("epoch %d: loss %.4f, validation %s (%.1fs)", epoch, loss, ", ".join(f"{m} {val[m]:.4f}" for m in shown), row["seconds"])
+        if val[shown[0]] > best:
+            best, stale, result.best_epoch = val[shown[0]], 0, epoch
             best_state = copy.deepcopy(model.state_dict())
         else:
             stale += 1
