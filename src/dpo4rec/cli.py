@@ -372,19 +372,28 @@ def _download(args: argparse.Namespace) -> int:
 
 def format_summary(summary: dict) -> str:
     """The data summary as a short, aligned text block."""
-    users, lists = summary["users"], summary["lists"]
-    rows = [
-        ("dataset", summary["dataset"]),
-        ("interactions loaded", f"{summary['loaded']['interactions']:,}"),
-        ("users loaded", f"{users['loaded']:,}"),
-        ("  dropped (< 2 interactions)", f"{users['dropped_fewer_than_2_interactions']:,}"),
-        ("  dropped (no complete list)", f"{users['dropped_no_complete_list']:,}"),
-        ("users selected", f"{users['selected']:,}  (train {users['train']:,} / validation {users['validation']:,} / test {users['test']:,})"),
-        ("items", f"{summary['items']:,}"),
-        ("lists", f"{lists['total']:,}  (train {lists['train']:,} / validation {lists['validation']:,} / test {lists['test']:,})"),
-        ("positives per list", f"{lists['mean_positives_per_list']:.2f}  ({lists['lists_without_positive']:,} lists without one)"),
-        ("prompt history, mean", f"{summary['prompt_history_mean_length']:.1f} items"),
-    ]
+    users = summary["users"]
+    selected = f"{users['selected']:,}  (train {users['train']:,} / validation {users['validation']:,} / test {users['test']:,})"
+    rows = [("dataset", summary["dataset"]), ("interactions loaded", f"{summary['loaded']['interactions']:,}"),
+            ("users loaded", f"{users['loaded']:,}")]
+    if "lists" in summary:  # the re-rank protocol
+        lists = summary["lists"]
+        rows += [
+            ("  dropped (< 2 interactions)", f"{users['dropped_fewer_than_2_interactions']:,}"),
+            ("  dropped (no complete list)", f"{users['dropped_no_complete_list']:,}"),
+            ("users selected", selected),
+            ("items", f"{summary['items']:,}"),
+            ("lists", f"{lists['total']:,}  (train {lists['train']:,} / validation {lists['validation']:,} / test {lists['test']:,})"),
+            ("positives per list", f"{lists['mean_positives_per_list']:.2f}  ({lists['lists_without_positive']:,} lists without one)"),
+        ]
+    else:  # next_item: one validation and one test target per user
+        rows += [
+            ("  dropped (< 3 interactions)", f"{users['dropped_fewer_than_3_interactions']:,}"),
+            ("users selected", selected),
+            ("background users", f"{users['background']:,}  (sequences that only train the recommender)"),
+            ("items (all candidates)", f"{summary['items']:,}"),
+        ]
+    rows.append(("prompt history, mean", f"{summary['prompt_history_mean_length']:.1f} items"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

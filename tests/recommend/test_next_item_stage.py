@@ -114,3 +114,12 @@ def test_next_item_rewards_are_the_validation_targets_log_probability_and_rank(n
     assert len(set(np.round(loglik, 6))) > 1  # the texts move the reward
     text_match = NextItemScorer.from_folders(next_item_run / "data", item_vectors=(emb.item_index, emb.item_vectors))
     assert np.isfinite(text_match.score(user_index, vectors, reward="listwise")).all()
+
+
+def test_the_data_command_prints_the_next_item_summary(tmp_path, capsys):
+    from dpo4rec.cli import main
+
+    assert main(["data", "--out", str(tmp_path / "run"), "--dataset", "ml-100k", "--users", "30", "--set", "data.protocol=next_item",
+                 "--set", "recommend.backbone=sasrec", "--set", "data.background_users=40"]) == 0
+    out = capsys.readouterr().out
+    assert "background users              40" in out and "items (all candidates)        1,682" in out
