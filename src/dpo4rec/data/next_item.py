@@ -63,10 +63,9 @@ def build_next_item(dataset: Dataset, config: DataConfig) -> ProtocolData:
     if len(eligible) == 0:
         raise InputError(f"{dataset.name}: no user has the {MIN_INTERACTIONS} interactions the next-item protocol needs")
     selected, split_codes = select_users(eligible.to_numpy(), config, dataset.name)
-    first, end = prompt_positions(counts.to_numpy(), cap)  # per user of ``counts``, in its order
-    per_user = pd.DataFrame({"n_interactions": counts, "n_prompt": end - first}, index=counts.index)
-    users, chosen = selected_tables(dataset, selected, split_codes, per_user, item_index)
-    first, end = prompt_positions(users["n_interactions"].to_numpy(), cap)  # now by user_index
+    users, chosen = selected_tables(dataset, selected, split_codes, pd.DataFrame({"n_interactions": counts}), item_index)
+    first, end = prompt_positions(users["n_interactions"].to_numpy(), cap)  # by user_index
+    users.insert(users.columns.get_loc("n_interactions") + 1, "n_prompt", end - first)
     position, owner = chosen["position"].to_numpy(), chosen["user_index"].to_numpy()
     chosen["in_prompt"] = (position >= first[owner]) & (position < end[owner])
     chosen["label"] = np.ones(len(chosen), dtype=np.int8)

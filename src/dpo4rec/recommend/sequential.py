@@ -19,9 +19,10 @@ last item is the test target and the one before it the validation target.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -120,19 +121,29 @@ def next_item_data(sequences: list[np.ndarray], max_len: int, validation_users: 
     )
 
 
+def candidates_only(scores: torch.Tensor, target: torch.Tensor, seen: list[np.ndarray]) -> torch.Tensor:
+    """A copy of (B, n_items + 1) ``scores`` with what is no candidate at -inf: column 0 (padding) and each row's
+    seen items, except its target, which keeps its score (a repeated item can still be the next)."""
+    masked = scores.float().clone()
+    rows = torch.arange(masked.shape[0], device=masked.device)
+    at_target = masked[rows, target]
+    masked[:, 0] = float("-inf")
+    if seen:
+        seen_rows = torch.from_numpy(np.repeat(np.arange(len(seen)), [len(s) for s in seen])).to(masked.device)
+        masked[seen_rows, torch.from_numpy(np.concatenate(seen).astype(np.int64)).to(masked.device)] = float("-inf")
+    masked[rows, target] = at_target
+    return masked
+
+
 def target_ranks(scores: torch.Tensor, target: torch.Tensor, seen: list[np.ndarray]) -> torch.Tensor:
     """0-based rank of each row's target among the candidates (column 0 and the row's seen items excluded, ties against it)."""
-    scores = scores.float().clone()
     if torch.isnan(scores).any():
         raise ValueError("scores contain NaN")
-    rows = torch.arange(scores.shape[0], device=scores.device)
-    at_target = scores[rows, target].unsqueeze(1)  # (B, 1), read before any exclusion
-    scores[:, 0] = float("-inf")
-    if seen:
-        seen_rows = torch.from_numpy(np.repeat(np.arange(len(seen)), [len(s) for s in seen])).to(scores.device)
-        scores[seen_rows, torch.from_numpy(np.concatenate(seen).astype(np.int64)).to(scores.device)] = float("-inf")
-    scores[rows, target] = float("-inf")  # the target itself is not one of the others
-    return (scores >= at_target).sum(1)
+    masked = candidates_only(scores, target, seen)
+    rows = torch.arange(masked.shape[0], device=masked.device)
+    at_target = masked[rows, target].unsqueeze(1)  # (B, 1)
+    masked[rows, target] = float("-inf")  # the target itself is not one of the others
+    return (masked >= at_target).sum(1)
 
 
 @torch.inference_mode()
@@ -245,10 +256,6 @@ def fit_and_evaluate_sequential(build, data: NextItemData, knowledge: UserKnowle
     """Train ``config.seeds`` models (``build(config)`` makes a fresh one) and measure them on the validation and test
     targets beside popularity. Returns the first seed's model and the metrics (keys starting with _ are tables:
     one row per target, user_index and each metric, averaged over the seeds)."""
-    from dataclasses import replace
-
-    import pandas as pd
-
     model, results, per_seed = None, [], {"test": [], "validation": []}
     for offset in range(config.seeds):
         seeded = replace(config, seed=config.seed + offset)

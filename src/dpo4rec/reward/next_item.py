@@ -29,7 +29,7 @@ from dpo4rec.config import REWARDS
 from dpo4rec.data.next_item import run_sequences
 from dpo4rec.errors import InputError
 from dpo4rec.recommend.checkpoint import load_recommender
-from dpo4rec.recommend.sequential import VALIDATION_CUT, Targets, next_item_targets, target_ranks
+from dpo4rec.recommend.sequential import VALIDATION_CUT, Targets, candidates_only, next_item_targets, target_ranks
 from dpo4rec.reward.scorers import TEXT_MATCH_TEMPERATURE, score_embeddings
 
 
@@ -114,11 +114,5 @@ class NextItemScorer:
     @staticmethod
     def _log_probability(scores: torch.Tensor, target: torch.Tensor, seen: list[np.ndarray]) -> np.ndarray:
         """log softmax at the target over the candidates (padding and the user's earlier items out, the target in)."""
-        masked = scores.clone()
-        masked[:, 0] = float("-inf")
-        seen_rows = torch.from_numpy(np.repeat(np.arange(len(seen)), [len(s) for s in seen]))
-        if len(seen_rows):
-            masked[seen_rows, torch.from_numpy(np.concatenate(seen).astype(np.int64))] = float("-inf")
         rows = torch.arange(len(target))
-        masked[rows, target] = scores[rows, target]
-        return torch.log_softmax(masked, dim=1)[rows, target].double().numpy()
+        return torch.log_softmax(candidates_only(scores, target, seen), dim=1)[rows, target].double().numpy()
