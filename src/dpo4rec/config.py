@@ -421,6 +421,12 @@ class PipelineConfig:
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     recommend: RecommendConfig = field(default_factory=RecommendConfig)
 
+    @property
+    def trains_reward_recommenders(self) -> bool:
+        """Whether a round trains reward recommenders of its own (align's rule; never under next_item, whose
+        reward target, the validation item, no recommender trains on: the round's own SASRec gives the reward)."""
+        return self.align.trains_reward_recommenders and self.data.protocol == "rerank"
+
     def __post_init__(self) -> None:
         sequential = self.recommend.backbone in SEQUENTIAL_BACKBONES
         if sequential != (self.data.protocol == "next_item"):

@@ -73,7 +73,7 @@ def run_pipeline(config: PipelineConfig, run_dir: str | Path) -> Path:
             timed(f"round_{t}/drift", run_drift_stage, run_dir, t, config)
         timed(f"round_{t}/recommend", run_recommend_stage, greedy, run_dir, t)
         if t < config.run.rounds or best_text:  # rewards: for DPO, or for picking the best texts
-            if config.align.trains_reward_recommenders and config.data.protocol == "rerank":
+            if config.trains_reward_recommenders:
                 timed(f"round_{t}/recommend_reward", train_reward_recommender, config, run_dir, t)
             timed(f"round_{t}/reward", run_reward_stage, run_dir, t, config.recommend, config.align)
         if best_text:  # the round's reported recommender: train users' best texts
@@ -108,7 +108,7 @@ def train_reward_recommender(config: PipelineConfig, run_dir: str | Path, round_
     """The held-out reward's recommender (trained without each train user's last lists); None when rewards use the round's own."""
     from dpo4rec.recommend import run_recommend_stage
 
-    if not config.align.trains_reward_recommenders or config.data.protocol == "next_item":  # next_item: the round's own SASRec
+    if not config.trains_reward_recommenders:
         return None
     results = [run_recommend_stage(replace(config.recommend, knowledge=True, train_text="greedy"), run_dir, round_index,
                                    reward_holdout=config.align.held_out_share, member=k) for k in range(config.align.reward_seeds)]
