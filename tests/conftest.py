@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+from tiny_models import tiny_causal_lm
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 BEAUTY = SHARED / "data" / "amazon-beauty"
 
@@ -21,3 +23,9 @@ def ml1m():
     from dpo4rec.data import load_dataset
 
     return load_dataset("ml-1m")
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2"])
+def tiny_lm(request):
+    """A random-init tiny Llama and a tiny Qwen2 (``tiny_causal_lm``), each test run on both."""
+    return tiny_causal_lm(request.param)

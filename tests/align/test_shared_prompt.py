@@ -100,13 +100,15 @@ def test_one_pair_per_prompt_keeps_the_trainers_own_order():
         assert list(ours) == list(theirs)
 
 
-@pytest.fixture(scope="module")
-def fp32_model():
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def fp32_model(request):
+    """A random-init tiny Llama or Qwen2 (tests/conftest.py) with TRL's fused LM head, and the real tokenizer."""
     from trl.trainer.utils import add_fused_lm_head
 
-    from dpo4rec.llm import load_base_model, load_tokenizer
+    from dpo4rec.llm import load_tokenizer
+    from tiny_models import tiny_causal_lm
 
-    model = load_base_model("smollm2-135m", torch.float32).eval()
+    model = tiny_causal_lm(request.param)
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
     return model, load_tokenizer("smollm2-135m")
 
@@ -176,18 +178,20 @@ def test_dpo_trainer_logs_the_same_losses(tmp_path):
                 assert shared[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-5), key
 
 
-@pytest.fixture(scope="module")
-def top_lora_model():
-    """The real model in fp32 with LoRA on its last two layers only, B matrices random (so the adapter changes things)."""
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def top_lora_model(request):
+    """A random-init tiny Llama or Qwen2 (4 layers) in fp32 with LoRA on its last two layers only, B matrices
+    random (so the adapter changes things)."""
     from peft import LoraConfig, get_peft_model
     from trl.trainer.utils import add_fused_lm_head
 
-    from dpo4rec.llm import load_base_model, load_tokenizer
+    from dpo4rec.llm import load_tokenizer
+    from tiny_models import tiny_causal_lm
 
-    torch.manual_seed(0)
-    model = load_base_model("smollm2-135m", torch.float32).eval()
+    model = tiny_causal_lm(request.param, layers=4)
     add_fused_lm_head(model)
-    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=[28, 29]))
+    torch.manual_seed(0)
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=[2, 3]))
     for name, param in peft.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.02)
@@ -196,8 +200,8 @@ def top_lora_model():
 
 @pytest.mark.parametrize("segment_devices", [("cpu",), ()], ids=["segments", "block-mask"])
 def test_policy_passes_start_above_the_frozen_layers(top_lora_model, segment_devices, monkeypatch):
-    """The reference pass records the hidden states entering layer 28; policy passes on the same rows start there
-    (layer 0 never runs) and give the log-probs and LoRA gradients of a pass through all 30 layers."""
+    """The reference pass records the hidden states entering layer 2 (of 4; the first adapted); policy passes on the
+    same rows start there (layer 0 never runs) and give the log-probs and LoRA gradients of a pass through them all."""
     from dpo4rec.align import shared_prompt
     from dpo4rec.align.frozen_layers import FrozenLayers
     from dpo4rec.align.shared_prompt import SharedPromptModel
@@ -205,7 +209,7 @@ def test_policy_passes_start_above_the_frozen_layers(top_lora_model, segment_dev
     monkeypatch.setattr(shared_prompt, "SEGMENT_DEVICES", segment_devices)
     model, tokenizer = top_lora_model
     frozen = FrozenLayers(model)
-    assert frozen.start == 28
+    assert frozen.start == 2
     ids, mask, labels = trl_batch(real_examples(tokenizer))
     plain, reusing = SharedPromptModel(model, tokenizer.pad_token_id), SharedPromptModel(model, tokenizer.pad_token_id, frozen)
     calls = []

@@ -13,11 +13,11 @@ def _prompts(run, tokenizer, n):
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
-def test_shared_prefix_decoder_matches_the_hf_forward(model_fp32, tokenizer, tiny_run):
+def test_shared_prefix_decoder_matches_the_hf_forward(tiny_lm, tokenizer, tiny_run):
     """Logits of our decode step equal the HF model's on the same tokens (fp32)."""
-    assert supports(model_fp32)
+    assert supports(tiny_lm)
     prompts = _prompts(tiny_run, tokenizer, 3)
-    fast = FastLlama(model_fp32)
+    fast = FastLlama(tiny_lm)
     ids, mask = pad(prompts, tokenizer.pad_token_id, left=False)
     lengths = mask.sum(-1)
     keys, values, first = fast.prefill(ids, lengths)
@@ -28,11 +28,11 @@ def test_shared_prefix_decoder_matches_the_hf_forward(model_fp32, tokenizer, tin
     logits = fast.decode_step(tokens, lengths[:, None].expand(-1, 2), state)
     with torch.inference_mode():
         for u, prompt in enumerate(prompts):
-            reference = model_fp32(torch.tensor([prompt])).logits[0, -1]
+            reference = tiny_lm(torch.tensor([prompt])).logits[0, -1]
             assert torch.allclose(first[u], reference, atol=2e-3)
             for r in range(2):
                 full = torch.tensor([prompt + [int(tokens[u, r])]])
-                expected = model_fp32(full).logits[0, -1]
+                expected = tiny_lm(full).logits[0, -1]
                 assert torch.allclose(logits[u, r], expected, atol=2e-3), (u, r)
 
 
@@ -130,13 +130,13 @@ def test_nucleus_membership_equals_the_sorted_definition_with_ties(passes, monke
     assert 20 < sum(expected) < 280  # both outcomes occur
 
 
-def test_fused_prefix_attention_equals_the_unfused(model_fp32, tokenizer, tiny_run):
+def test_fused_prefix_attention_equals_the_unfused(tiny_lm, tokenizer, tiny_run):
     """CPUs run the prefix part in PyTorch's fused kernel, joined to the suffix by log-sum-exp; GPUs run plain
     products and one softmax. Over several steps (suffixes growing) both give the same logits."""
     from dpo4rec.generate.fast_llama import DecodeState
 
     prompts = _prompts(tiny_run, tokenizer, 3)
-    fast = FastLlama(model_fp32)
+    fast = FastLlama(tiny_lm)
     ids, mask = pad(prompts, tokenizer.pad_token_id, left=False)
     lengths = mask.sum(-1)
     keys, values, _ = fast.prefill(ids, lengths)
@@ -180,13 +180,13 @@ def test_packed_weights_give_the_plain_products_logits(tokenizer, tiny_run):
         tokens = outs[0].argmax(-1)
 
 
-def test_prefill_in_chunks_gives_the_same_texts(model_fp32, tokenizer, tiny_run):
+def test_prefill_in_chunks_gives_the_same_texts(tiny_lm, tokenizer, tiny_run):
     """A batch prefilled one user at a time (caches padded to the batch's width) samples what one prefill does."""
     from dataclasses import replace
 
     prompts = _prompts(tiny_run, tokenizer, 4)
     prompts[1] = prompts[1][: len(prompts[1]) // 2]  # prompts of different lengths: chunks narrower than the batch
-    sampler = FastSampler(model_fp32, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    sampler = FastSampler(tiny_lm, [tokenizer.eos_token_id], tokenizer.pad_token_id)
     settings = SamplerSettings(n_samples=2, max_new_tokens=10, greedy=True)
     whole = sampler.sample(prompts, settings, batch_generator(0, 0))
     chunked = sampler.sample(prompts, replace(settings, prefill_chunk_tokens=1), batch_generator(0, 0))
@@ -199,12 +199,12 @@ def test_prefill_in_chunks_gives_the_same_texts(model_fp32, tokenizer, tiny_run)
     assert torch.allclose(k_chunked[0][1, :, :length], k_whole[0][1, :, :length], atol=1e-5)
 
 
-def test_our_prefill_of_real_tokens_only_equals_the_model_forward(model_fp32, tokenizer, tiny_run):
+def test_our_prefill_of_real_tokens_only_equals_the_model_forward(tiny_lm, tokenizer, tiny_run):
     """Our prefill passes only the prompts' real tokens through the layers (the pads join for the attention alone);
     on prompts of different lengths its caches and first logits equal the model's own padded forward (fp32)."""
     prompts = _prompts(tiny_run, tokenizer, 3)
     prompts[0] = prompts[0][: len(prompts[0]) // 3]  # right padding of two thirds for the first prompt
-    fast = FastLlama(model_fp32)
+    fast = FastLlama(tiny_lm)
     ids, mask = pad(prompts, tokenizer.pad_token_id, left=False)
     lengths = mask.sum(-1)
     keys, values, first = fast._prefill_fused(ids, lengths)
