@@ -29,7 +29,7 @@ LOSSES = ("sigmoid", "sigmoid_norm", "ipo", "hinge")
 
 def _check(ok: bool, name: str, rule: str, value: Any) -> None:
     if not ok:
-        raise InputError(f"{name} must be {rule}, got {value!r}")
+        raise InputError(f"{name} must be {rule}, got {value!r}", fields=(name,))
 
 
 def valid_device(device: str) -> bool:
@@ -430,12 +430,12 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         sequential = self.recommend.backbone in SEQUENTIAL_BACKBONES
         if sequential != (self.data.protocol == "next_item"):
-            # both field names with "must": run_config names whichever of the two a --set gave
-            raise InputError('data.protocol must fit the backbone, and recommend.backbone must be sasrec under data.protocol "next_item" or a '
-                             f're-ranker (dlcm, prm, setrank) under "rerank"; got data.protocol = {self.data.protocol!r}, '
-                             f"recommend.backbone = {self.recommend.backbone!r}")
+            raise InputError('recommend.backbone must be sasrec under data.protocol "next_item" and a re-ranker (dlcm, prm, setrank) '
+                             f'under "rerank"; got data.protocol = {self.data.protocol!r}, recommend.backbone = {self.recommend.backbone!r}',
+                             fields=("data.protocol", "recommend.backbone"))
         if sequential and self.align.reward_seeds > 1:
-            raise InputError("align.reward_seeds must be 1 under data.protocol = next_item (its reward model is the round's own SASRec)")
+            raise InputError("align.reward_seeds must be 1 under data.protocol = next_item (its reward model is the round's own SASRec)",
+                             fields=("align.reward_seeds", "data.protocol"))
 
 
 def from_dict(cls: type, values: dict, where: str) -> Any:
@@ -487,7 +487,7 @@ def coerce(value: Any, hint: Any, name: str) -> Any:
             return value
         if get_origin(option) is tuple and isinstance(value, (list, tuple)):
             return tuple(value)
-    raise InputError(f"{name} must be {_type_name(hint)}, got {value!r}")
+    raise InputError(f"{name} must be {_type_name(hint)}, got {value!r}", fields=(name.removeprefix("config."),))
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, dict] | None = None) -> PipelineConfig:
@@ -518,7 +518,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict] | Non
     try:
         return from_dict(PipelineConfig, values, "config")
     except InputError as exc:
-        raise InputError(f"{where}: {exc}" if path is not None else str(exc)) from None
+        raise InputError(f"{where}: {exc}" if path is not None else str(exc), exc.fields, exc.detail) from None
 
 
 def _resolve_paths(values: dict, base: Path) -> None:

@@ -55,12 +55,10 @@ def resolve_config(run_dir: str | Path, config_file: str | Path | None = None,
     try:
         return _resolve(run_dir, config_file, overrides, given)
     except InputError as exc:  # a value an override made impossible: name the override, not a file the user never wrote
-        message = str(exc)
         for section, entries in overrides.items():
             for key, value in entries.items():
-                where = message.find(f"{section}.{key} must")
-                if where >= 0 and not message.startswith("--"):
-                    raise InputError(f"{given(section, key, value)}: {message[where:]}") from None
+                if f"{section}.{key}" in exc.fields:
+                    raise InputError(f"{given(section, key, value)}: {exc.detail}") from None
         raise
 
 

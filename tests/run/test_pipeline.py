@@ -212,6 +212,13 @@ def test_impossible_run_settings_are_one_line_and_write_nothing(setting, tmp_pat
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and err.startswith("dpo4rec: error: "), err
     assert not (tmp_path / "run").exists()
+    if setting in NAMED_BY_THE_SET:  # a value the config itself refuses: the line names the --set, not the config file
+        assert err.startswith(f"dpo4rec: error: --set {setting.split('=')[0]}="), err
+
+
+NAMED_BY_THE_SET = ["align.beta=0", "run.rounds=0", "data.n_users=0", "align.reward_lists=sometimes", "align.reward_seeds=0",
+                    "align.pairing=random", "align.lora_layers=-1", "data.protocol=next_item", "recommend.backbone=sasrec",
+                    "data.protocol=sequential", "encode.device=gpu"]
 
 
 def test_sampled_subset_larger_than_the_split_stops_after_the_data_stage(tmp_path):
