@@ -57,39 +57,20 @@ def list_rewards(kind: str, scores: torch.Tensor, labels: torch.Tensor, model, k
     return rerank_metrics(labels.cpu().numpy(), scores.float().cpu().numpy(), ks=(k,))[f"ndcg@{k}"]
 
 
-class RewardScorer:
-    """Per-sample rewards from a trained, knowledge-augmented re-ranker."""
+class ListScorer:
+    """Per-sample rewards over each user's re-rank lists; a subclass says how a list's candidates score a text
+    (``_pair_rewards``) and what vectors it takes (``_expected_dim``)."""
 
-    def __init__(self, model: Reranker, lists: ListTensors, max_pairs: int = 16384):
-        if not model.knowledge:
-            raise InputError("the reward needs a recommender trained with knowledge (recommend.knowledge = true)")
-        self.model = model.eval()
+    def __init__(self, lists: ListTensors, max_pairs: int, device: torch.device):
         self.lists = lists
         self.max_pairs = max_pairs  # (list, sample) pairs per forward pass: bounds memory
-        self.device = next(model.parameters()).device
+        self.device = device
 
-    @classmethod
-    def from_folders(cls, recommender_folder: str | Path, data_folder: str | Path, device: str = "cpu",
-                     reward_holdout: float = 0.0) -> RewardScorer:
-        """Load a recommend-stage folder and the data stage's lists.
-
-        ``reward_holdout`` > 0 relabels each train user's last lists as split
-        "reward", as the held-out reward recommender was trained (score with
-        ``split="reward"``).
-        """
-        lists_path = Path(data_folder) / "lists.parquet"
-        if not lists_path.is_file():
-            raise InputError(f"{lists_path} not found; run the data stage first")
-        lists = read_parquet(lists_path)
-        if reward_holdout > 0:
-            lists = mark_reward_lists(lists, reward_holdout)
-        return cls(load_recommender(recommender_folder, device), list_tensors(lists))
-
-    @classmethod
-    def from_run(cls, run_dir: str | Path, round_index: int = 0, name: str = "prm", device: str = "cpu") -> RewardScorer:
-        """The recommender ``name`` (its folder under round_<t>/recommend/) of a run."""
-        run_dir = Path(run_dir)
-        return cls.from_folders(run_dir / f"round_{round_index}" / "recommend" / name, run_dir / "data", device)
+    def with_lists(self, lists: ListTensors) -> ListScorer:
+        """The same scorer on other lists (e.g. the same lists with another split column); its weights shared."""
+        other = copy.copy(self)
+        other.lists = lists
+        return other
 
     @torch.inference_mode()
     def score(self, user_index: np.ndarray, vectors: np.ndarray, split: str | None = "train", k: int = 5,
@@ -133,15 +114,6 @@ class RewardScorer:
                          reward: str = "ndcg") -> pd.DataFrame:
         return score_embeddings(self, embeddings, split, users, k, reward)
 
-    def with_lists(self, lists: ListTensors) -> RewardScorer:
-        """The same model scoring other lists (e.g. the same lists with another split column)."""
-        return RewardScorer(self.model, lists, self.max_pairs)
-
-    def _expected_dim(self) -> tuple[int, str]:
-        """The knowledge vectors' dimension, and who expects it (for the error)."""
-        dim = self.model.spec.knowledge_dim
-        return dim, f"the recommender expects (n, {dim}) (encoder {self.model.spec.encoder})"
-
     def _check(self, user_index: np.ndarray, vectors: np.ndarray) -> None:
         dim, expects = self._expected_dim()
         if vectors.ndim != 2 or vectors.shape[1] != dim:
@@ -183,6 +155,44 @@ class RewardScorer:
         if group:
             yield np.asarray(group)
 
+
+class RewardScorer(ListScorer):
+    """Per-sample rewards from a trained, knowledge-augmented re-ranker."""
+
+    def __init__(self, model: Reranker, lists: ListTensors, max_pairs: int = 16384):
+        if not model.knowledge:
+            raise InputError("the reward needs a recommender trained with knowledge (recommend.knowledge = true)")
+        super().__init__(lists, max_pairs, next(model.parameters()).device)
+        self.model = model.eval()
+
+    @classmethod
+    def from_folders(cls, recommender_folder: str | Path, data_folder: str | Path, device: str = "cpu",
+                     reward_holdout: float = 0.0) -> RewardScorer:
+        """Load a recommend-stage folder and the data stage's lists.
+
+        ``reward_holdout`` > 0 relabels each train user's last lists as split
+        "reward", as the held-out reward recommender was trained (score with
+        ``split="reward"``).
+        """
+        lists_path = Path(data_folder) / "lists.parquet"
+        if not lists_path.is_file():
+            raise InputError(f"{lists_path} not found; run the data stage first")
+        lists = read_parquet(lists_path)
+        if reward_holdout > 0:
+            lists = mark_reward_lists(lists, reward_holdout)
+        return cls(load_recommender(recommender_folder, device), list_tensors(lists))
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, round_index: int = 0, name: str = "prm", device: str = "cpu") -> RewardScorer:
+        """The recommender ``name`` (its folder under round_<t>/recommend/) of a run."""
+        run_dir = Path(run_dir)
+        return cls.from_folders(run_dir / f"round_{round_index}" / "recommend" / name, run_dir / "data", device)
+
+    def _expected_dim(self) -> tuple[int, str]:
+        """The knowledge vectors' dimension, and who expects it (for the error)."""
+        dim = self.model.spec.knowledge_dim
+        return dim, f"the recommender expects (n, {dim}) (encoder {self.model.spec.encoder})"
+
     def _pair_rewards(self, lists: np.ndarray, vectors: np.ndarray, pair_row: np.ndarray, pair_list: np.ndarray, k: int,
                       reward: str) -> np.ndarray:
         model, dev = self.model, self.device
@@ -195,7 +205,7 @@ class RewardScorer:
         return list_rewards(reward, scores, labels, model, k)
 
 
-class TextMatchScorer(RewardScorer):
+class TextMatchScorer(ListScorer):
     """Rewards from a recommender with no parameters (``align.reward_model = "text_match"``): each candidate of
     a list scores the cosine between the user's text vector and the item's text vector, over
     ``TEXT_MATCH_TEMPERATURE`` (the scale only matters to "listwise"). A text earns reward by being close, in the
@@ -210,7 +220,7 @@ class TextMatchScorer(RewardScorer):
         if len(missing):
             raise InputError(f"{len(missing)} items of the lists have no text vector (first: item_index {missing[0]}); "
                              "were the embeddings made from another data run?")
-        self.model, self.lists, self.max_pairs, self.device = None, lists, max_pairs, torch.device("cpu")
+        super().__init__(lists, max_pairs, torch.device("cpu"))
         self.item_vectors = torch.nn.functional.normalize(torch.from_numpy(table), dim=1)
 
     @classmethod
@@ -225,11 +235,6 @@ class TextMatchScorer(RewardScorer):
         lists = read_parquet(lists_path)
         embeddings = read_embeddings(embeddings_folder, item_knowledge)
         return cls(embeddings.item_index, embeddings.item_vectors, list_tensors(mark_reward_lists(lists, reward_holdout) if reward_holdout > 0 else lists))
-
-    def with_lists(self, lists: ListTensors) -> TextMatchScorer:
-        other = copy.copy(self)  # the item vectors are shared, not copied
-        other.lists = lists
-        return other
 
     def _expected_dim(self) -> tuple[int, str]:
         dim = int(self.item_vectors.shape[1])
