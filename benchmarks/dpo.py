@@ -78,7 +78,7 @@ def build_pairs(n_pairs: int, model_name: str = "smollm2-135m", device: str = "c
     from dpo4rec.prompts.stage import run_prompt_stage
 
     with tempfile.TemporaryDirectory() as run:  # fresh each time: a folder left by another version would be refused
-        run_data_stage(DataConfig(dataset="ml-1m", n_users=max(64, n_pairs), seed=0), run)
+        run_data_stage(run, DataConfig(dataset="ml-1m", n_users=max(64, n_pairs), seed=0))
         model_cfg = ModelConfig(name=model_name, device=device)
         prompts = pd.read_parquet(run_prompt_stage(run, PromptConfig(), model_cfg).folder / "prompts.parquet").head(n_pairs)
     tokenizer = load_tokenizer(model_name)

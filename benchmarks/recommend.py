@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     n_users, reward_users = (600, 200) if args.quick else (None, 1000)
 
     with tempfile.TemporaryDirectory() as tmp:
-        run_data_stage(DataConfig(dataset="ml-1m", n_users=n_users), tmp)
+        run_data_stage(tmp, DataConfig(dataset="ml-1m", n_users=n_users))
         protocol = read_protocol(f"{tmp}/data")
     lists = list_tensors(protocol.lists)
     item_index = protocol.items["item_index"].to_numpy()

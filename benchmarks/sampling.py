@@ -45,7 +45,7 @@ def ml1m_prompts(n_prompts: int, tokenizer, model: str) -> list[list[int]]:
     import pandas as pd
 
     with tempfile.TemporaryDirectory() as run:  # fresh each time: a folder left by another version would be refused
-        run_data_stage(DataConfig(dataset="ml-1m", n_users=max(256, n_prompts), seed=0), run)
+        run_data_stage(run, DataConfig(dataset="ml-1m", n_users=max(256, n_prompts), seed=0))
         folder = run_prompt_stage(run, PromptConfig(), ModelConfig(name=model)).folder  # its tokenizer truncates
         texts = pd.read_parquet(folder / "prompts.parquet")["text"].tolist()[:n_prompts]
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]

@@ -185,7 +185,7 @@ def _data_stage(args: argparse.Namespace) -> int:
     from dpo4rec.run_config import record_config
 
     config = _config(args, _data_overrides(args))
-    result = run_data_stage(config.data, args.out)
+    result = run_data_stage(args.out, config.data)
     record_config(args.out, config)
     print(format_summary(result.summary))
     print(f"{'reused' if result.reused else 'wrote'} {result.folder}")
@@ -202,7 +202,7 @@ def _generate_stages(args: argparse.Namespace) -> int:
     if args.command == "generate":
         overrides["generate"] = {k: getattr(args, k) for k in ("n_samples", "max_new_tokens", "temperature", "top_p", "backend", "processes")}
     config = _config(args, overrides)
-    run_data_stage(config.data, args.out)
+    run_data_stage(args.out, config.data)
     record_config(args.out, config)
     prompts = run_prompt_stage(args.out, config.prompts, config.model)
     s = prompts.summary
@@ -229,7 +229,7 @@ def _encode_stage(args: argparse.Namespace) -> int:
     from dpo4rec.run_config import record_config
 
     config = _config(args, {"encode": {k: getattr(args, k) for k in ("encoder", "batch_size", "long_texts")}})
-    result = run_encode_stage(config.encode, args.out, args.round)
+    result = run_encode_stage(args.out, args.round, config.encode)
     record_config(args.out, config)
     s = result.summary
     print(f"{s['user_texts']:,} knowledge texts of {s['users']:,} users and {s['items']:,} items -> {s['dim']}-d vectors ({s['encoder']})")
@@ -248,7 +248,7 @@ def _recommend_stage(args: argparse.Namespace) -> int:
 
     config = _config(args)
     variant = {k: getattr(args, k) for k in ("backbone", "knowledge", "max_epochs", "seed", "device") if getattr(args, k) is not None}
-    result = run_recommend_stage(replace(config.recommend, **variant), args.out, args.round)
+    result = run_recommend_stage(args.out, args.round, replace(config.recommend, **variant))
     record_config(args.out, config)
     print(format_rerank_table(result.summary))
     print(f"{'reused' if result.reused else 'wrote'} {result.folder}")
@@ -317,7 +317,7 @@ def _round_stage(args: argparse.Namespace) -> int:
     elif args.command == "reward":
         from dpo4rec.reward.stage import run_reward_stage
 
-        train_reward_recommender(config, args.out, args.round)
+        train_reward_recommender(args.out, args.round, config)
         result = run_reward_stage(args.out, args.round, config.recommend, config.align)
         record_config(args.out, config)
         summary = result.summary

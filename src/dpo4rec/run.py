@@ -57,30 +57,30 @@ def run_pipeline(config: PipelineConfig, run_dir: str | Path) -> Path:
         log.info("%s: %s", name, "reused" if reused else f"{timings[name]:.1f} s")
         return result
 
-    timed("data", run_data_stage, config.data, run_dir)
+    timed("data", run_data_stage, run_dir, config.data)
     record_config(run_dir, config)  # only now: a run that fails before its first stage leaves nothing behind
     check_sampled_users(config, run_dir)
     timed("prompts", run_prompt_stage, run_dir, config.prompts, config.model)
     greedy = replace(config.recommend, knowledge=True, train_text="greedy")
     best_text = config.recommend.train_text == "best"
     if config.run.baselines:
-        timed("recommend_no_knowledge", run_recommend_stage, replace(greedy, knowledge=False), run_dir, 0)
+        timed("recommend_no_knowledge", run_recommend_stage, run_dir, 0, replace(greedy, knowledge=False))
     for t in range(config.run.rounds + 1):
         timed(f"round_{t}/generate", run_generate_stage, run_dir, t, config.model, round_generate_config(config, t),
               adapters=adapter_chain(run_dir, t))
-        timed(f"round_{t}/encode", run_encode_stage, config.encode, run_dir, t)
+        timed(f"round_{t}/encode", run_encode_stage, run_dir, t, config.encode)
         if t > 0:  # this round's texts under the earlier rounds' rewards
             timed(f"round_{t}/drift", run_drift_stage, run_dir, t, config)
-        timed(f"round_{t}/recommend", run_recommend_stage, greedy, run_dir, t)
+        timed(f"round_{t}/recommend", run_recommend_stage, run_dir, t, greedy)
         if t < config.run.rounds or best_text:  # rewards: for DPO, or for picking the best texts
             if config.trains_reward_recommenders:
-                timed(f"round_{t}/recommend_reward", train_reward_recommender, config, run_dir, t)
+                timed(f"round_{t}/recommend_reward", train_reward_recommender, run_dir, t, config)
             timed(f"round_{t}/reward", run_reward_stage, run_dir, t, config.recommend, config.align)
         if best_text:  # the round's reported recommender: train users' best texts
-            timed(f"round_{t}/recommend_best_text", run_recommend_stage, replace(greedy, train_text="best"), run_dir, t)
+            timed(f"round_{t}/recommend_best_text", run_recommend_stage, run_dir, t, replace(greedy, train_text="best"))
         if t == 0 and config.prompts.item_prompts and config.run.baselines:  # KAR without its item knowledge
-            timed("recommend_no_item_knowledge", run_recommend_stage,
-                  replace(config.recommend, knowledge=True, item_knowledge=False), run_dir, 0)
+            timed("recommend_no_item_knowledge", run_recommend_stage, run_dir, 0,
+                  replace(config.recommend, knowledge=True, item_knowledge=False))
         if t < config.run.rounds:
             timed(f"round_{t}/align", launch_align_stage, run_dir, t, config.model, config.align)
             timed(f"round_{t}/heldout", run_heldout_stage, run_dir, t, config.model, config.align, config.data.seed)
@@ -104,13 +104,13 @@ def round_generate_config(config: PipelineConfig, round_index: int):
     return config.generate
 
 
-def train_reward_recommender(config: PipelineConfig, run_dir: str | Path, round_index: int):
+def train_reward_recommender(run_dir: str | Path, round_index: int, config: PipelineConfig):
     """The held-out reward's recommender (trained without each train user's last lists); None when rewards use the round's own."""
     from dpo4rec.recommend import run_recommend_stage
 
     if not config.trains_reward_recommenders:
         return None
-    results = [run_recommend_stage(replace(config.recommend, knowledge=True, train_text="greedy"), run_dir, round_index,
+    results = [run_recommend_stage(run_dir, round_index, replace(config.recommend, knowledge=True, train_text="greedy"),
                                    reward_holdout=config.align.held_out_share, member=k) for k in range(config.align.reward_seeds)]
     return StageResult(results[0].folder.parent, {"members": [r.summary for r in results]}, all(r.reused for r in results))
 

@@ -12,7 +12,7 @@ from dpo4rec.data.stage import read_protocol, run_data_stage
 
 def test_stage_writes_reuses_and_refuses_other_configs(tmp_path, capsys):
     config = DataConfig(dataset="ml-100k", n_users=100, seed=1)
-    first = run_data_stage(config, tmp_path)
+    first = run_data_stage(tmp_path, config)
     assert not first.reused
     files = {p.name for p in first.folder.iterdir()}
     assert files == {"users.parquet", "items.parquet", "interactions.parquet", "lists.parquet", "summary.json", "manifest.json"}
@@ -20,7 +20,7 @@ def test_stage_writes_reuses_and_refuses_other_configs(tmp_path, capsys):
     assert manifest["config"]["n_users"] == 100 and manifest["inputs"]
     before = {p.name: p.stat().st_mtime_ns for p in first.folder.iterdir()}
 
-    again = run_data_stage(config, tmp_path)
+    again = run_data_stage(tmp_path, config)
     assert again.reused and again.summary == first.summary
     # another config: refused with one line, nothing overwritten
     code = main(["data", "--dataset", "ml-100k", "--users", "50", "--out", str(tmp_path)])

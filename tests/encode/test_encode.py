@@ -41,13 +41,13 @@ def base_text(user: int, sample: int) -> str:
 def run(tmp_path_factory):
     torch.set_num_threads(1)
     folder = tmp_path_factory.mktemp("encode-run")
-    run_data_stage(DataConfig(dataset="ml-100k", n_users=30), folder)
+    run_data_stage(folder, DataConfig(dataset="ml-100k", n_users=30))
     write_knowledge(folder, 0, base_text)
     return folder
 
 
 def test_stage_writes_keyed_vectors_and_reports_long_texts(run):
-    result = run_encode_stage(EncodeConfig(), run, 0, progress=False)
+    result = run_encode_stage(run, 0, EncodeConfig(), progress=False)
     emb = read_embeddings(result.folder)
     assert len(emb.user_index) == 90 and emb.user_vectors.shape == (90, 384) and emb.dim == 384
     keys = list(zip(emb.user_index, emb.sample))
@@ -79,12 +79,12 @@ def test_long_texts_are_chunked_not_truncated(run):
 
 
 def test_reuse_and_cache_across_rounds(run):
-    assert run_encode_stage(EncodeConfig(), run, 0, progress=False).reused
+    assert run_encode_stage(run, 0, EncodeConfig(), progress=False).reused
     key = cache_key("sentence-transformers/all-MiniLM-L6-v2", "chunk")
     before = len(EmbeddingCache(run / "cache" / "encode" / key, 384, "x"))
     # round 1: only sample 0 changes, for every user
     write_knowledge(run, 1, lambda u, s: f"Round one: user {u} prefers westerns." if s == 0 else base_text(u, s))
-    result = run_encode_stage(EncodeConfig(), run, 1, progress=False)
+    result = run_encode_stage(run, 1, EncodeConfig(), progress=False)
     assert not result.reused
     assert len(EmbeddingCache(run / "cache" / "encode" / key, 384, "x")) == before + 30
     r0, r1 = read_embeddings(run / "round_0" / "encode"), read_embeddings(run / "round_1" / "encode")
@@ -94,15 +94,15 @@ def test_reuse_and_cache_across_rounds(run):
 
 def test_bad_knowledge_files_are_input_errors(run, tmp_path):
     with pytest.raises(InputError, match="knowledge.parquet not found"):
-        run_encode_stage(EncodeConfig(), run, 7, progress=False)
+        run_encode_stage(run, 7, EncodeConfig(), progress=False)
     folder = run / "round_8" / "generate"
     folder.mkdir(parents=True)
     pd.DataFrame({"user_index": [0, 0], "sample": [0, 0], "text": ["a", "b"]}).to_parquet(folder / "knowledge.parquet")
     with pytest.raises(InputError, match=r"\(user_index, sample\) = \(0, 0\) appears twice"):
-        run_encode_stage(EncodeConfig(), run, 8, progress=False)
+        run_encode_stage(run, 8, EncodeConfig(), progress=False)
     pd.DataFrame({"user_index": [0], "answer": ["a"]}).to_parquet(folder / "knowledge.parquet")
     with pytest.raises(InputError, match="needs columns user_index, sample, text"):
-        run_encode_stage(EncodeConfig(), run, 8, progress=False)
+        run_encode_stage(run, 8, EncodeConfig(), progress=False)
     assert not (run / "round_8" / "encode").exists()
     result = subprocess.run([sys.executable, "-m", "dpo4rec", "encode", "--out", str(run), "--round", "9"], capture_output=True, text=True)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -135,8 +135,8 @@ def test_item_knowledge_reaches_the_item_tower_and_changes_scores(run, tmp_path)
     known = items["item_index"].to_numpy()[:40]
     pd.DataFrame({"item_index": known, "text": [f"A film about topic {i % 7}, loved by critics." for i in range(40)]}).to_parquet(
         copy / "round_0" / "generate" / "item_knowledge.parquet", index=False)
-    run_encode_stage(EncodeConfig(), copy, 0, progress=False)
-    run_encode_stage(EncodeConfig(), copy, 1, progress=False)  # later rounds read round 0's item texts too
+    run_encode_stage(copy, 0, EncodeConfig(), progress=False)
+    run_encode_stage(copy, 1, EncodeConfig(), progress=False)  # later rounds read round 0's item texts too
     for round_index in (0, 1):
         folder = copy / f"round_{round_index}" / "encode"
         assert json.loads((folder / "summary.json").read_text())["item_knowledge_texts"] > 0

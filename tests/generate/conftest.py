@@ -28,6 +28,6 @@ def tiny_run(tmp_path_factory):
     from dpo4rec.prompts.stage import run_prompt_stage
 
     run = tmp_path_factory.mktemp("run")
-    run_data_stage(DataConfig(dataset="ml-100k", n_users=8, seed=0), run)
+    run_data_stage(run, DataConfig(dataset="ml-100k", n_users=8, seed=0))
     run_prompt_stage(run, PromptConfig(max_prompt_tokens=160), ModelConfig())
     return run

@@ -23,7 +23,7 @@ def _own_data(folder):
 
 
 def test_movie_prompts_hold_the_prompt_history_only(tmp_path):
-    run_data_stage(DataConfig(dataset="ml-1m", n_users=20, seed=2), tmp_path)
+    run_data_stage(tmp_path, DataConfig(dataset="ml-1m", n_users=20, seed=2))
     result = run_prompt_stage(tmp_path, PromptConfig(), ModelConfig())
     prompts = pd.read_parquet(result.folder / "prompts.parquet")
     inter = pd.read_parquet(tmp_path / "data" / "interactions.parquet")
@@ -42,7 +42,7 @@ def test_movie_prompts_hold_the_prompt_history_only(tmp_path):
 
 
 def test_history_genres_name_each_movies_genres_and_need_a_genres_column(tmp_path):
-    run_data_stage(DataConfig(dataset="ml-1m", n_users=20, seed=2), tmp_path / "ml")
+    run_data_stage(tmp_path / "ml", DataConfig(dataset="ml-1m", n_users=20, seed=2))
     prompts = pd.read_parquet(run_prompt_stage(tmp_path / "ml", PromptConfig(history_genres=True), ModelConfig()).folder / "prompts.parquet")
     inter = pd.read_parquet(tmp_path / "ml" / "data" / "interactions.parquet")
     items = pd.read_parquet(tmp_path / "ml" / "data" / "items.parquet").set_index("item_index")
@@ -52,7 +52,7 @@ def test_history_genres_name_each_movies_genres_and_need_a_genres_column(tmp_pat
         genres = ", ".join(items.loc[item, "genres"].split("|"))
         assert f'"{items.loc[item, "title"]}" ({genres}), {rating:g} stars\n' in row["message"] + "\n"
     run = tmp_path / "own"  # own data without a genres column: refused, naming the field and the file
-    run_data_stage(DataConfig(dataset=str(_own_data(tmp_path / "mine"))), run)
+    run_data_stage(run, DataConfig(dataset=str(_own_data(tmp_path / "mine"))))
     with pytest.raises(InputError, match=r"prompts.history_genres: .*items.parquet has no genres column"):
         run_prompt_stage(run, PromptConfig(history_genres=True), ModelConfig())
     assert not (run / "prompts").exists()
@@ -61,7 +61,7 @@ def test_history_genres_name_each_movies_genres_and_need_a_genres_column(tmp_pat
 def test_braces_quotes_and_newlines_in_titles_and_truncation(tmp_path):
     data = _own_data(tmp_path / "mine")
     run = tmp_path / "run"
-    run_data_stage(DataConfig(dataset=str(data)), run)
+    run_data_stage(run, DataConfig(dataset=str(data)))
     result = run_prompt_stage(run, PromptConfig(max_prompt_tokens=130), ModelConfig())
     prompts = pd.read_parquet(result.folder / "prompts.parquet")
     assert re.search(r'"Item \{\d+\} "quoted" new line \{0\}", [25] stars', prompts["message"].iloc[0])

@@ -48,13 +48,13 @@ def ml100k_run(tmp_path_factory) -> Path:
     """ML-100k, all 943 users; knowledge for all but MISSING_USERS train users with lists; encoded."""
     torch.set_num_threads(1)
     run = tmp_path_factory.mktemp("ml100k-run")
-    run_data_stage(DataConfig(dataset="ml-100k"), run)
+    run_data_stage(run, DataConfig(dataset="ml-100k"))
     frame = write_fixture_knowledge(run)
     users = read_protocol(run / "data").users
     train = users.loc[users["split"] == "train", "user_index"]
     drop = sorted(set(train) & set(frame["user_index"]))[:MISSING_USERS]
     frame[~frame["user_index"].isin(drop)].to_parquet(run / "round_0" / "generate" / "knowledge.parquet", index=False)
-    run_encode_stage(EncodeConfig(), run, 0, progress=False)
+    run_encode_stage(run, 0, EncodeConfig(), progress=False)
     return run
 
 

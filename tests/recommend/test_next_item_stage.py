@@ -29,9 +29,9 @@ SASREC = RecommendConfig(backbone="sasrec", embed_dim=32, hidden_dim=32, n_heads
 @pytest.fixture(scope="module")
 def next_item_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("next-item-run")
-    run_data_stage(DataConfig(dataset="ml-100k", n_users=150, protocol="next_item", prompt_history_max=10, background_users=200), run)
+    run_data_stage(run, DataConfig(dataset="ml-100k", n_users=150, protocol="next_item", prompt_history_max=10, background_users=200))
     write_fixture_knowledge(run)
-    run_encode_stage(EncodeConfig(), run, 0, progress=False)
+    run_encode_stage(run, 0, EncodeConfig(), progress=False)
     return run
 
 
@@ -55,8 +55,8 @@ def test_the_data_stage_keeps_both_targets_out_of_the_prompt(next_item_run):
 
 
 def test_sasrec_trains_on_the_run_and_reports_full_ranking(next_item_run):
-    plain = run_recommend_stage(replace(SASREC, knowledge=False), next_item_run, 0, progress=False)
-    kar = run_recommend_stage(SASREC, next_item_run, 0, progress=False)
+    plain = run_recommend_stage(next_item_run, 0, replace(SASREC, knowledge=False), progress=False)
+    kar = run_recommend_stage(next_item_run, 0, SASREC, progress=False)
     users = read_parquet(next_item_run / "data" / "users.parquet")
     for result in (plain, kar):
         metrics = result.summary
@@ -81,13 +81,13 @@ def test_sasrec_trains_on_the_run_and_reports_full_ranking(next_item_run):
 
 def test_a_reranker_on_next_item_data_is_refused(next_item_run):
     with pytest.raises(InputError, match="does not fit"):
-        run_recommend_stage(replace(SASREC, backbone="prm"), next_item_run, 0, progress=False)
+        run_recommend_stage(next_item_run, 0, replace(SASREC, backbone="prm"), progress=False)
     with pytest.raises(InputError, match="must be sasrec"):
         PipelineConfig(data=DataConfig(protocol="next_item"))
 
 
 def test_next_item_rewards_are_the_validation_targets_log_probability_and_rank(next_item_run):
-    folder = run_recommend_stage(SASREC, next_item_run, 0, progress=False).folder
+    folder = run_recommend_stage(next_item_run, 0, SASREC, progress=False).folder
     scorer = NextItemScorer.from_folders(next_item_run / "data", folder)
     emb = read_embeddings(next_item_run / "round_0" / "encode")
     users = read_parquet(next_item_run / "data" / "users.parquet")

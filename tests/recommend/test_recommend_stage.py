@@ -21,8 +21,8 @@ MISSING_USERS = 5  # as in conftest.py
 def test_stage_with_and_without_knowledge(ml100k_run, ml100k):
     protocol, emb = ml100k
     config = RecommendConfig(backbone="prm", max_epochs=2, device="cpu")
-    on = run_recommend_stage(config, ml100k_run, 0, progress=False)
-    off = run_recommend_stage(RecommendConfig(backbone="prm", knowledge=False, max_epochs=2, device="cpu"), ml100k_run, 0, progress=False)
+    on = run_recommend_stage(ml100k_run, 0, config, progress=False)
+    off = run_recommend_stage(ml100k_run, 0, RecommendConfig(backbone="prm", knowledge=False, max_epochs=2, device="cpu"), progress=False)
     assert on.folder.name == "prm" and off.folder.name == "prm-no-knowledge"
     for result in (on, off):
         names = {p.name for p in result.folder.iterdir()}
@@ -43,7 +43,7 @@ def test_stage_with_and_without_knowledge(ml100k_run, ml100k):
     scores = predict(model, lists, knowledge)
     from dpo4rec.metrics import mean_metrics, rerank_metrics
     assert mean_metrics(rerank_metrics(lists.labels.numpy(), scores))["map@5"] == pytest.approx(on.summary["test"]["map@5"], abs=1e-6)
-    assert run_recommend_stage(config, ml100k_run, 0, progress=False).reused
+    assert run_recommend_stage(ml100k_run, 0, config, progress=False).reused
 
 
 def test_knowledge_vectors_of_another_dimension_are_refused(ml100k):
@@ -104,7 +104,7 @@ def test_held_out_reward_recommender_never_trains_on_the_reward_lists(ml100k_run
     from dpo4rec.reward.scorers import RewardScorer
 
     config = RecommendConfig(backbone="prm", max_epochs=1, device="cpu")
-    result = run_recommend_stage(config, ml100k_run, 0, progress=False, reward_holdout=0.25)
+    result = run_recommend_stage(ml100k_run, 0, config, progress=False, reward_holdout=0.25)
     assert result.folder.name == "prm-reward-holdout"
     n_train = int((protocol.lists["split"] == "train").sum())
     held = int(np.sum([max(1, np.ceil(n * 0.25)) for n in protocol.lists[protocol.lists["split"] == "train"].groupby("user_index").size()]))
@@ -113,7 +113,7 @@ def test_held_out_reward_recommender_never_trains_on_the_reward_lists(ml100k_run
     train_users = protocol.users.loc[protocol.users["split"] == "train", "user_index"].to_numpy()[:20]
     table = scorer.score_embeddings(emb, split="reward", users=train_users)
     assert table["user_index"].isin(train_users).all() and table["reward"].between(0, 1).all()
-    assert run_recommend_stage(config, ml100k_run, 0, progress=False, reward_holdout=0.25).reused
+    assert run_recommend_stage(ml100k_run, 0, config, progress=False, reward_holdout=0.25).reused
 
 
 def test_best_text_vectors_take_each_train_users_highest_reward():
@@ -149,7 +149,7 @@ def test_several_seeds_average_each_list_and_keep_each_seed(ml100k_run, tmp_path
         run = tmp_path / f"seeds{seeds}"
         shutil.copytree(ml100k_run / "data", run / "data")
         config = RecommendConfig(backbone="prm", knowledge=False, max_epochs=2, device="cpu", seeds=seeds)
-        results[seeds] = run_recommend_stage(config, run, 0, progress=False)
+        results[seeds] = run_recommend_stage(run, 0, config, progress=False)
     one = pd.read_parquet(results[1].folder / "test_lists.parquet")
     two = pd.read_parquet(results[2].folder / "test_lists.parquet")
     assert "map@5_seed1" not in one.columns

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 STAGE = "data"
 
 
-def run_data_stage(config: DataConfig, run_dir: str | Path) -> StageResult:
+def run_data_stage(run_dir: str | Path, config: DataConfig) -> StageResult:
     """Write the protocol artifacts to ``run_dir/data``, or reuse them if they match."""
     folder = Path(run_dir) / STAGE
     dataset = load_dataset(config.dataset, config.path)

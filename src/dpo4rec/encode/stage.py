@@ -63,7 +63,7 @@ class Embeddings:
         return self.user_index[rows], self.user_vectors[rows]
 
 
-def run_encode_stage(config: EncodeConfig, run_dir: str | Path, round_index: int = 0, progress: bool = True) -> StageResult:
+def run_encode_stage(run_dir: str | Path, round_index: int, config: EncodeConfig, progress: bool = True) -> StageResult:
     """Encode round ``round_index``'s knowledge and the item texts, or reuse them."""
     run_dir = Path(run_dir)
     knowledge_path = round_dir(run_dir, round_index) / "generate" / "knowledge.parquet"

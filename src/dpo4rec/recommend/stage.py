@@ -64,7 +64,7 @@ def reward_model_name(config: RecommendConfig, reward_holdout: float = 0.0, memb
     return f"{name}-seed{config.seed + member}" if member else name
 
 
-def run_recommend_stage(config: RecommendConfig, run_dir: str | Path, round_index: int = 0, progress: bool = True,
+def run_recommend_stage(run_dir: str | Path, round_index: int, config: RecommendConfig, progress: bool = True,
                         reward_holdout: float = 0.0, member: int = 0) -> StageResult:
     """Train, evaluate and save one re-ranker for round ``round_index``, or reuse it.
 
