@@ -176,6 +176,11 @@ def _config(args: argparse.Namespace, overrides: dict[str, dict] | None = None):
     return resolve_config(args.out, args.config, sets, spelled)
 
 
+def _say_where(result) -> None:
+    """The last line of every stage command: where its output is, and whether this command made it."""
+    print(f"{'reused' if result.reused else 'wrote'} {result.folder}")
+
+
 def _data_overrides(args: argparse.Namespace) -> dict[str, dict]:
     return {"data": {k: getattr(args, k, None) for k in ("dataset", "path", "n_users", "seed")}}
 
@@ -188,7 +193,7 @@ def _data_stage(args: argparse.Namespace) -> int:
     result = run_data_stage(args.out, config.data)
     record_config(args.out, config)
     print(format_summary(result.summary))
-    print(f"{'reused' if result.reused else 'wrote'} {result.folder}")
+    _say_where(result)
     return 0
 
 
@@ -206,10 +211,11 @@ def _generate_stages(args: argparse.Namespace) -> int:
     record_config(args.out, config)
     prompts = run_prompt_stage(args.out, config.prompts, config.model)
     s = prompts.summary
-    print(f"prompts: {s['users']:,} users, {s['prompt_tokens_mean']:.0f} tokens on average (max {s['prompt_tokens_max']}), "
-          f"{s['users_truncated']:,} shortened to fit")
+    if args.command == "prompts" or not prompts.reused:  # generate on a run with prompts: only its own summary
+        print(f"prompts: {s['users']:,} users, {s['prompt_tokens_mean']:.0f} tokens on average (max {s['prompt_tokens_max']}), "
+              f"{s['users_truncated']:,} shortened to fit")
     if args.command == "prompts":
-        print(f"{'reused' if prompts.reused else 'wrote'} {prompts.folder}")
+        _say_where(prompts)
         return 0
     from dpo4rec.generate.stage import run_generate_stage
     from dpo4rec.align.dpo import adapter_chain
@@ -220,7 +226,7 @@ def _generate_stages(args: argparse.Namespace) -> int:
     s = result.summary
     print(f"knowledge: {s['texts']:,} texts for {s['users']:,} users ({s['sampled_texts']:,} sampled), "
           f"{s['mean_tokens']:.0f} tokens on average, {s['stopped_at_eos']:.0%} ended at EOS, {s['empty_texts']} empty")
-    print(f"{'reused' if result.reused else 'wrote'} {result.folder}")
+    _say_where(result)
     return 0
 
 
@@ -235,7 +241,7 @@ def _encode_stage(args: argparse.Namespace) -> int:
     print(f"{s['user_texts']:,} knowledge texts of {s['users']:,} users and {s['items']:,} items -> {s['dim']}-d vectors ({s['encoder']})")
     long = s["long_texts"]
     print(f"texts longer than {s['max_seq_length']} tokens: {long['user_texts']:,} knowledge, {long['item_texts']:,} item ({long['policy']})")
-    print(f"{'reused' if result.reused else 'wrote'} {result.folder}")
+    _say_where(result)
     return 0
 
 
@@ -251,7 +257,7 @@ def _recommend_stage(args: argparse.Namespace) -> int:
     result = run_recommend_stage(args.out, args.round, replace(config.recommend, **variant))
     record_config(args.out, config)
     print(format_rerank_table(result.summary))
-    print(f"{'reused' if result.reused else 'wrote'} {result.folder}")
+    _say_where(result)
     return 0
 
 
@@ -342,12 +348,12 @@ def _round_stage(args: argparse.Namespace) -> int:
                   f"'dpo4rec align --out {args.out} --round {args.round}' "
                   "once more without the launcher (it reuses the adapter)")
             return 0
-        print(f"{'reused' if result.reused else 'wrote'} {result.folder}")
+        _say_where(result)
         from dpo4rec.heldout.stage import run_heldout_stage
 
         result = run_heldout_stage(args.out, args.round, config.model, config.align, config.data.seed)
         record_config(args.out, config)
-    print(f"{'reused' if result.reused else 'wrote'} {result.folder}")
+    _say_where(result)
     return 0
 
 
