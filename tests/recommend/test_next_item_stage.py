@@ -116,6 +116,31 @@ def test_next_item_rewards_are_the_validation_targets_log_probability_and_rank(n
     assert np.isfinite(text_match.score(user_index, vectors, reward="listwise")).all()
 
 
+def test_sasrec_trains_on_each_train_users_best_rewarded_text(next_item_run, tmp_path):
+    """recommend.train_text = "best" under next_item: each train user's text is the one its reward ranked first."""
+    import shutil
+
+    import pandas as pd
+
+    run = tmp_path / "run"
+    shutil.copytree(next_item_run, run)
+    emb = read_embeddings(run / "round_0" / "encode")
+    users = read_parquet(run / "data" / "users.parquet")
+    train = users.loc[users["split"] == "train", "user_index"].to_numpy()
+    rows = np.isin(emb.user_index, train)
+    scorer = NextItemScorer.from_folders(run / "data", item_vectors=(emb.item_index, emb.item_vectors))
+    rewards = pd.DataFrame({"user_index": emb.user_index[rows], "sample": emb.sample[rows],
+                            "reward": scorer.score(emb.user_index[rows], emb.user_vectors[rows], reward="listwise")})
+    (run / "round_0" / "reward").mkdir()
+    rewards.to_parquet(run / "round_0" / "reward" / "rewards.parquet", index=False)
+    result = run_recommend_stage(run, 0, replace(SASREC, train_text="best"), progress=False)
+    best = rewards.loc[rewards.groupby("user_index")["reward"].idxmax()]  # continuous rewards: no ties here
+    assert result.folder.name == "sasrec-best-text" and (result.folder / "model.safetensors").is_file()
+    assert result.summary["best_text"]["train_users_rewarded"] == len(best) == len(train)
+    assert result.summary["best_text"]["train_users_not_greedy"] == int((best["sample"] != 0).sum()) > 0
+    assert set(result.summary["test"]) >= {"hr@10", "ndcg@10"}
+
+
 def test_the_data_command_prints_the_next_item_summary(tmp_path, capsys):
     from dpo4rec.cli import main
 

@@ -116,8 +116,7 @@ def run_recommend_stage(run_dir: str | Path, round_index: int, config: Recommend
         if not config.knowledge:
             raise InputError("the held-out reward recommender needs knowledge (recommend.knowledge = true)")
         frames["lists.parquet"] = mark_reward_lists(frames["lists.parquet"], reward_holdout)
-    lists = None if sequential else list_tensors(frames["lists.parquet"])
-    knowledge, model = None, None
+    knowledge, emb = None, None
     if config.knowledge:
         emb = read_embeddings(embeddings_dir, config.item_knowledge)
         users, vectors = emb.for_sample(0)  # the greedy texts
@@ -126,15 +125,14 @@ def run_recommend_stage(run_dir: str | Path, round_index: int, config: Recommend
         if on_best_texts:
             users, vectors, best_text = best_text_vectors(emb, users, vectors, read_parquet(rewards_path), frames["users.parquet"])
         knowledge = user_knowledge(len(frames["users.parquet"]), users, vectors, str(embeddings_dir))
-        build = lambda seeded: build_recommender(seeded, frames["items.parquet"], lists, emb.dim,  # noqa: E731
-                                                 (emb.item_index, emb.item_vectors), emb.encoder)
-    else:
-        build = lambda seeded: build_recommender(seeded, frames["items.parquet"], lists)  # noqa: E731
     if reward_holdout > 0:
         config = replace(config, seeds=1)  # the reward reads one model's scores: more trainings would not change them
     if sequential:
-        model, metrics = fit_sequential(config, frames, knowledge, emb if config.knowledge else None, progress)
+        model, metrics = fit_sequential(config, frames, knowledge, emb, progress)
     else:
+        lists = list_tensors(frames["lists.parquet"])
+        text_parts = (emb.dim, (emb.item_index, emb.item_vectors), emb.encoder) if emb is not None else ()
+        build = lambda seeded: build_recommender(seeded, frames["items.parquet"], lists, *text_parts)  # noqa: E731
         model, metrics = fit_and_evaluate(build, lists, knowledge, config, frames, progress)
     if on_best_texts:
         metrics["best_text"] = best_text
