@@ -14,6 +14,7 @@ the sum of each kind's FLOPs at its own rate.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -105,3 +106,33 @@ def seconds_at(flops: dict[str, float], rates: dict[str, float]) -> float:
 
 def add(a: dict[str, float], b: dict[str, float], times: float = 1.0) -> dict[str, float]:
     return {kind: a.get(kind, 0.0) + times * b[kind] for kind in b}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print (and with --json write) this machine's product rates on SmolLM2-135M's shapes: the number that tells
+    the CPU kinds apart (docs/results.md: ~0.42 TFLOP/s bf16 on the AMD EPYC the time budgets are set on, ~0.95 on
+    one with CPU family 26, ~1-2 on a Xeon with AMX)."""
+    import argparse
+    import json
+    import platform
+
+    from dpo4rec.llm import load_base_model
+
+    parser = argparse.ArgumentParser(description="matrix-product rates on the model's layer shapes")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--json", help="write the rates here")
+    args = parser.parse_args(argv)
+    model = load_base_model(args.model, torch.float32)
+    result = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    print(f"{'dtype':<6} {'layers TFLOP/s':>15} {'LM head TFLOP/s':>16}")
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        rates = measured_rates(model.to(dtype), dtype, row_counts=(512,), seconds=1.0)
+        result[name] = {kind: rate / 1e12 for kind, rate in rates.items()}
+        print(f"{name:<6} {rates['layers'] / 1e12:>15.2f} {rates['head'] / 1e12:>16.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
