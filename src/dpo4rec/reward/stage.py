@@ -152,9 +152,7 @@ def round_reward_scorer(run_dir: Path, round_index: int, recommend: RecommendCon
         if align.reward_model == "text_match":
             emb = read_embeddings(round_dir(Path(run_dir), round_index) / "encode", recommend.item_knowledge)
             return NextItemScorer.from_folders(Path(run_dir) / "data", item_vectors=(emb.item_index, emb.item_vectors)), "validation"
-        from dpo4rec.recommend import reward_model_name
-
-        folder = round_dir(Path(run_dir), round_index) / "recommend" / reward_model_name(recommend)  # the round's own SASRec
+        folder = reward_folders(run_dir, round_index, recommend, align)[0]
         return NextItemScorer.from_folders(Path(run_dir) / "data", folder, device=str(resolve_device(recommend.device, "recommend.device"))), "validation"
     if align.reward_model == "text_match":
         from dpo4rec.reward.scorers import TextMatchScorer
