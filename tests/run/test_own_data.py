@@ -6,29 +6,9 @@ import json
 
 import pandas as pd
 import pytest
-from runhelp import TINY, cli
+from runhelp import TINY, cli, own_folder
 
-from dpo4rec.data import load_dataset
 from dpo4rec.stats import paired_bootstrap
-
-ODD_TITLES = ['Quotes "inside" and {braces} {0}', "Tab\tand\nnewline", "Émoji 🎬 and ünïcode", "x" * 100_000]
-
-
-def own_folder(folder, ratings_scale=1):
-    """ML-100k rewritten with string ids (u12, i345), a few odd titles, ratings multiplied by ``ratings_scale``."""
-    data = load_dataset("ml-100k")
-    folder.mkdir()
-    inter = data.interactions.copy()
-    inter["user_id"] = "u" + inter["user_id"].astype(str)
-    inter["item_id"] = "i" + inter["item_id"].astype(str)
-    inter["rating"] = inter["rating"] * ratings_scale
-    inter[["user_id", "item_id", "rating", "timestamp"]].to_csv(folder / "interactions.csv", index=False)
-    items = data.items[["item_id", "title"]].copy()
-    popular = inter["item_id"].value_counts().index[: len(ODD_TITLES)]  # in many users' histories
-    items["item_id"] = "i" + items["item_id"].astype(str)
-    items.loc[items["item_id"].isin(popular), "title"] = ODD_TITLES[: len(popular)]
-    items.to_csv(folder / "items.csv", index=False)
-    return folder
 
 
 @pytest.fixture(scope="module")
