@@ -15,7 +15,7 @@ METRICS = {f"{m}@{k}" for m in ("hr", "ndcg") for k in (5, 10, 20)}
 def test_next_item_run_on_own_data_reports_sasrec_arms_with_intervals(tmp_path):
     folder = own_folder(tmp_path / "shop")
     run = tmp_path / "run"
-    # 800 background users give SASRec enough sequences to rank some test targets in its top 10 within 10 epochs
+    # 800 background users give SASRec enough sequences to rank some test targets in its top 20 within 10 epochs
     result = cli("run", "--config", TINY, "--out", run, "--set", f"data.dataset={json.dumps(str(folder))}",
                  "--set", "run.rounds=1", "--set", "data.protocol=next_item", "--set", "recommend.backbone=sasrec",
                  "--set", "data.background_users=800", "--set", "data.rating_range=[1, 5]",
